@@ -1,0 +1,39 @@
+# imagebatch — the front door. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z][a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create the virtualenv and install imagebatch with its dev tools
+
+run: $(STAMP) ## run the whole stack on the embedded defaults (API on http://127.0.0.1:8000)
+	$(BIN)/imagebatch up
+
+test: $(STAMP) ## run the test suite (real Redis, Celery workers, moto S3, the simulator)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check, ruff format --check and mypy
+	$(BIN)/ruff check service workers simulator tests bench
+	$(BIN)/ruff format --check service workers simulator tests bench
+	$(BIN)/mypy service workers simulator
+
+bench: $(STAMP) ## run the benchmarks in bench/ and print their figures
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean: ## remove the virtualenv and local data
+	rm -rf $(VENV) .imagebatch .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help install run test lint bench clean

@@ -1,0 +1,123 @@
+"""One typed Settings for every process.
+
+Read from the environment (prefix ``IMAGEBATCH_``) and from ``.env``; the OpenAI SDK's
+``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` and boto3's ``AWS_*`` keep their usual names. Build it
+with :func:`get_settings` (cached) in processes and with ``Settings(...)`` in tests; nothing reads
+the environment at import time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEBATCH_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # --- where things are -------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".imagebatch"),
+        description="Where the embedded Redis, the simulator and local storage keep their files.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for broker, job state, budgets and counters; unset = embedded."
+    )
+    storage_url: str | None = Field(
+        None,
+        description="`s3://bucket/prefix` or `file:///path`; unset = `{data_dir}/storage`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, R2, moto…); unset = AWS. `AWS_ENDPOINT_URL_S3` also works."
+    )
+    s3_region: str | None = Field(None, description="S3 region; unset = boto3's default chain.")
+    s3_path_style: bool = Field(False, description="Path-style S3 addressing (MinIO and most self-hosted S3).")
+    presign_seconds: int = Field(3600, description="How long presigned image URLs stay valid.")
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="The API's base URL as callers reach it; used in image URLs for local storage.",
+    )
+
+    # --- upstream ----------------------------------------------------------------------------
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OPENAI_API_KEY", "IMAGEBATCH_OPENAI_API_KEY"),
+        description="OpenAI API key; unset = the built-in simulator.",
+    )
+    openai_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "IMAGEBATCH_OPENAI_BASE_URL"),
+        description="OpenAI base URL (ends in /v1); unset = api.openai.com, or the simulator.",
+    )
+    openai_max_retries: int = Field(
+        2, description="The SDK's own retries for transient upstream errors (429, 5xx, connection)."
+    )
+    openai_timeout_seconds: float = Field(600.0, description="Upstream request timeout.")
+    catalog_file: Path | None = Field(
+        None, description="Model catalog (capabilities, token tables, prices); unset = the shipped one."
+    )
+
+    # --- intake ------------------------------------------------------------------------------
+    max_items_per_job: int = Field(100_000, description="Items one job may hold.")
+    max_body_bytes: int = Field(256 * 1024 * 1024, description="Largest request body accepted.")
+
+    # --- the batch path ----------------------------------------------------------------------
+    batch_max_lines: int = Field(50_000, description="Lines per upstream batch input file (upstream cap 50,000).")
+    batch_max_bytes: int = Field(
+        190_000_000, description="Bytes per upstream batch input file (upstream cap 200 MB)."
+    )
+    poll_seconds: float = Field(5.0, description="How often beat sweeps active upstream batches.")
+    max_attempts: int = Field(3, description="Attempts per item for expired, cancelled and 5xx lines.")
+    completion_window: str = Field("24h", description="The completion window asked of upstream.")
+    collect_lease_seconds: int = Field(
+        120, description="How long a collect may go silent before the sweep hands it to another worker."
+    )
+
+    # --- budgets -----------------------------------------------------------------------------
+    tenants_file: Path | None = Field(
+        None, description="TOML or YAML file of tenants, API key digests and budgets; unset = open API."
+    )
+    batch_queue_tokens: int = Field(
+        0, description="Enqueued input-token budget per model for upstream batches; 0 = unlimited."
+    )
+    batch_queue_tokens_per_model: dict[str, int] = Field(
+        default_factory=dict, description="Per-model overrides of batch_queue_tokens (JSON object)."
+    )
+    batch_creates_per_hour: int = Field(2000, description="Upstream batch creations per hour.")
+    sync_max_items: int = Field(20, description="`mode: auto` uses the sync lane up to this many items.")
+    sync_rpm: int = Field(0, description="Cluster-wide sync requests per minute; 0 = unlimited.")
+    sync_images_per_minute: int = Field(0, description="Cluster-wide sync images per minute; 0 = unlimited.")
+    sync_tpm: int = Field(0, description="Cluster-wide sync tokens per minute; 0 = unlimited.")
+    sync_concurrency: int = Field(8, description="Sync requests one worker process runs at once.")
+
+    # --- metrics -----------------------------------------------------------------------------
+    metrics_job_retention: dt.timedelta = Field(
+        dt.timedelta(hours=24), description="How long finished jobs keep their per-job series."
+    )
+    metrics_max_jobs: int = Field(1000, description="Most jobs with per-job series at once (newest kept).")
+
+    # --- processes ---------------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Where the API listens.")
+    api_port: int = Field(8000, description="The API's port.")
+    simulator_port: int = Field(8100, description="The embedded simulator's port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @property
+    def storage_location(self) -> str:
+        return self.storage_url or (self.data_dir.resolve() / "storage").as_uri()
+
+    @property
+    def uses_simulator(self) -> bool:
+        return self.openai_api_key is None and self.openai_base_url is None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
