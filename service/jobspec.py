@@ -1,0 +1,1179 @@
+"""Job intake: parse and validate a submitted job into exactly what the pipeline sends upstream.
+
+Owns the job body (JSON, ``POST /v1/jobs``) and the catalog form (CSV, ``Content-Type: text/csv``)
+and turns either into a :class:`JobSpec`: one model, a mode, labels, a budget, a webhook, and one
+:class:`ItemSpec` per image request, each holding the upstream endpoint and request body.
+
+Failure semantics: the whole job is validated before anything is accepted, and every rejection
+is a :class:`service.problems.Problem` naming the field and, for an item, its index and id. No
+input makes these functions raise anything else (the tests fuzz them to hold that). A body that
+cannot be read (malformed JSON or CSV, not UTF-8) is a 400; a readable body with wrong content is
+a 422 that lists up to ``MAX_FIELD_ERRORS`` field errors and counts the rest.
+
+The JSON job body::
+
+    model         catalog model id (default: the catalog's default_model)
+    mode          "batch" (default) | "sync" | "auto"
+    defaults      {size, quality, output_format, n, background, output_compression, moderation}
+    items         [{id?, prompt, images?, mask?, <any defaults field to override it>}]
+    template      "...{column}..." with rows [{column: value, id?, images?, mask?}] instead of items
+    labels        {key: value}: at most 16; keys [a-z0-9_.-]{1,63}; values strings of <= 256 chars
+    max_cost_usd  number, 0 < x <= 1e9 (nano-dollar budgets stay inside Redis's 64-bit integers)
+    webhook_url   http(s) URL of at most 2048 characters
+
+Rules worth knowing:
+
+* ``null`` anywhere means "not given" (an item's ``"quality": null`` inherits the default).
+* Unknown fields are errors, at every level: a typo must never be silently ignored.
+* An item ``id`` is ``[A-Za-z0-9._-]{1,128}`` (a JSON integer is taken as its decimal string),
+  unique in the job; without one an item's id is its 0-based index as a string.
+* An item with ``images`` (1-16 references, optionally a ``mask``) is an edit. A reference is
+  ``s3://bucket/key``, ``https://...``, ``data:image/...;base64,...``, an upstream file id
+  ``file-...``, or ``file:///abs/path`` (local storage). References are kept as given; the
+  pipeline turns them into upstream ``image_url`` / ``file_id`` objects.
+* Template rows: every column fills ``{column}`` placeholders (``{{`` and ``}}`` are literal
+  braces). Only ``id``, ``images`` and ``mask`` are taken from a row as item fields; every other
+  column is template data, so a catalog column called ``size`` or ``quality`` (a product's size)
+  never changes the image request. Per-item overrides need ``items``.
+* CSV: the header row names the columns; a UTF-8 BOM is skipped; other job fields are query
+  parameters (see :func:`parse_job_csv`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import difflib
+import io
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+
+from service.catalog import EDITS, GENERATIONS, Catalog, Model
+from service.problems import FieldErrors, invalid, malformed
+
+Mode = Literal["batch", "sync", "auto"]
+
+MODES: tuple[str, ...] = ("batch", "sync", "auto")
+BACKGROUNDS: tuple[str, ...] = ("auto", "opaque", "transparent")
+MODERATIONS: tuple[str, ...] = ("auto", "low")
+# Formats that carry an alpha channel (a transparent background needs one; facts §3.1).
+ALPHA_FORMATS: tuple[str, ...] = ("png", "webp")
+# Formats that take output_compression (facts §3.1: jpeg and webp only).
+COMPRESSIBLE_FORMATS: tuple[str, ...] = ("jpeg", "webp")
+DEFAULT_OUTPUT_FORMAT = "png"
+
+# Upstream limits (facts §3.1, §1.1).
+MAX_PROMPT_CHARS = 32_000
+MAX_N = 10
+MAX_IMAGES = 16
+MAX_IMAGE_URL_CHARS = 20_971_520
+# Our own limits.
+MAX_LABELS = 16  # the upstream batch metadata holds 16 pairs too
+MAX_LABEL_VALUE_CHARS = 256
+MAX_WEBHOOK_URL_CHARS = 2048
+MAX_REF_URL_CHARS = 8192  # presigned URLs run long
+# Budgets are kept in integer nano-dollars in Redis (64-bit): 1e9 USD is 1e18 nano-USD < 2**63.
+MAX_COST_USD = 1e9
+ITEM_ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+LABEL_KEY_PATTERN = r"[a-z0-9_.-]{1,63}"
+_ID_RE = re.compile(ITEM_ID_PATTERN + r"\Z")
+_LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN + r"\Z")
+_FILE_ID_RE = re.compile(r"file-[A-Za-z0-9_-]{1,200}\Z")
+_DATA_URL_RE = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,[A-Za-z0-9+/=\s]+\Z")
+_TEMPLATE_TOKEN_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+# Image request parameters: settable in ``defaults`` and per item.
+PARAM_FIELDS: tuple[str, ...] = (
+    "size",
+    "quality",
+    "output_format",
+    "n",
+    "background",
+    "output_compression",
+    "moderation",
+)
+_PARAMS = frozenset(PARAM_FIELDS)
+_COMBO_PARAMS = frozenset(("background", "output_format", "output_compression"))
+TOP_FIELDS: tuple[str, ...] = (
+    "model",
+    "mode",
+    "defaults",
+    "items",
+    "template",
+    "rows",
+    "labels",
+    "max_cost_usd",
+    "webhook_url",
+)
+ITEM_FIELDS: tuple[str, ...] = ("id", "prompt", "images", "mask", *PARAM_FIELDS)
+_ITEM_FIELDS = frozenset(ITEM_FIELDS)
+_TOP_FIELDS = frozenset(TOP_FIELDS)
+# Query parameters of the CSV form besides the job fields.
+CSV_PARAMS: tuple[str, ...] = (
+    "template",
+    "id_column",
+    "images_column",
+    "mask_column",
+    "delimiter",
+    "model",
+    "mode",
+    *PARAM_FIELDS,
+    "labels",
+    "max_cost_usd",
+    "webhook_url",
+)
+_CSV_DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
+
+_MISSING: Any = object()
+
+
+# --------------------------------------------------------------------------------------------
+# What intake produces
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpec:
+    """One image request of a job: where it goes upstream and the exact body it sends."""
+
+    index: int  # position in the job (0-based)
+    id: str  # the caller's key; str(index) when the caller gave none
+    endpoint: str  # GENERATIONS or EDITS
+    # The upstream request body: model, prompt, the parameters that were set (by the job's
+    # defaults or the item), and for edits `images` / `mask` as the caller gave them.
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return str(self.body["model"])
+
+    @property
+    def prompt(self) -> str:
+        return str(self.body["prompt"])
+
+    @property
+    def n(self) -> int:
+        return int(self.body.get("n", 1))
+
+    @property
+    def output_format(self) -> str:
+        return str(self.body.get("output_format", DEFAULT_OUTPUT_FORMAT))
+
+    @property
+    def size(self) -> str | None:
+        return self.body.get("size")
+
+    @property
+    def quality(self) -> str | None:
+        return self.body.get("quality")
+
+    @property
+    def images(self) -> list[str]:
+        return list(self.body.get("images", ()))
+
+    @property
+    def is_edit(self) -> bool:
+        return self.endpoint == EDITS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The item as one line of ``request.jsonl``."""
+        return {"index": self.index, "id": self.id, "endpoint": self.endpoint, "body": self.body}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ItemSpec:
+        """The inverse of :meth:`to_dict` (reading back an accepted job; not a validator)."""
+        return cls(int(raw["index"]), str(raw["id"]), str(raw["endpoint"]), dict(raw["body"]))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job. ``items`` is a list: intake validates the whole job before accepting it."""
+
+    model: str
+    mode: Mode
+    labels: dict[str, str]
+    max_cost_usd: float | None
+    webhook_url: str | None
+    items: list[ItemSpec]
+    # Things the caller should know that do not stop the job (e.g. an upcoming shutdown).
+    warnings: tuple[str, ...] = field(default=())
+
+    def lane(self, catalog: Catalog, sync_max_items: int) -> Literal["batch", "sync"]:
+        """Where the job runs: ``auto`` is sync up to ``sync_max_items`` items, or whenever the
+        model has no Batch API support (intake refuses such a model only in ``batch`` mode)."""
+        if self.mode == "sync":
+            return "sync"
+        if self.mode == "batch":
+            return "batch"
+        model = catalog.get(self.model)
+        if len(self.items) <= sync_max_items or model is None or not model.batch:
+            return "sync"
+        return "batch"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse_job_json(
+    body: bytes | bytearray | memoryview | str,
+    catalog: Catalog,
+    *,
+    max_items: int,
+    today: dt.date | None = None,
+) -> JobSpec:
+    """Parse and validate a JSON job body. Raises :class:`Problem` (400 or 422)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise malformed(
+            f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
+            f"(byte {exc.pos}).",
+            extra={"line": exc.lineno, "column": exc.colno, "position": exc.pos},
+        ) from None
+    except TypeError:
+        raise malformed("The body must be bytes of JSON text.") from None
+    if not isinstance(doc, dict):
+        raise invalid("", f"the body must be a JSON object (a job), not {_json_type(doc)}")
+    return _JobBuilder(catalog, max_items=max_items, today=today).build(doc)
+
+
+def parse_job_csv(
+    body: bytes | bytearray | memoryview,
+    params: Mapping[str, str],
+    catalog: Catalog,
+    *,
+    max_items: int,
+    today: dt.date | None = None,
+) -> JobSpec:
+    """Parse and validate a CSV catalog: one row per item. Raises :class:`Problem` (400 or 422).
+
+    ``params`` are the query parameters:
+
+    * ``template``: the prompt, with ``{column}`` placeholders. Without it a ``prompt`` column is
+      the prompt.
+    * ``model``, ``mode``, ``size``, ``quality``, ``output_format``, ``n``, ``background``,
+      ``output_compression``, ``moderation``, ``max_cost_usd``, ``webhook_url``: as in the JSON
+      body (the image parameters apply to every row).
+    * ``labels`` as a JSON object, and/or ``label.<key>=<value>`` one per label.
+    * ``id_column``: the column holding item ids (default ``id`` if present, else ``sku`` if
+      present, else the row's 0-based index).
+    * ``images_column`` / ``mask_column``: edit references (default ``images`` / ``mask`` if
+      present). A cell holds one reference, or a JSON array of them; an empty cell means none.
+    * ``delimiter``: ``,`` (default), ``;``, ``|`` or ``tab``.
+    """
+    builder = _JobBuilder(catalog, max_items=max_items, today=today, csv_form=True)
+    doc, rows = _csv_document(body, params, builder)
+    return builder.build(doc, csv_rows=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+class _JobBuilder:
+    """Validates one job; collects every error and raises them together."""
+
+    def __init__(
+        self, catalog: Catalog, *, max_items: int, today: dt.date | None, csv_form: bool = False
+    ) -> None:
+        self.catalog = catalog
+        self.max_items = max_items
+        self.today = today
+        self.csv_form = csv_form
+        self.errors = FieldErrors()
+        self.model: Model | None = None
+        self.model_id = ""
+        self.warnings: list[str] = []
+        # Per-(field, type, value) verdicts: 50k items repeat the same few override values.
+        self._param_cache: dict[tuple[str, type, Any], str | None] = {}
+        # CSV: row index -> CSV line number, for messages.
+        self.row_lines: list[int] | None = None
+
+    # -- the job ----------------------------------------------------------------------------
+
+    def defaults_path(self, name: str) -> str:
+        # In the CSV form the defaults are query parameters and are named as such.
+        return name if self.csv_form else f"defaults.{name}"
+
+    def build(self, doc: dict[str, Any], csv_rows: _CsvRows | None = None) -> JobSpec:
+        errs = self.errors
+        for key in doc:
+            if key not in _TOP_FIELDS:
+                errs.add(_clip_key(key), _unknown_message(key, TOP_FIELDS, "the job"))
+
+        self._check_model(doc.get("model"))
+        mode = self._check_mode(doc.get("mode"))
+        labels = self._check_labels(doc.get("labels"))
+        max_cost = self._check_max_cost(doc.get("max_cost_usd"))
+        webhook = self._check_webhook(doc.get("webhook_url"))
+        defaults = self._check_defaults(doc.get("defaults"))
+
+        items: list[ItemSpec] = []
+        has_items = doc.get("items") is not None
+        has_template = doc.get("template") is not None or doc.get("rows") is not None
+        if csv_rows is not None:
+            items = self._rows(doc.get("template"), csv_rows.rows, defaults, csv_rows)
+        elif has_items and has_template:
+            errs.add("items", "give either items, or template with rows, not both")
+        elif has_items:
+            items = self._items(doc["items"], defaults)
+        elif has_template:
+            items = self._rows(doc.get("template"), doc.get("rows"), defaults, None)
+        else:
+            errs.add("items", "the job has no items: give items, or template with rows")
+
+        errs.raise_if_any()
+        return JobSpec(
+            model=self.model_id,
+            mode=mode,
+            labels=labels,
+            max_cost_usd=max_cost,
+            webhook_url=webhook,
+            items=items,
+            warnings=tuple(self.warnings),
+        )
+
+    def _check_model(self, raw: Any) -> None:
+        if raw is None:
+            raw = self.catalog.default_model
+        if not isinstance(raw, str):
+            self.errors.add("model", f"model must be a string, not {_json_type(raw)}")
+            return
+        model = self.catalog.get(raw)
+        if model is None:
+            live = [m.id for m in self.catalog.models.values() if not m.is_shut_down(self.today)]
+            close = difflib.get_close_matches(raw, live, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.errors.add(
+                "model",
+                f"unknown model {_show(raw)}{hint}; known models: {', '.join(live[:8])}",
+            )
+            return
+        if model.is_shut_down(self.today):
+            self.errors.add("model", model.shutdown_message())
+            return
+        if model.shutdown_date is not None:
+            names = " or ".join(f"'{r}'" for r in model.replacements) or "another model"
+            self.warnings.append(
+                f"model '{model.id}' shuts down on {model.shutdown_date.isoformat()}; "
+                f"move to {names} before then"
+            )
+        self.model = model
+        self.model_id = model.id
+
+    def _check_mode(self, raw: Any) -> Mode:
+        if raw is None:
+            raw = "batch"
+        if raw not in MODES or not isinstance(raw, str):
+            self.errors.add("mode", f"mode must be one of {', '.join(MODES)}, not {_show(raw)}")
+            return "batch"
+        if raw == "batch" and self.model is not None and not self.model.batch:
+            self.errors.add(
+                "model",
+                f"model '{self.model.id}' does not support the Batch API; "
+                f"use mode 'sync' (full price) for this model, or a model with batch support",
+            )
+        mode: Mode = raw  # type: ignore[assignment]
+        return mode
+
+    def _check_labels(self, raw: Any) -> dict[str, str]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.errors.add("labels", f"labels must be an object of strings, not {_json_type(raw)}")
+            return {}
+        if len(raw) > MAX_LABELS:
+            self.errors.add("labels", f"at most {MAX_LABELS} labels, got {len(raw)}")
+            return {}
+        labels: dict[str, str] = {}
+        for key, value in raw.items():
+            path = f"labels.{_clip_key(key)}"
+            if not _LABEL_KEY_RE.match(key):
+                self.errors.add(path, f"a label key must match {LABEL_KEY_PATTERN}")
+            elif not isinstance(value, str):
+                self.errors.add(path, f"a label value must be a string, not {_json_type(value)}")
+            elif len(value) > MAX_LABEL_VALUE_CHARS:
+                self.errors.add(
+                    path,
+                    f"a label value may be at most {MAX_LABEL_VALUE_CHARS} characters, "
+                    f"got {len(value):,}",
+                )
+            else:
+                labels[key] = value
+        return labels
+
+    def _check_max_cost(self, raw: Any) -> float | None:
+        if raw is None:
+            return None
+        if not _is_number(raw):
+            self.errors.add("max_cost_usd", f"max_cost_usd must be a number, not {_json_type(raw)}")
+            return None
+        try:
+            value = float(raw)
+        except OverflowError:
+            value = math.inf
+        if not (0 < value <= MAX_COST_USD):
+            self.errors.add(
+                "max_cost_usd",
+                f"max_cost_usd must be more than 0 and at most {MAX_COST_USD:,.0f}, got {_show(raw)}",
+            )
+            return None
+        return value
+
+    def _check_webhook(self, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, str):
+            self.errors.add("webhook_url", f"webhook_url must be a string, not {_json_type(raw)}")
+            return None
+        problem = _url_problem(raw)
+        if problem:
+            self.errors.add("webhook_url", problem)
+            return None
+        return raw
+
+    def _check_defaults(self, raw: Any) -> dict[str, Any]:
+        """The validated defaults (only the fields that were set, and valid)."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.errors.add("defaults", f"defaults must be an object, not {_json_type(raw)}")
+            return {}
+        defaults: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in _PARAMS:
+                if key in _ITEM_FIELDS:
+                    message = f"'{key}' is set per item and cannot be a default"
+                else:
+                    message = _unknown_message(key, PARAM_FIELDS, "defaults")
+                self.errors.add(self.defaults_path(_clip_key(key)), message)
+                continue
+            if value is None:
+                continue
+            problem = self._param_problem(key, value)
+            if problem is None:
+                defaults[key] = value
+            else:
+                self.errors.add(self.defaults_path(key), problem)
+        combo = self._combo_problem(defaults)
+        if combo is not None:
+            name, message = combo
+            self.errors.add(self.defaults_path(name), message)
+            # Keep the conflict from being reported again on every item that inherits it.
+            defaults.pop(name, None)
+        return defaults
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _param_problem(self, name: str, value: Any) -> str | None:
+        """Why ``value`` is not acceptable for parameter ``name``, or None (cached)."""
+        if isinstance(value, (str, int, float)) and (not isinstance(value, str) or len(value) < 64):
+            key = (name, type(value), value)
+            try:
+                return self._param_cache[key]
+            except KeyError:
+                verdict = self._param_cache[key] = self._param_problem_uncached(name, value)
+                return verdict
+        return self._param_problem_uncached(name, value)
+
+    def _param_problem_uncached(self, name: str, value: Any) -> str | None:
+        model = self.model
+        if name in ("n", "output_compression"):
+            low, high = (1, MAX_N) if name == "n" else (0, 100)
+            if not isinstance(value, int) or isinstance(value, bool):
+                return f"{name} must be a whole number from {low} to {high}, not {_show(value)}"
+            if not low <= value <= high:
+                return f"{name} must be from {low} to {high}, got {_show(value)}"
+            return None
+        if not isinstance(value, str):
+            return f"{name} must be a string, not {_json_type(value)}"
+        if name == "size":
+            if len(value) > 16:
+                return f"size must be 'auto' or WIDTHxHEIGHT, not {_show(value)}"
+            return model.size_problem(value) if model is not None else None
+        if name == "quality":
+            if model is not None and value not in model.qualities:
+                return (
+                    f"quality {_show(value)} is not offered by {model.id}; "
+                    f"use one of {', '.join(model.qualities)}"
+                )
+            return None
+        if name == "output_format":
+            if model is not None and value not in model.formats:
+                return (
+                    f"output_format {_show(value)} is not offered by {model.id}; "
+                    f"use one of {', '.join(model.formats)}"
+                )
+            return None
+        if name == "background":
+            if value not in BACKGROUNDS:
+                return f"background must be one of {', '.join(BACKGROUNDS)}, not {_show(value)}"
+            if value == "transparent" and model is not None and not model.transparent_background:
+                return f"{model.id} cannot make transparent backgrounds"
+            return None
+        if name == "moderation":
+            if value not in MODERATIONS:
+                return f"moderation must be one of {', '.join(MODERATIONS)}, not {_show(value)}"
+            return None
+        raise AssertionError(f"no check for parameter {name}")  # PARAM_FIELDS and this disagree
+
+    @staticmethod
+    def _combo_problem(params: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A conflict between background, output_format and output_compression: (field, why)."""
+        fmt = params.get("output_format", DEFAULT_OUTPUT_FORMAT)
+        if params.get("background") == "transparent" and fmt not in ALPHA_FORMATS:
+            return (
+                "background",
+                f"a transparent background needs output_format png or webp, not '{fmt}'",
+            )
+        if "output_compression" in params and fmt not in COMPRESSIBLE_FORMATS:
+            return (
+                "output_compression",
+                f"output_compression applies to jpeg and webp only, not '{fmt}'",
+            )
+        return None
+
+    # -- items --------------------------------------------------------------------------------
+
+    def _count_ok(self, path: str, raw: Any, what: str) -> bool:
+        if not isinstance(raw, list):
+            self.errors.add(path, f"{path} must be an array of {what}, not {_json_type(raw)}")
+            return False
+        if not raw:
+            self.errors.add(path, "the job has no items")
+            return False
+        if len(raw) > self.max_items:
+            self.errors.add(
+                path,
+                f"the job has {len(raw):,} items; a job may hold at most {self.max_items:,} "
+                f"(split it into several jobs)",
+            )
+            return False
+        return True
+
+    def _items(self, raw_items: Any, defaults: dict[str, Any]) -> list[ItemSpec]:
+        if not self._count_ok("items", raw_items, "objects"):
+            return []
+        seen: dict[str, int] = {}
+        out: list[ItemSpec] = []
+        errs = self.errors
+        for index, raw in enumerate(raw_items):
+            path = f"items[{index}]"
+            if not isinstance(raw, dict):
+                errs.add(path, f"an item must be an object, not {_json_type(raw)}", index)
+                continue
+            item_id = self._item_id(raw.get("id"), path, index, seen, "items")
+            shown_id = item_id if item_id is not None else _shown_id(raw.get("id"), index)
+            params: dict[str, Any] | None = None
+            ok = True
+            for key, value in raw.items():
+                if key in _PARAMS:
+                    if value is None:
+                        continue
+                    problem = self._param_problem(key, value)
+                    if problem is not None:
+                        errs.add(f"{path}.{key}", problem, index, shown_id)
+                        ok = False
+                    else:
+                        if params is None:
+                            params = dict(defaults)
+                        params[key] = value
+                elif key not in _ITEM_FIELDS:
+                    if key == "model":
+                        message = "model is set once for the whole job, not per item"
+                    else:
+                        message = _unknown_message(key, ITEM_FIELDS, "an item")
+                    errs.add(f"{path}.{_clip_key(key)}", message, index, shown_id)
+                    ok = False
+            if params is None:
+                params = defaults
+            elif not _COMBO_PARAMS.isdisjoint(raw):
+                combo = self._combo_problem(params)
+                if combo is not None:
+                    name, message = combo
+                    # Blame what this item set: the defaults were checked on their own.
+                    blamed = name if name in raw else next(k for k in _COMBO_PARAMS if k in raw)
+                    errs.add(f"{path}.{blamed}", message, index, shown_id)
+                    ok = False
+            prompt = self._prompt(raw.get("prompt"), f"{path}.prompt", index, shown_id)
+            spec = self._finish(
+                index, item_id, prompt, params, raw.get("images"), raw.get("mask"), path, shown_id
+            )
+            if ok and spec is not None:
+                out.append(spec)
+        return out
+
+    def _item_id(
+        self, raw: Any, path: str, index: int, seen: dict[str, int], what: str
+    ) -> str | None:
+        """The item's id, checked and registered; None when it is malformed."""
+        if raw is None:
+            item_id = str(index)
+            implicit = True
+        else:
+            implicit = False
+            if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+                raw = str(raw)
+            if not isinstance(raw, str):
+                self.errors.add(
+                    f"{path}.id", f"id must be a string, not {_json_type(raw)}", index, None
+                )
+                return None
+            if not _ID_RE.match(raw):
+                self.errors.add(
+                    f"{path}.id",
+                    f"id {_show(raw)} must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
+                    index,
+                    _clip(raw, 128),
+                )
+                return None
+            item_id = raw
+        first = seen.setdefault(item_id, index)
+        if first != index:
+            if implicit:
+                message = (
+                    f"this item has no id, so its id is its index '{item_id}', which "
+                    f"{what}[{first}] already uses; give every item an id"
+                )
+            else:
+                message = f"id '{item_id}' is already used by {what}[{first}]; ids must be unique"
+            self.errors.add(f"{path}.id", message, index, item_id)
+            return None
+        return item_id
+
+    def _prompt(self, raw: Any, path: str, index: int, item_id: str | None) -> str | None:
+        if raw is None:
+            self.errors.add(path, "prompt is required", index, item_id)
+            return None
+        if not isinstance(raw, str):
+            self.errors.add(path, f"prompt must be a string, not {_json_type(raw)}", index, item_id)
+            return None
+        if len(raw) > MAX_PROMPT_CHARS:
+            self.errors.add(
+                path,
+                f"prompt is {len(raw):,} characters; the most is {MAX_PROMPT_CHARS:,}",
+                index,
+                item_id,
+            )
+            return None
+        if not raw or raw.isspace():
+            self.errors.add(path, "prompt is empty", index, item_id)
+            return None
+        return raw
+
+    def _finish(
+        self,
+        index: int,
+        item_id: str | None,
+        prompt: str | None,
+        params: dict[str, Any],
+        images: Any,
+        mask: Any,
+        path: str,
+        shown_id: str | None,
+    ) -> ItemSpec | None:
+        """Check the edit references and build the item (None when anything was wrong)."""
+        endpoint = GENERATIONS
+        refs: list[str] | None = None
+        mask_ref: str | None = None
+        ok = True
+        if images is not None:
+            endpoint = EDITS
+            refs = self._images(images, f"{path}.images", index, shown_id)
+            ok = refs is not None
+        if mask is not None:
+            if images is None:
+                self.errors.add(f"{path}.mask", "a mask needs images to apply to", index, shown_id)
+                ok = False
+            else:
+                mask_ref = self._ref(mask, f"{path}.mask", index, shown_id)
+                ok = ok and mask_ref is not None
+        model = self.model
+        if model is not None and endpoint not in model.endpoints:
+            kind = "edits (items with images)" if endpoint == EDITS else "generations"
+            self.errors.add(
+                f"{path}.images" if endpoint == EDITS else f"{path}.prompt",
+                f"model '{model.id}' does not offer {kind}",
+                index,
+                shown_id,
+            )
+            ok = False
+        if not ok or prompt is None or item_id is None or model is None:
+            return None
+        body: dict[str, Any] = {"model": self.model_id, "prompt": prompt}
+        body.update(params)
+        if refs is not None:
+            body["images"] = refs
+            if mask_ref is not None:
+                body["mask"] = mask_ref
+        return ItemSpec(index, item_id, endpoint, body)
+
+    def _images(self, raw: Any, path: str, index: int, item_id: str | None) -> list[str] | None:
+        if not isinstance(raw, list):
+            self.errors.add(
+                path,
+                f"images must be an array of 1 to {MAX_IMAGES} references, not {_json_type(raw)}",
+                index,
+                item_id,
+            )
+            return None
+        if not 1 <= len(raw) <= MAX_IMAGES:
+            self.errors.add(
+                path,
+                f"images must hold 1 to {MAX_IMAGES} references, got {len(raw)}",
+                index,
+                item_id,
+            )
+            return None
+        refs: list[str] = []
+        for k, ref in enumerate(raw):
+            checked = self._ref(ref, f"{path}[{k}]", index, item_id)
+            if checked is None:
+                return None
+            refs.append(checked)
+        return refs
+
+    def _ref(self, raw: Any, path: str, index: int, item_id: str | None) -> str | None:
+        if not isinstance(raw, str):
+            self.errors.add(
+                path, f"an image reference must be a string, not {_json_type(raw)}", index, item_id
+            )
+            return None
+        problem = _ref_problem(raw)
+        if problem is not None:
+            self.errors.add(path, problem, index, item_id)
+            return None
+        return raw
+
+    # -- template and rows --------------------------------------------------------------------
+
+    def _rows(
+        self,
+        template: Any,
+        rows: Any,
+        defaults: dict[str, Any],
+        csv_rows: _CsvRows | None,
+    ) -> list[ItemSpec]:
+        errs = self.errors
+        if template is None:
+            errs.add("template", "template is required with rows (placeholders like {title})")
+            parts = None
+        elif not isinstance(template, str):
+            errs.add("template", f"template must be a string, not {_json_type(template)}")
+            parts = None
+        else:
+            parts = _compile_template(template, errs)
+        if rows is None:
+            errs.add("rows", "rows are required with a template")
+            return []
+        if not self._count_ok("rows", rows, "objects"):
+            return []
+        if parts is None:
+            return []
+        id_key: str | None = "id"
+        images_key: str | None = "images"
+        mask_key: str | None = "mask"
+        if csv_rows is not None:
+            id_key, images_key, mask_key = csv_rows.id_key, csv_rows.images_key, csv_rows.mask_key
+            self.row_lines = csv_rows.lines
+            missing = [name for name in parts[1::2] if name not in csv_rows.columns]
+            if missing:
+                errs.add(
+                    "template",
+                    f"placeholder {{{_clip(missing[0], 64)}}} is not a column of the CSV; "
+                    f"its columns are: {_clip(', '.join(csv_rows.columns), 400)}",
+                )
+                return []
+        seen: dict[str, int] = {}
+        out: list[ItemSpec] = []
+        for index, row in enumerate(rows):
+            path = f"rows[{index}]"
+            where = self._line(index)
+            if not isinstance(row, dict):
+                errs.add(path, f"a row must be an object, not {_json_type(row)}", index)
+                continue
+            if csv_rows is not None and index in csv_rows.ragged:
+                continue  # already reported: wrong number of fields
+            raw_id = row.get(id_key) if id_key else None
+            if csv_rows is not None and id_key and raw_id == "":
+                errs.add(
+                    f"{path}.{id_key}",
+                    f"the id column '{id_key}' is empty{where}",
+                    index,
+                    None,
+                )
+                continue
+            item_id = self._item_id(raw_id, path, index, seen, "rows")
+            shown_id = item_id if item_id is not None else _shown_id(raw_id, index)
+            prompt = self._render(parts, row, path, index, shown_id, where)
+            if prompt is not None:
+                prompt = self._prompt(prompt, f"{path}.prompt", index, shown_id)
+            images = row.get(images_key) if images_key else None
+            mask = row.get(mask_key) if mask_key else None
+            if csv_rows is not None:
+                images = _csv_refs(images, f"{path}.{images_key}", index, shown_id, errs)
+                mask = mask or None
+                if images is _MISSING:
+                    continue
+            spec = self._finish(index, item_id, prompt, defaults, images, mask, path, shown_id)
+            if spec is not None:
+                out.append(spec)
+        return out
+
+    def _line(self, index: int) -> str:
+        if self.row_lines is None:
+            return ""
+        return f" (CSV line {self.row_lines[index]})"
+
+    def _render(
+        self,
+        parts: list[str],
+        row: dict[str, Any],
+        path: str,
+        index: int,
+        item_id: str | None,
+        where: str,
+    ) -> str | None:
+        out = [parts[0]]
+        for k in range(1, len(parts), 2):
+            name = parts[k]
+            value = row.get(name)
+            if value is None:
+                self.errors.add(
+                    path,
+                    f"row {index} has no value for template placeholder {{{_clip(name, 64)}}}{where}",
+                    index,
+                    item_id,
+                )
+                return None
+            if isinstance(value, str):
+                out.append(value)
+            elif isinstance(value, bool):
+                out.append("true" if value else "false")
+            elif isinstance(value, (int, float)):
+                out.append(str(value))
+            else:
+                self.errors.add(
+                    f"{path}.{_clip_key(name)}",
+                    f"a template value must be a string or number, not {_json_type(value)}",
+                    index,
+                    item_id,
+                )
+                return None
+            out.append(parts[k + 1])
+        return "".join(out)
+
+
+def _compile_template(template: str, errs: FieldErrors) -> list[str] | None:
+    """Split a template into [literal, name, literal, name, ..., literal]; None if malformed."""
+    parts: list[str] = []
+    literal: list[str] = []
+    pos = 0
+    for m in _TEMPLATE_TOKEN_RE.finditer(template):
+        literal.append(template[pos : m.start()])
+        token = m.group(0)
+        pos = m.end()
+        if token == "{{":
+            literal.append("{")
+        elif token == "}}":
+            literal.append("}")
+        elif m.group(1) is not None:
+            name = m.group(1)
+            if not name:
+                errs.add("template", f"empty placeholder {{}} at position {m.start()}")
+                return None
+            parts.append("".join(literal))
+            parts.append(name)
+            literal = []
+        else:
+            errs.add(
+                "template",
+                f"unmatched '{token}' at position {m.start()}; write '{token}{token}' for a "
+                f"literal brace",
+            )
+            return None
+    literal.append(template[pos:])
+    parts.append("".join(literal))
+    return parts
+
+
+# --------------------------------------------------------------------------------------------
+# CSV
+
+
+@dataclass(slots=True)
+class _CsvRows:
+    columns: list[str]
+    rows: list[dict[str, str]]
+    lines: list[int]
+    ragged: set[int]  # rows whose field count differs from the header's (already reported)
+    id_key: str | None
+    images_key: str | None
+    mask_key: str | None
+
+
+def _csv_document(
+    body: bytes | bytearray | memoryview, params: Mapping[str, str], builder: _JobBuilder
+) -> tuple[dict[str, Any], _CsvRows]:
+    """The job fields from the query parameters, and the rows from the body."""
+    errs = builder.errors
+    doc: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    labels: dict[str, Any] = {}
+    for key, value in params.items():
+        if not isinstance(value, str):
+            errs.add(_clip_key(key), "query parameters are strings")
+            continue
+        if key.startswith("label."):
+            labels[key[len("label.") :]] = value
+        elif key == "labels":
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                errs.add("labels", f"labels must be a JSON object: {exc.msg}")
+                continue
+            if isinstance(parsed, dict):
+                labels.update(parsed)
+            else:
+                errs.add("labels", f"labels must be a JSON object, not {_json_type(parsed)}")
+        elif key in ("n", "output_compression"):
+            try:
+                defaults[key] = int(value.strip())
+            except ValueError:
+                errs.add(key, f"{key} must be a whole number, not {_show(value)}")
+        elif key == "max_cost_usd":
+            try:
+                doc[key] = float(value.strip())
+            except ValueError:
+                errs.add(key, f"max_cost_usd must be a number, not {_show(value)}")
+        elif key in _PARAMS:
+            defaults[key] = value
+        elif key in ("model", "mode", "webhook_url", "template"):
+            doc[key] = value
+        elif key not in ("id_column", "images_column", "mask_column", "delimiter"):
+            errs.add(_clip_key(key), _unknown_message(key, CSV_PARAMS, "a CSV job"))
+    if labels:
+        doc["labels"] = labels
+    if defaults:
+        doc["defaults"] = defaults
+
+    delimiter = _CSV_DELIMITERS.get(params.get("delimiter", ","))
+    if delimiter is None:
+        errs.add("delimiter", "delimiter must be one of ',', ';', '|' or 'tab'")
+        delimiter = ","
+
+    try:
+        text = bytes(body).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise malformed(
+            f"The CSV is not UTF-8: byte 0x{exc.object[exc.start]:02x} at position {exc.start} "
+            f"cannot be decoded. Save the file as UTF-8."
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, None)
+        while header is not None and not any(h.strip() for h in header):
+            header = next(reader, None)  # blank lines before the header
+        if header is None:
+            errs.add("rows", "the CSV is empty: it needs a header row and one row per item")
+            errs.raise_if_any()
+            raise AssertionError("unreachable")
+        columns = [h.strip() for h in header]
+        dupes = sorted({c for c in columns if c and columns.count(c) > 1})
+        if dupes:
+            errs.add(
+                "header", f"column '{_clip(dupes[0], 64)}' appears more than once in the header"
+            )
+        width = len(columns)
+        rows: list[dict[str, str]] = []
+        lines: list[int] = []
+        ragged: set[int] = set()
+        for record in reader:
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # blank line
+            index = len(rows)
+            if index >= builder.max_items:
+                errs.add(
+                    "rows",
+                    f"the CSV has more than {builder.max_items:,} rows; a job may hold at most "
+                    f"{builder.max_items:,} (split it into several jobs)",
+                )
+                errs.raise_if_any()
+            if len(record) != width:
+                errs.add(
+                    f"rows[{index}]",
+                    f"CSV line {reader.line_num} has {len(record)} fields; the header has {width}",
+                    index,
+                )
+                ragged.add(index)
+            rows.append(dict(zip(columns, record, strict=False)))
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise malformed(
+            f"The CSV could not be read at line {reader.line_num}: {exc}.",
+            extra={"line": reader.line_num},
+        ) from None
+
+    def column(param: str, fallbacks: Iterable[str]) -> str | None:
+        chosen = params.get(param)
+        if chosen is not None:
+            if chosen not in columns:
+                errs.add(
+                    param,
+                    f"{param} '{_clip(chosen, 64)}' is not a column of the CSV; its columns are: "
+                    f"{_clip(', '.join(columns), 400)}",
+                )
+                return None
+            return chosen
+        return next((c for c in fallbacks if c in columns), None)
+
+    id_key = column("id_column", ("id", "sku"))
+    images_key = column("images_column", ("images",))
+    mask_key = column("mask_column", ("mask",))
+    if "template" not in doc:
+        if "prompt" in columns:
+            doc["template"] = "{prompt}"
+        else:
+            errs.add(
+                "template",
+                "a CSV job needs ?template= with {column} placeholders, or a 'prompt' column",
+            )
+    csv_rows = _CsvRows(columns, rows, lines, ragged, id_key, images_key, mask_key)
+    return doc, csv_rows
+
+
+def _csv_refs(cell: Any, path: str, index: int, item_id: str | None, errs: FieldErrors) -> Any:
+    """Edit references from a CSV cell: None (empty), a list, or _MISSING when malformed."""
+    if cell is None or not cell.strip():
+        return None
+    cell = cell.strip()
+    if cell.startswith("["):
+        try:
+            refs = orjson.loads(cell)
+        except orjson.JSONDecodeError as exc:
+            errs.add(
+                path, f"a cell starting with '[' must be a JSON array: {exc.msg}", index, item_id
+            )
+            return _MISSING
+        return refs
+    return [cell]
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _ref_problem(ref: str) -> str | None:
+    """Why ``ref`` is not an image reference we can use, or None."""
+    if ref.startswith("s3://"):
+        bucket, _, key = ref[5:].partition("/")
+        if not bucket or not key:
+            return "an s3 reference must be s3://bucket/key"
+        return None
+    if ref.startswith("https://"):
+        return _url_problem(ref, schemes=("https",), max_chars=MAX_REF_URL_CHARS)
+    if ref.startswith("data:"):
+        if len(ref) > MAX_IMAGE_URL_CHARS:
+            return f"a data URL may be at most {MAX_IMAGE_URL_CHARS:,} characters"
+        if not _DATA_URL_RE.match(ref):
+            return "a data URL must be data:image/<type>;base64,<data>"
+        return None
+    if ref.startswith("file:///"):
+        if len(ref) <= len("file:///"):
+            return "a file reference must be file:///absolute/path"
+        return None
+    if ref.startswith("file-"):
+        if not _FILE_ID_RE.match(ref):
+            return "an upstream file id looks like file-abc123"
+        return None
+    return (
+        f"{_show(ref)} is not an image reference: use s3://bucket/key, https://..., "
+        f"data:image/...;base64,..., an upstream file id (file-...), or file:///path"
+    )
+
+
+def _url_problem(
+    url: str,
+    schemes: tuple[str, ...] = ("http", "https"),
+    max_chars: int = MAX_WEBHOOK_URL_CHARS,
+) -> str | None:
+    if len(url) > max_chars:
+        return f"the URL may be at most {max_chars:,} characters"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "the URL must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        return f"the URL is malformed: {exc}"
+    if parts.scheme not in schemes:
+        return f"the URL must start with {' or '.join(s + '://' for s in schemes)}"
+    if not host:
+        return "the URL has no host"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {_show(value)}"
+    if isinstance(value, str):
+        return f"the string {_show(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as JSON, shortened: messages must stay small whatever the caller sent."""
+    if isinstance(value, str):
+        text = value if len(value) <= limit else value[:limit] + "…"
+        return "'" + text.encode("unicode_escape").decode("ascii") + "'"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
+        return "a very large number"
+    try:
+        text = orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _clip_key(key: str) -> str:
+    return _clip(str(key), 64)
+
+
+def _shown_id(raw: Any, index: int) -> str | None:
+    """The id to name in an error when the item's id itself is not usable."""
+    if raw is None:
+        return str(index)
+    if isinstance(raw, str):
+        return _clip(raw, 128)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return _show(raw)
+    return None
+
+
+def _unknown_message(key: str, known: Iterable[str], where: str) -> str:
+    close = difflib.get_close_matches(str(key)[:64], list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown field {_show(key)} in {where}{hint}"
