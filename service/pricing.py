@@ -169,11 +169,6 @@ def nanousd_to_usd(nano: int) -> float:
     return nano / NANO_PER_USD
 
 
-def usd_to_nanousd(usd: float) -> int:
-    """A USD amount (e.g. ``max_cost_usd``) in nano-dollars, rounded half-to-even."""
-    return int((Decimal(repr(float(usd))) * NANO_PER_USD).to_integral_value(ROUND_HALF_EVEN))
-
-
 # --------------------------------------------------------------------------------------------
 # Estimates
 

@@ -31,6 +31,17 @@ TYPE_NOT_FOUND = PROBLEM_BASE + "not-found"
 TYPE_UNAUTHORIZED = PROBLEM_BASE + "unauthorized"
 TYPE_CONFLICT = PROBLEM_BASE + "conflict"
 
+# The type of a problem raised without one: by status; anything else is RFC 9457's about:blank.
+_TYPE_BY_STATUS = {
+    400: TYPE_MALFORMED,
+    401: TYPE_UNAUTHORIZED,
+    404: TYPE_NOT_FOUND,
+    409: TYPE_CONFLICT,
+    413: TYPE_TOO_LARGE,
+    415: TYPE_UNSUPPORTED_MEDIA,
+    422: TYPE_VALIDATION,
+}
+
 # Field errors listed in one response; the rest are only counted, so an all-bad 50k-item job
 # answers in a few kilobytes.
 MAX_FIELD_ERRORS = 100
@@ -76,7 +87,7 @@ class Problem(Exception):
         title: str,
         detail: str,
         *,
-        type_: str = TYPE_VALIDATION,
+        type_: str | None = None,
         errors: list[FieldError] | None = None,
         extra: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
@@ -85,7 +96,7 @@ class Problem(Exception):
         self.status = status
         self.title = title
         self.detail = detail
-        self.type = type_
+        self.type = type_ or _TYPE_BY_STATUS.get(status, "about:blank")
         self.extra = dict(extra or {})
         errors = list(errors or [])
         if len(errors) > MAX_FIELD_ERRORS:
