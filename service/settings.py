@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         2, description="The SDK's own retries for transient upstream errors (429, 5xx, connection)."
     )
     openai_timeout_seconds: float = Field(600.0, description="Upstream request timeout.")
+    simulator: bool = Field(
+        False, description="Set by `imagebatch up` when the upstream is its embedded simulator."
+    )
     catalog_file: Path | None = Field(
         None, description="Model catalog (capabilities, token tables, prices); unset = the shipped one."
     )

@@ -1,0 +1,63 @@
+"""What a process needs to do its work, made once per process and passed down.
+
+The API builds one in its lifespan; a Celery worker builds one after it forks. Tests build one
+from ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import redis
+from openai import OpenAI
+
+from service.catalog import Catalog, cached_catalog
+from service.jobstore import JobStore
+from service.queues import Enqueuer, producer
+from service.settings import Settings
+from service.storage import Storage, open_storage
+from service.upstream import make_client
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: redis.Redis
+    storage: Storage
+    catalog: Catalog
+    enqueue: Callable[..., None]
+    _openai: OpenAI | None = field(default=None, repr=False)
+
+    @cached_property
+    def store(self) -> JobStore:
+        return JobStore(self.redis)
+
+    @property
+    def openai(self) -> OpenAI:
+        if self._openai is None:
+            self._openai = make_client(self.settings)
+        return self._openai
+
+
+def redis_url(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise RuntimeError(
+            "IMAGEBATCH_REDIS_URL is not set; run `imagebatch up` for the embedded Redis, "
+            "or point IMAGEBATCH_REDIS_URL at your Redis (redis://host:6379/0)"
+        )
+    return settings.redis_url
+
+
+def build_context(settings: Settings, *, enqueue: Callable[..., Any] | None = None) -> Context:
+    url = redis_url(settings)
+    client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    return Context(
+        settings=settings,
+        redis=client,
+        storage=open_storage(settings),
+        catalog=cached_catalog(str(settings.catalog_file) if settings.catalog_file else None),
+        enqueue=enqueue or Enqueuer(producer(url)),
+    )

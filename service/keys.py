@@ -1,0 +1,129 @@
+"""Every Redis key imagebatch uses, in one place, with what it holds.
+
+Job state lives in Redis; the request, images and manifest live in storage. While a job runs it
+keeps one small hash entry per item; when it finishes those are dropped and the manifest in
+storage is the record, so a finished job costs Redis a few small keys.
+"""
+
+from __future__ import annotations
+
+PREFIX = "ib"
+
+
+# --- jobs ----------------------------------------------------------------------------------
+# HASH: the job's fields (tenant, status, model, mode, labels JSON, estimate JSON, counts of
+# items and images, created/finished times, reason). Kept after the job finishes.
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+# HASH: item index -> packed item state "status|attempts|chunk|id" while the job runs.
+# status: p pending (to plan), q in chunk `chunk`, s succeeded, f failed, x cancelled.
+def job_items(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:items"
+
+
+# HASH: per-state item counts (pending, queued, submitted, succeeded, failed, cancelled).
+def job_counts(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:counts"
+
+
+# HASH: item index -> JSON of the priced usage, written once (HSETNX) by the first collect that
+# sees the item; the guard that makes spend count exactly once.
+def job_usage(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:usage"
+
+
+# HASH: item index -> JSON {code, message, ...} of the item's last error.
+def job_errors(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:errors"
+
+
+# HASH: the job's spend: "{kind}" -> tokens, "cost:{tier}" -> nano-USD, "images" -> count.
+def job_spend(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:spend"
+
+
+# STRING counter: the job's last chunk number.
+def job_chunk_seq(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:chunkseq"
+
+
+# HASH: one chunk (one upstream batch attempt): status, endpoint, lines, bytes, estimated
+# tokens and cost, input_file_id, batch_id, upstream status and counts, timestamps.
+def chunk(job_id: str, n: int | str) -> str:
+    return f"{PREFIX}:job:{job_id}:chunk:{n}"
+
+
+# LIST: the item indexes in a chunk, in input order.
+def chunk_items(job_id: str, n: int | str) -> str:
+    return f"{PREFIX}:job:{job_id}:chunk:{n}:items"
+
+
+# SET: the job's chunk numbers.
+def job_chunks(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:chunks"
+
+
+# --- indexes ---------------------------------------------------------------------------------
+# ZSET job_id -> created_at, per tenant: listing newest first.
+def tenant_jobs(tenant: str) -> str:
+    return f"{PREFIX}:jobs:tenant:{tenant}"
+
+
+# SET of job ids not yet finished: the sweep's safety net for lost plan/finalize tasks.
+ACTIVE_JOBS = f"{PREFIX}:jobs:active"
+
+# ZSET "job_id:chunk" -> time it was submitted upstream: what the sweep polls.
+ACTIVE_CHUNKS = f"{PREFIX}:chunks:active"
+
+# ZSET "job_id:chunk" -> time it started waiting: planned chunks not yet submitted (new, or
+# waiting for budget). The sweep re-enqueues their submit.
+WAITING_CHUNKS = f"{PREFIX}:chunks:waiting"
+
+# ZSET job_id -> finished_at (+inf while running): jobs whose per-job series /metrics shows.
+METRICS_JOBS = f"{PREFIX}:metrics:jobs"
+
+
+# STRING job_id, SET NX with a TTL: a tenant's Idempotency-Key.
+def idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idem:{tenant}:{key}"
+
+
+# --- leases and markers (SET NX EX) -----------------------------------------------------------
+def plan_lock(job_id: str) -> str:
+    return f"{PREFIX}:lock:plan:{job_id}"
+
+
+def finalize_lock(job_id: str) -> str:
+    return f"{PREFIX}:lock:finalize:{job_id}"
+
+
+def collect_lease(job_id: str, n: int | str) -> str:
+    return f"{PREFIX}:lease:collect:{job_id}:{n}"
+
+
+def submit_lock(job_id: str, n: int | str) -> str:
+    return f"{PREFIX}:lock:submit:{job_id}:{n}"
+
+
+# Short marker so a sweep does not enqueue the same task again while one is queued.
+def enqueued(task: str, ref: str) -> str:
+    return f"{PREFIX}:enq:{task}:{ref}"
+
+
+SWEEP_LOCK = f"{PREFIX}:lock:sweep"
+
+# --- metrics (read by the API at scrape time) --------------------------------------------------
+# HASH "tenant|model|kind|tier" -> tokens; never expires.
+TOTAL_TOKENS = f"{PREFIX}:m:tokens"
+# HASH "tenant|model|tier|campaign" -> nano-USD; never expires.
+TOTAL_COST = f"{PREFIX}:m:cost"
+# HASH "model|status" -> images.
+TOTAL_IMAGES = f"{PREFIX}:m:images"
+# HASH "name|labels-json" -> value: counters any process increments.
+COUNTERS = f"{PREFIX}:m:counters"
+# HASH "name|labels-json|le" -> count, "name|labels-json|sum" -> float: histograms.
+HISTOGRAMS = f"{PREFIX}:m:hist"
+# HASH worker name -> unix time of its last heartbeat.
+HEARTBEATS = f"{PREFIX}:m:heartbeats"

@@ -1,0 +1,57 @@
+"""Task names and queues: the contract between whoever enqueues (the API, the sweep) and the
+workers. The API sends tasks by name and never imports task bodies.
+
+Queues are split by the kind of work, so a collect streaming gigabytes never delays the sweep:
+``control`` (plan, submit, sweep, finalize, cancel, webhooks), ``collect`` (reading upstream
+output into storage) and ``sync`` (the full-price lane).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+CONTROL, COLLECT, SYNC = "control", "collect", "sync"
+QUEUES = (CONTROL, COLLECT, SYNC)
+
+PLAN = "jobs.plan"
+SUBMIT = "batches.submit"
+SWEEP = "batches.sweep"
+COLLECT_TASK = "batches.collect"
+FINALIZE = "jobs.finalize"
+CANCEL = "jobs.cancel"
+WEBHOOK = "jobs.webhook"
+SYNC_ITEMS = "sync.items"
+
+ROUTES: dict[str, str] = {
+    PLAN: CONTROL,
+    SUBMIT: CONTROL,
+    SWEEP: CONTROL,
+    FINALIZE: CONTROL,
+    CANCEL: CONTROL,
+    WEBHOOK: CONTROL,
+    COLLECT_TASK: COLLECT,
+    SYNC_ITEMS: SYNC,
+}
+
+
+def producer(broker_url: str) -> Celery:
+    """A Celery app that only sends tasks (the API's view of the workers)."""
+    app = Celery("imagebatch-producer", broker=broker_url)
+    app.conf.update(
+        broker_connection_retry_on_startup=True,
+        task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
+        broker_transport_options={"visibility_timeout": 3600},
+    )
+    return app
+
+
+class Enqueuer:
+    """Sends tasks by name to their queue."""
+
+    def __init__(self, app: Celery):
+        self.app = app
+
+    def __call__(self, name: str, *args: Any) -> None:
+        self.app.send_task(name, args=list(args), queue=ROUTES[name])

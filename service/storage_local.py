@@ -1,0 +1,368 @@
+"""The local-directory adapter of :class:`service.storage.Storage` (the default, for one machine).
+
+Layout under the root directory::
+
+    {root}/{key}                                    the object, e.g. jobs/j1/images/sku-1.png
+    {root}/.imagebatch-internal/meta/{key}.json     its content type and metadata (the sidecar)
+    {root}/.imagebatch-internal/tmp/                files being written
+
+Objects sit under their plain keys so the directory can be browsed and copied as is. Sidecars
+live in a tree of their own, so no key can collide with a sidecar and listings need not filter
+them. Every write goes to a temp file on the same filesystem, is fsynced, and is moved into place
+with ``os.replace``: a crash leaves either the old object or the new one, never half of one (at
+worst an orphan temp file under ``tmp/``, which nothing reads). The sidecar is replaced just
+before the object, so a visible object always has one.
+
+Unlike S3, a directory cannot hold both ``a`` and ``a/b``; writing the second raises
+:class:`StorageError`. imagebatch's own layout never does that.
+
+``OSError`` is translated: a missing file -> :class:`ObjectNotFound`, anything else ->
+:class:`StorageError` naming the path and the cause. Errors raised by the caller's own code
+inside a ``writer()`` block propagate unchanged (and nothing is published).
+
+``read_ref`` reads ``file://`` reference images from anywhere the process can read unless
+``ref_roots`` limits it: like pypi/warehouse's LocalFileStorage this adapter trusts its callers,
+which is right for one machine and wrong for an API exposed to strangers (use S3 there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mimetypes
+import os
+import stat
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from service.storage import (
+    MAX_REF_BYTES,
+    RESERVED_TOP,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageError,
+    check_key,
+    check_metadata,
+    check_prefix,
+    iter_stream_lines,
+    read_capped,
+)
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+_NOT_FOUND_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def path_from_file_url(url: str) -> Path:
+    """``file:///abs/path`` (percent-encoded, as ``Path.as_uri()`` makes it) -> ``Path``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != "file":
+        raise ValueError(f"{url!r} is not a file:// URL")
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"{url!r} names host {parts.netloc!r}; only local paths work")
+    path = Path(urllib.request.url2pathname(parts.path))
+    if not path.is_absolute() or not parts.path:
+        raise ValueError(f"{url!r} must be an absolute path: file:///absolute/path")
+    return path
+
+
+class LocalStorage:
+    """Objects in a directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        public_url: str = "http://127.0.0.1:8000",
+        ref_roots: Sequence[Path] | None = None,
+    ) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.description = self.root.as_uri()
+        self.public_url = public_url.rstrip("/")
+        self._meta = self.root / RESERVED_TOP / "meta"
+        self._tmp = self.root / RESERVED_TOP / "tmp"
+        self._ref_roots = [Path(os.path.realpath(r)) for r in ref_roots] if ref_roots else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalStorage:
+        return cls(path_from_file_url(settings.storage_location), public_url=settings.public_url)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        try:
+            with self._staged(key, content_type, metadata) as f:
+                f.write(data)
+        except OSError as exc:
+            raise self._error(exc, "write", key) from exc
+
+    def put_file(
+        self,
+        key: str,
+        fileobj: BinaryIO,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        try:
+            with self._staged(key, content_type, metadata) as f:
+                while chunk := fileobj.read(1024 * 1024):
+                    f.write(chunk)
+        except OSError as exc:
+            raise self._error(exc, "write", key) from exc
+
+    @contextmanager
+    def writer(
+        self,
+        key: str,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Iterator[BinaryIO]:
+        with self._staged(key, content_type, metadata) as f:
+            yield f
+
+    @contextmanager
+    def _staged(
+        self, key: str, content_type: str, metadata: Mapping[str, str] | None
+    ) -> Iterator[BinaryIO]:
+        """A temp file that becomes ``key`` (with its sidecar) if the block exits cleanly."""
+        check_key(key)
+        if not content_type:
+            raise ValueError("content_type is required")
+        meta = check_metadata(metadata)
+        try:
+            tmp = self._new_tmp()
+            f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
+        except OSError as exc:
+            raise self._error(exc, "write", key) from exc
+        try:
+            yield f
+        except BaseException:
+            # The caller's block failed: publish nothing, let its exception through unchanged.
+            f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        try:
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+            sidecar = json.dumps({"content_type": content_type, "metadata": meta}).encode()
+            self._replace_bytes(self._sidecar(key), sidecar)
+            self._publish(tmp, self._path(key))
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise self._error(exc, "write", key) from exc
+            raise
+
+    def _new_tmp(self) -> Path:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        # O_EXCL with a random name instead of mkstemp: mkstemp's 0600 would end up on the
+        # published file; this way the usual umask applies.
+        path = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        return path
+
+    def _replace_bytes(self, final: Path, data: bytes) -> None:
+        tmp = self._new_tmp()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._publish(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def _publish(tmp: Path, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        # The rename is durable only once its directory is synced.
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        path = self._path(check_key(key))
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise self._error(exc, "read", key) from exc
+        with f:
+            yield f
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        with self.open(key) as f:
+            yield from iter_stream_lines(f)
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(check_key(key))
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(path)
+        except OSError as exc:
+            raise self._error(exc, "head", key) from exc
+        try:
+            side = json.loads(self._sidecar(key).read_bytes())
+        except FileNotFoundError:
+            # Put there by hand, not through us: guess like a web server would.
+            return ObjectInfo(key, st.st_size, mimetypes.guess_type(key)[0], {})
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read the metadata of {path}: {exc}", key=key) from exc
+        return ObjectInfo(key, st.st_size, side.get("content_type"), dict(side.get("metadata", {})))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        parent, _, _ = prefix.rpartition("/")
+        if parent:
+            return self._walk(self.root.joinpath(*parent.split("/")), parent + "/", prefix)
+        return self._walk(self.root, "", prefix)
+
+    def _walk(self, directory: Path, base: str, prefix: str) -> Iterator[ObjectInfo]:
+        """Keys under ``directory`` in S3's order (byte order of the whole key), lazily.
+
+        Sorting a directory's entries by ``name`` for files and ``name + "/"`` for directories
+        gives exactly the order of the full keys, so the walk can stream.
+        """
+        try:
+            with os.scandir(directory) as it:
+                entries = []
+                for e in it:
+                    if not base and e.name == RESERVED_TOP:
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        entries.append((e.name + "/", e))
+                    elif e.is_file(follow_symlinks=False):
+                        entries.append((e.name, e))
+        except _NOT_FOUND_ERRORS:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot list {directory}: {exc.strerror or exc}") from exc
+        entries.sort(key=lambda t: t[0])
+        for name, e in entries:
+            key = base + name
+            if name.endswith("/"):
+                # Descend only where a match can be: the subtree is under the prefix or the
+                # prefix continues into it.
+                if key.startswith(prefix) or prefix.startswith(key):
+                    yield from self._walk(Path(e.path), key, prefix)
+            elif key.startswith(prefix):
+                try:
+                    size = e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # deleted since the scan
+                yield ObjectInfo(key, size)
+
+    def delete(self, key: str) -> None:
+        path = self._path(check_key(key))
+        for p in (path, self._sidecar(key)):
+            try:
+                p.unlink()
+            except _NOT_FOUND_ERRORS:
+                pass
+            except OSError as exc:
+                raise self._error(exc, "delete", key) from exc
+
+    def url(self, key: str) -> str:
+        return f"{self.public_url}/v1/objects/{urllib.parse.quote(check_key(key))}"
+
+    def check(self) -> None:
+        # A real write, not os.access: a read-only mount or a full disk must fail readiness.
+        try:
+            tmp = self._new_tmp()
+            try:
+                tmp.write_bytes(b"ok")
+            finally:
+                tmp.unlink()
+        except OSError as exc:
+            raise StorageError(
+                f"local storage {self.root} is not writable: {exc.strerror or exc}"
+            ) from exc
+
+    def read_ref(self, uri: str) -> bytes:
+        scheme = urllib.parse.urlsplit(uri).scheme.lower()
+        if scheme != "file":
+            raise ValueError(
+                f"reference image {uri!r}: only file:///absolute/path references work with "
+                "local storage (s3:// needs IMAGEBATCH_STORAGE_URL=s3://...)"
+            )
+        path = path_from_file_url(uri)
+        if self._ref_roots is not None:
+            real = Path(os.path.realpath(path))
+            if not any(real.is_relative_to(r) for r in self._ref_roots):
+                raise ValueError(f"reference image {uri!r} is outside the allowed directories")
+        try:
+            # O_NONBLOCK: a FIFO must not hang the worker; it is refused just below.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if isinstance(exc, _NOT_FOUND_ERRORS):
+                raise ObjectNotFound(f"reference image {uri} does not exist", key=uri) from exc
+            raise StorageError(
+                f"cannot read reference image {uri}: {exc.strerror}", key=uri
+            ) from exc
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"reference image {uri!r} is not a regular file")
+            if st.st_size > MAX_REF_BYTES:
+                raise ObjectTooLarge(
+                    f"reference image {uri} is {st.st_size / 1e6:.1f} MB; "
+                    f"the limit is {MAX_REF_BYTES // (1024 * 1024)} MB",
+                    key=uri,
+                )
+            try:
+                return read_capped(f, MAX_REF_BYTES, what=f"reference image {uri}")
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot read reference image {uri}: {exc.strerror or exc}", key=uri
+                ) from exc
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def _sidecar(self, key: str) -> Path:
+        return self._meta.joinpath(*key.split("/")).with_name(key.rsplit("/", 1)[-1] + ".json")
+
+    def _error(self, exc: OSError, action: str, key: str) -> StorageError:
+        if isinstance(exc, _NOT_FOUND_ERRORS) and action != "write":
+            return ObjectNotFound(f"{self.description}/{key} does not exist", key=key)
+        return StorageError(
+            f"cannot {action} {self.description}/{key}: {exc.strerror or exc}", key=key
+        )

@@ -1,0 +1,85 @@
+"""The Celery app: broker, queues, routing, beat schedule, and the per-process context.
+
+Delivery is at least once (``acks_late``, ``reject_on_worker_lost``): a worker killed mid-task
+has its message redelivered, and every task is safe to run twice. The beat schedule holds only
+the sweep; nothing waits in a countdown, so the Redis visibility timeout never redelivers a
+long-waiting task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from service import queues
+from service.context import Context, build_context, redis_url
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("imagebatch.workers")
+
+_ctx: Context | None = None
+
+
+# Tasks register on this app at import; :func:`configure` gives it the broker and settings
+# before a worker, beat or producer starts (settings are never read at import time).
+app = Celery("imagebatch", include=["workers.tasks.batches", "workers.tasks.jobs"])
+
+
+def context() -> Context:
+    """This process's context, made on first use after the fork."""
+    global _ctx
+    if _ctx is None:
+        settings = get_settings()
+        if not app.conf.broker_url:
+            configure(settings)
+        _ctx = build_context(settings, enqueue=queues.Enqueuer(app))
+    return _ctx
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@worker_process_init.connect
+def _fresh_context(**_: Any) -> None:
+    # A forked child must not share its parent's Redis or HTTP connections.
+    global _ctx
+    _ctx = None
+
+
+@worker_process_shutdown.connect
+def _close(**_: Any) -> None:
+    if _ctx is not None:
+        _ctx.redis.close()
+
+
+def configure(settings: Settings) -> Celery:
+    url = redis_url(settings)
+    app.conf.update(
+        broker_url=url,
+        broker_connection_retry_on_startup=True,
+        # Long enough that a slow collect is not redelivered while it still runs; the sweep
+        # re-enqueues a collect whose lease lapsed well before this.
+        broker_transport_options={"visibility_timeout": 3600},
+        task_routes={name: {"queue": q} for name, q in queues.ROUTES.items()},
+        task_default_queue=queues.CONTROL,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "sweep": {
+                "task": queues.SWEEP,
+                "schedule": settings.poll_seconds,
+                "options": {"queue": queues.CONTROL, "expires": max(settings.poll_seconds * 2, 5)},
+            },
+        },
+    )
+    return app

@@ -1,0 +1,71 @@
+"""The house way to declare a task.
+
+``@task("batches.collect", time_limit=3600)`` gives a Celery task with a stable dotted name, its
+queue from :mod:`service.queues`, ``acks_late`` (every task is idempotent), no result backend,
+soft and hard time limits, a duration histogram and a worker heartbeat, and retries only for
+what is transient (upstream 429/5xx/connection errors, storage and Redis hiccups) with capped
+exponential backoff. Task bodies call plain functions in ``service/`` with a Context and ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import openai
+import redis
+from celery import Task
+
+from service import metrics
+from service.queues import ROUTES
+from service.storage import StorageError
+from workers import app as app_module
+
+log = logging.getLogger("imagebatch.tasks")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    openai.APIConnectionError,
+    openai.APITimeoutError,
+    openai.RateLimitError,
+    openai.InternalServerError,
+    StorageError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+
+
+def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[[F], Task]:
+    def wrap(fn: F) -> Task:
+        @functools.wraps(fn)
+        def run(self: Task, *args: Any) -> Any:
+            ctx = app_module.context()
+            start = time.monotonic()
+            try:
+                return fn(ctx, *args)
+            except TRANSIENT as exc:
+                delay = min(2 ** self.request.retries, 60)
+                log.warning("%s%s: transient %s, retry %d in %ss", name, args, type(exc).__name__, self.request.retries + 1, delay)
+                raise self.retry(exc=exc, countdown=delay, max_retries=max_retries) from exc
+            finally:
+                try:
+                    metrics.observe(ctx.redis, "imagebatch_task_duration_seconds", time.monotonic() - start, {"task": name})
+                    metrics.heartbeat(ctx.redis, app_module.worker_name())
+                except redis.RedisError:
+                    pass
+
+        return app_module.app.task(  # type: ignore[no-any-return]
+            bind=True,
+            name=name,
+            queue=ROUTES[name],
+            acks_late=True,
+            ignore_result=True,
+            soft_time_limit=time_limit,
+            time_limit=time_limit + 60,
+        )(run)
+
+    return wrap

@@ -1,0 +1,17 @@
+"""Job-level tasks: finalize, cancel, webhooks, the sync lane."""
+
+from __future__ import annotations
+
+from service import batches, queues
+from service.context import Context
+from workers.base import task
+
+
+@task(queues.FINALIZE, time_limit=1800)
+def finalize(ctx: Context, job_id: str) -> str | None:
+    return batches.finalize_job(ctx, job_id)
+
+
+@task(queues.CANCEL, time_limit=600)
+def cancel(ctx: Context, job_id: str) -> None:
+    batches.cancel_job(ctx, job_id)
