@@ -335,10 +335,11 @@ class LocalStorage:
             raise StorageError(
                 f"cannot read reference image {uri}: {exc.strerror}", key=uri
             ) from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ValueError(f"reference image {uri!r} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"reference image {uri!r} is not a regular file")
             if st.st_size > MAX_REF_BYTES:
                 raise ObjectTooLarge(
                     f"reference image {uri} is {st.st_size / 1e6:.1f} MB; "

@@ -68,10 +68,12 @@ _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken
 # A writer() spools this much in memory before moving to a temp file on disk.
 _SPOOL_MEMORY_BYTES = 1024 * 1024
 
-# Streams above 8 MiB go up as a multipart upload of 8 MiB parts, 4 in flight and at most 4 held
-# in memory (s3transfer's default is 10): measured peak about 30 MiB per upload whatever the object's size,
-# while a big manifest still uploads in parallel. "classic" pins s3transfer (not CRT) so the
-# behaviour does not depend on what else is installed.
+
+# Streams above 8 MiB go up as a multipart upload of 8 MiB parts, 4 in flight. s3transfer
+# reads each part into memory; capping parts held at 4 (its default is 10) bounds an upload at
+# about (4 + 1) x 8 MiB = 40 MiB (measured) whatever the object's size, while a big manifest
+# still uploads in parallel. "classic" pins s3transfer (not CRT) so the behaviour does not depend
+# on what else is installed.
 def transfer_config(
     *, part_bytes: int = 8 * 1024 * 1024, concurrency: int = 4, parts_in_memory: int = 4
 ) -> TransferConfig:
