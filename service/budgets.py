@@ -168,6 +168,7 @@ if limit > 0 then
   local fits = total + tokens + room_for_waiter <= limit
   -- Nothing held and nobody else waiting: grant even a chunk larger than the whole limit.
   if total == 0 and room_for_waiter == 0 then fits = true end
+  if tokens == 0 then fits = true end
   if not fits then
     if not waiter then
       redis.call('SET', KEYS[4], ARGV[2] .. '|' .. ARGV[1], 'PX', ARGV[4])
