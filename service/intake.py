@@ -30,12 +30,6 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
 
 
-def lane(ctx: Context, spec: JobSpec) -> str:
-    if spec.mode == "auto":
-        return "sync" if len(spec.items) <= ctx.settings.sync_max_items else "batch"
-    return spec.mode
-
-
 def accept_job(
     ctx: Context, spec: JobSpec, tenant: str, idempotency_key: str | None = None
 ) -> tuple[str, bool]:
@@ -69,7 +63,7 @@ def _store(
     ) as out:
         for item in spec.items:
             out.write(request_record(item))
-    chosen = lane(ctx, spec)
+    chosen = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
     now = time.time()
     fields: dict[str, Any] = {
         "id": job_id,
