@@ -17,7 +17,8 @@ Failure semantics, the same for both adapters:
 * :class:`ObjectTooLarge` - a reference image is over :data:`MAX_REF_BYTES`. Permanent.
 * :class:`StorageError` - anything else (unreachable endpoint, missing bucket, access denied,
   disk full, throttling that outlived the client's retries). Callers treat it as transient and
-  retry with backoff; the message names the object and the cause.
+  retry with backoff; the message names the object and the cause. ``exc.transient`` is False
+  for the two permanent subclasses above, so ``except StorageError`` retry policies can tell.
 * :class:`ValueError` - a caller bug or bad input: an unsafe key, bad metadata, an unsupported URI.
 
 Vendor exceptions (botocore, OSError) never escape an adapter, so callers never import botocore.
@@ -67,6 +68,10 @@ _META_KEY_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 class StorageError(Exception):
     """Storage failed in a way that is transient or unexpected; the message says which object."""
 
+    #: Whether retrying later can help. A task's retry policy should retry only these, and
+    #: fail the item at once on the permanent subclasses below.
+    transient: bool = True
+
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
@@ -75,9 +80,13 @@ class StorageError(Exception):
 class ObjectNotFound(StorageError):
     """The object does not exist."""
 
+    transient = False
+
 
 class ObjectTooLarge(StorageError):
     """The object is larger than the caller may read (a reference image over 50 MB)."""
+
+    transient = False
 
 
 @dataclass(frozen=True)

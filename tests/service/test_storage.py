@@ -339,7 +339,7 @@ def test_missing_objects_raise_object_not_found(backend: Backend) -> None:
         pass
     with pytest.raises(ObjectNotFound):
         next(s.iter_lines("no/such.png"))
-    assert issubclass(ObjectNotFound, StorageError)
+    assert issubclass(ObjectNotFound, StorageError) and not ObjectNotFound.transient
     # A "directory" is not an object either.
     s.put_bytes("dir/file", b"x", content_type="text/plain")
     assert not s.exists("dir")
@@ -535,8 +535,9 @@ def test_read_ref_reads_local_files(tmp_path: Path) -> None:
     big = tmp_path / "huge.png"
     with big.open("wb") as f:
         f.truncate(MAX_REF_BYTES + 1)  # sparse: costs no disk
-    with pytest.raises(ObjectTooLarge, match="limit is 50 MB"):
+    with pytest.raises(ObjectTooLarge, match="limit is 50 MB") as err:
         s.read_ref(big.as_uri())
+    assert not err.value.transient
 
 
 def test_local_read_ref_can_be_confined(tmp_path: Path) -> None:
