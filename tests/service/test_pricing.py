@@ -163,9 +163,10 @@ price = { text_input = 0.001, image_input = 0.2, image_output = 0.0013, text_out
 def test_nanousd_is_exact_with_fractional_prices(tmp_path: Path) -> None:
     catalog = _fractional_catalog(tmp_path)
     model = catalog.models["cheap"]
-    # 0.0013 $/M is 1.3 nano-dollars a token: 10 tokens are exactly 13, though in binary floating
-    # point 0.0013 * 1000 * 10 is 12.999999999999998.
+    # 0.0013 $/M is 1.3 nano-dollars a token: 75 tokens are exactly 97.5, rounded to even 98,
+    # where binary floating point makes 75 * 0.0013 * 1000 = 97.49999999999999 and rounds to 97.
     assert cost_nanousd(Tokens(image_output=10), model, catalog, "sync") == 13
+    assert cost_nanousd(Tokens(image_output=75), model, catalog, "sync") == 98
     # 0.2 $/M is 200 nano-dollars a token, 100 in batch: exact, whatever 0.2 is in binary.
     assert cost_nanousd(Tokens(image_input=3), model, catalog, "batch") == 300
     # 0.001 $/M in batch is half a nano-dollar a token: rounded half to even per kind.
