@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import openai
 import orjson
 
-from service import keys, pricing
+from service import keys, metrics, pricing
 from service import jobstore as js
 from service.context import Context
 from service.jobspec import ItemSpec
@@ -139,6 +138,9 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
         model = ctx.catalog.get(job["model"])
         if model is None:
             raise RuntimeError(f"job {job_id}: model {job['model']!r} is no longer in the catalog")
+        # With a cost cap, chunks stay small enough that the cap stops the job close to it.
+        cap = float(job["max_cost_usd"]) * 1e9 if job.get("max_cost_usd") else None
+        max_chunk_nanousd = cap / 4 if cap else None
         accs: dict[str, _Acc] = {}
         for page in request_pages(ctx, job_id):
             states = store.item_states(job_id, [line.index for line in page])
@@ -498,6 +500,7 @@ def collect_chunk(
                 )
             if batch.error_file_id:
                 _collect_errors(ctx, job, job_id, n, batch.error_file_id, lease, result)
+        metrics.count(ctx.redis, "imagebatch_collect_bytes_total", None, result.bytes)
         # Lines that came back in neither file never ran.
         _settle_missing(ctx, job, job_id, n, result, _batch_error(batch))
         spent = _chunk_spend(ctx, job_id, n)
@@ -848,6 +851,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         write_manifest(ctx, job, job_id)
         status = final_status(job, counts)
         store.finish(job_id, job["tenant"], status)
+        metrics.count(ctx.redis, "imagebatch_jobs_finished_total", {"status": status})
         log.info("job %s finished: %s %s", job_id, status, counts)
         if job.get("webhook_url"):
             ctx.enqueue(WEBHOOK, job_id)
@@ -934,9 +938,3 @@ def cancel_job(ctx: Context, job_id: str) -> None:
             not_upstream.append(n)
     store.cancel_unsubmitted(job_id, not_upstream)
     enqueue_once(ctx, FINALIZE, job_id, job_id, ttl=1)
-
-
-def temp_dir(ctx: Context) -> str:
-    path = ctx.settings.data_dir / "tmp"
-    os.makedirs(path, exist_ok=True)
-    return str(path)

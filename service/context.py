@@ -29,6 +29,7 @@ class Context:
     storage: Storage
     catalog: Catalog
     enqueue: Callable[..., None]
+    budgets: Any = None  # service.lanes.BatchBudgets, set by build_context
     _openai: OpenAI | None = field(default=None, repr=False)
 
     @cached_property
@@ -54,10 +55,15 @@ def redis_url(settings: Settings) -> str:
 def build_context(settings: Settings, *, enqueue: Callable[..., Any] | None = None) -> Context:
     url = redis_url(settings)
     client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
-    return Context(
+    ctx = Context(
         settings=settings,
         redis=client,
         storage=open_storage(settings),
         catalog=cached_catalog(str(settings.catalog_file) if settings.catalog_file else None),
         enqueue=enqueue or Enqueuer(producer(url)),
     )
+    from service.lanes import BatchBudgets
+    from service.tenants import load_tenants
+
+    ctx.budgets = BatchBudgets(ctx, load_tenants(settings.tenants_file))
+    return ctx

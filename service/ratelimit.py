@@ -332,10 +332,7 @@ class SyncLimiter:
         pipe.hgetall(self._key)
         (sec, usec), raw = pipe.execute()
         now = sec * 1_000_000 + usec
-        h = {
-            (k.decode() if isinstance(k, bytes) else k): float(v)
-            for k, v in raw.items()
-        }
+        h = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
         def effective(configured: int, learned: str) -> int:
             value = h.get(learned)

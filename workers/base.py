@@ -48,6 +48,8 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
             try:
                 return fn(ctx, *args)
             except TRANSIENT as exc:
+                if not getattr(exc, "transient", True):
+                    raise  # a missing or oversized object: retrying cannot help
                 delay = min(2 ** self.request.retries, 60)
                 log.warning("%s%s: transient %s, retry %d in %ss", name, args, type(exc).__name__, self.request.retries + 1, delay)
                 raise self.retry(exc=exc, countdown=delay, max_retries=max_retries) from exc

@@ -15,3 +15,12 @@ def finalize(ctx: Context, job_id: str) -> str | None:
 @task(queues.CANCEL, time_limit=600)
 def cancel(ctx: Context, job_id: str) -> None:
     batches.cancel_job(ctx, job_id)
+
+
+@task(queues.SYNC_ITEMS, time_limit=3600)
+def sync_items(ctx: Context, job_id: str, start: int | None = None, end: int | None = None) -> object:
+    from service import sync_lane
+
+    if start is None or end is None:
+        return sync_lane.fan_out(ctx, job_id)
+    return sync_lane.run_slice(ctx, job_id, int(start), int(end))
