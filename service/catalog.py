@@ -96,7 +96,7 @@ class Model:
 
     def resolve_size(self, size: str | None) -> tuple[int, int]:
         """The pixel size an image of ``size`` comes out at ('auto' is the model's auto size)."""
-        chosen = self.auto_size if size in (None, "auto") else size
+        chosen = self.auto_size if size is None or size == "auto" else size
         w, h = chosen.split("x")
         return int(w), int(h)
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import jobstore as js
-from service import metrics
+from service import metrics, tokens
 from service.api import views
 from service.batches import enqueue_once
 from service.context import Context, build_context
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
                 "no tenants configured (IMAGEBATCH_TENANTS_FILE unset): the API is open, every job belongs to tenant 'default'"
             )
         app.state.metrics = metrics.registry(app.state.ctx)
+        tokens.encoding()  # load the tokenizer now, not on the first request
         yield
         app.state.ctx.redis.close()
 
@@ -231,7 +232,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
     async def estimate(request: Request) -> dict[str, Any]:
         tenant_of(request)
         spec = await parse(request)
-        return estimate_job(spec.items, ctx_of(request).catalog).to_dict()
+        return {**estimate_job(spec.items, ctx_of(request).catalog).to_dict(), "warnings": list(spec.warnings)}
 
     @app.get("/v1/jobs", tags=["jobs"], summary="List jobs, newest first")
     def list_jobs(
