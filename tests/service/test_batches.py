@@ -1,0 +1,139 @@
+"""The batch path's plain functions against a real Redis, the simulator over HTTP and local storage.
+
+Tasks are not run here: each step is called directly, the way a worker's task adapter calls it,
+so a test can repeat a step (a redelivered task) or stop between two (a crash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from service import batches
+from service import jobstore as js
+from service.context import Context, build_context
+from service.intake import accept_job
+from service.jobspec import parse_job_json
+from service.settings import Settings
+from service.storage import image_key
+from tests.support.procs import wait_until
+from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.stack import job_body
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
+    handle = start_simulator(tmp_path_factory.mktemp("sim"), rate=2000, validate_seconds=0, finalize_seconds=0)
+    yield handle
+    handle.stop()
+
+
+class Recorder:
+    """Stands in for the broker: remembers what would have been enqueued."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+
+    def __call__(self, name: str, *args: Any) -> None:
+        self.sent.append((name, *args))
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle) -> Iterator[Context]:
+    settings = Settings(redis_url=redis_url, storage_url=(tmp_path / "storage").as_uri(), data_dir=tmp_path,
+                        openai_base_url=sim.url, openai_api_key="sk-test", batch_max_lines=10)
+    context = build_context(settings, enqueue=Recorder())
+    yield context
+    context.redis.close()
+
+
+def accept(ctx: Context, n: int, **extra: Any) -> str:
+    spec = parse_job_json(orjson.dumps(job_body(n, **extra)), ctx.catalog, max_items=1000)
+    job_id, _ = accept_job(ctx, spec, "default")
+    return job_id
+
+
+def run_until_collectable(ctx: Context, job_id: str) -> list[int]:
+    chunks = batches.plan_job(ctx, job_id)
+    for n in chunks:
+        assert batches.submit_chunk(ctx, job_id, n) == "submitted"
+
+    def ended() -> bool:
+        batches.sweep(ctx)
+        return all((ctx.store.chunk(job_id, n) or {}).get("status") == js.CHUNK_COLLECTING for n in chunks)
+
+    wait_until(ended, timeout=30, message="every upstream batch to end")
+    return chunks
+
+
+def test_plan_respects_line_cap_and_one_endpoint_per_chunk(ctx: Context) -> None:
+    job_id = accept(ctx, 25)
+    chunks = batches.plan_job(ctx, job_id)
+    sizes = [int((ctx.store.chunk(job_id, n) or {})["lines"]) for n in chunks]
+    assert sizes == [10, 10, 5]
+    assert ctx.store.counts(job_id)["queued"] == 25
+    # Planning again (a redelivered task) moves nothing twice.
+    assert batches.plan_job(ctx, job_id) == []
+    assert sum(int((ctx.store.chunk(job_id, n) or {})["lines"]) for n in ctx.store.chunks(job_id)) == 25
+
+
+def test_collecting_the_same_output_twice_changes_nothing(ctx: Context, sim: SimulatorHandle, tmp_path: Path) -> None:
+    job_id = accept(ctx, 12)
+    chunks = run_until_collectable(ctx, job_id)
+    for n in chunks:
+        batches.collect_chunk(ctx, job_id, n)
+    spend = ctx.store.spend(job_id)
+    totals = ctx.redis.hgetall("ib:m:tokens")
+    assert ctx.store.counts(job_id)["succeeded"] == 12
+    # A redelivered collect of every chunk: same images, same spend, same totals.
+    for n in chunks:
+        ctx.store.update_chunk(job_id, n, status=js.CHUNK_COLLECTING)
+        again = batches.collect_chunk(ctx, job_id, n)
+        assert again is not None and again.succeeded == 0
+    assert ctx.store.spend(job_id) == spend
+    assert ctx.redis.hgetall("ib:m:tokens") == totals
+    billed = sim.stats()["batches"]
+    batch_ids = [(ctx.store.chunk(job_id, n) or {})["batch_id"] for n in chunks]
+    assert spend["image_output"] == sum(billed[b]["tokens"]["image_output"] for b in batch_ids)
+    assert spend["text_input"] == sum(billed[b]["tokens"]["text_input"] for b in batch_ids)
+    assert batches.finalize_job(ctx, job_id) == "succeeded"
+    images = list((tmp_path / "storage" / "jobs" / job_id / "images").iterdir())
+    assert len(images) == 12
+    assert (tmp_path / "storage" / image_key(job_id, "sku-3", "png")).exists()
+
+
+def test_a_retried_submit_adopts_the_batch_it_already_created(ctx: Context, sim: SimulatorHandle) -> None:
+    job_id = accept(ctx, 5)
+    (n,) = batches.plan_job(ctx, job_id)
+    assert batches.submit_chunk(ctx, job_id, n) == "submitted"
+    first = (ctx.store.chunk(job_id, n) or {})["batch_id"]
+    # The worker died after creating the batch and before recording it.
+    ctx.store.update_chunk(job_id, n, status=js.CHUNK_PLANNED, batch_id=None)
+    assert batches.submit_chunk(ctx, job_id, n) == "submitted"
+    assert (ctx.store.chunk(job_id, n) or {})["batch_id"] == first
+    tagged = [b for b in sim.client().batches.list(limit=100)
+              if (b.metadata or {}).get("imagebatch_chunk", "").startswith(f"{job_id}:{n}:")]
+    assert len(tagged) == 1
+
+
+def test_submit_of_a_submitted_chunk_does_nothing(ctx: Context) -> None:
+    job_id = accept(ctx, 3)
+    (n,) = batches.plan_job(ctx, job_id)
+    assert batches.submit_chunk(ctx, job_id, n) == "submitted"
+    assert batches.submit_chunk(ctx, job_id, n) == "already"
+
+
+def test_error_lines_are_classified() -> None:
+    moderation = {"custom_id": "1", "response": {"status_code": 400, "body": {"error": {
+        "code": "moderation_blocked", "type": "image_generation_user_error", "message": "blocked",
+        "moderation_details": {"moderation_stage": "input", "categories": ["violence"]}}}}, "error": None}
+    assert batches.classify_error_line(moderation)["retryable"] is False
+    assert batches.classify_error_line(moderation)["moderation_details"]["categories"] == ["violence"]
+    expired = {"custom_id": "2", "response": None, "error": {"code": "batch_expired", "message": "late"}}
+    assert batches.classify_error_line(expired)["retryable"] is True
+    server = {"custom_id": "3", "response": {"status_code": 500, "body": {"error": {"message": "oops", "type": "server_error"}}}}
+    assert batches.classify_error_line(server)["retryable"] is True
