@@ -1,0 +1,100 @@
+"""``imagebatch simulator`` / ``python -m simulator``: run the OpenAI simulator under uvicorn.
+
+Every flag has an environment twin, ``IMAGEBATCH_SIM_<FLAG>`` (``--rate`` is
+``IMAGEBATCH_SIM_RATE``); a flag on the command line wins. Bad values exit with argparse's usage
+message, naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from simulator.config import SimulatorConfig
+
+_FLAGS: list[tuple[str, type, str]] = [
+    ("host", str, "interface to listen on"),
+    ("port", int, "port to listen on"),
+    ("data_dir", Path, "where files and batches are kept"),
+    ("catalog_file", Path, "model catalog TOML (default: the service's)"),
+    ("rate", float, "images per second each batch processes"),
+    ("validate_seconds", float, "seconds a batch spends validating"),
+    ("finalize_seconds", float, "seconds a batch spends finalizing (and cancelling)"),
+    ("completion_window", float, "seconds after creation at which a batch expires"),
+    ("rpm", int, "sync requests per minute (0 = no limit)"),
+    ("ipm", int, "sync images per minute (0 = no limit)"),
+    ("tpm", int, "sync tokens per minute (0 = no limit)"),
+    ("batch_queue_tokens", int, "enqueued batch input tokens per model (0 = no limit)"),
+    ("fail_rate", float, "share of sync requests and batch lines answered with a 500"),
+    ("latency_ms", float, "added latency of each sync image request"),
+    ("moderation_words", str, "comma list of blocked words ('word=category' names the category)"),
+    ("image_bytes", int, "pad images to about this many bytes (0 = natural)"),
+    ("api_key", str, "require this API key"),
+    ("max_batch_lines", int, "lines one batch input may hold"),
+    ("max_batch_bytes", int, "bytes one batch input may hold"),
+    ("log_level", str, "debug, info, warning or error"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagebatch simulator",
+        description="An offline stand-in for OpenAI's Files, Batches, Images and Models APIs.",
+        epilog="Each flag can also be set as IMAGEBATCH_SIM_<FLAG> (e.g. IMAGEBATCH_SIM_RATE=100).",
+    )
+    for name, kind, help_text in _FLAGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text
+        )
+    parser.add_argument(
+        "--plain-images",
+        dest="plain_images",
+        action="store_true",
+        default=None,
+        help="leave the prompt out of the pictures",
+    )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
+    """The settings from the environment, overridden by the flags in ``argv``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return SimulatorConfig(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+            if e.get("loc")
+        )
+        parser.error(problems or str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the simulator until interrupted."""
+    import uvicorn
+
+    from simulator.app import create_app
+
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_keep_alive=30,
+    )
