@@ -12,9 +12,14 @@ import redis
 from service.ratelimit import SyncLimiter, parse_go_duration, retry_after_seconds
 
 
+def _now() -> float:
+    """A whole second, so `now + 0.1` lands on an exact microsecond like the server's clock does."""
+    return float(int(time.time()))
+
+
 def test_paces_images_per_minute_with_a_one_second_burst(redis_client: redis.Redis) -> None:
     limiter = SyncLimiter(redis_client, rpm=0, ipm=600, tpm=0)  # 10 images/s
-    t = time.time()
+    t = _now()
     assert [limiter.acquire(1, 0, now=t) for _ in range(10)] == [0.0] * 10
     assert limiter.acquire(1, 0, now=t) == pytest.approx(0.1, abs=1e-3)
     assert limiter.acquire(1, 0, now=t + 0.05) == pytest.approx(0.05, abs=1e-3)
@@ -29,7 +34,7 @@ def test_every_dimension_must_have_room_and_a_refusal_charges_nothing(
     redis_client: redis.Redis,
 ) -> None:
     limiter = SyncLimiter(redis_client, rpm=120, ipm=600, tpm=60_000)  # 2 req, 10 img, 1000 tok /s
-    t = time.time()
+    t = _now()
     assert limiter.acquire(1, 900, now=t) == 0.0
     # Tokens are short: 900 more would book 1.8 s ahead, 0.8 s past the burst.
     assert limiter.acquire(1, 900, now=t) == pytest.approx(0.8, abs=1e-3)
@@ -47,7 +52,7 @@ def test_a_call_bigger_than_the_burst_goes_when_idle_then_books_ahead(
     redis_client: redis.Redis,
 ) -> None:
     limiter = SyncLimiter(redis_client, rpm=0, ipm=0, tpm=6000)  # 100 tokens/s
-    t = time.time()
+    t = _now()
     assert limiter.acquire(1, 5000, now=t) == 0.0
     assert limiter.acquire(1, 10, now=t) == pytest.approx(49.1, abs=1e-3)
     assert limiter.acquire(1, 5000, now=t + 49.9) == pytest.approx(0.1, abs=1e-3)
@@ -62,7 +67,7 @@ def test_unlimited_lane_never_waits(redis_client: redis.Redis) -> None:
 def test_penalize_holds_every_worker_in_the_cluster(redis_client: redis.Redis) -> None:
     worker_a = SyncLimiter(redis_client, rpm=600, ipm=600, tpm=0)
     worker_b = SyncLimiter(redis.Redis(connection_pool=redis_client.connection_pool), 600, 600, 0)
-    t = time.time()
+    t = _now()
     worker_a.penalize(2.0, now=t)
     assert worker_b.acquire(1, 0, now=t + 0.5) == pytest.approx(1.5, abs=1e-3)
     worker_a.penalize(1.0, now=t + 0.5)  # a shorter hold never shortens a longer one
@@ -98,7 +103,7 @@ def test_wait_and_acquire_gives_up_as_soon_as_the_deadline_cannot_be_met(
 
 def test_observe_holds_until_reset_when_upstream_is_exhausted(redis_client: redis.Redis) -> None:
     limiter = SyncLimiter(redis_client, rpm=600, ipm=600, tpm=600_000)
-    t = time.time()
+    t = _now()
     limiter.observe(
         {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s"}, now=t
     )
@@ -120,7 +125,7 @@ def test_observe_holds_until_reset_when_upstream_is_exhausted(redis_client: redi
 
 def test_observe_learns_lower_upstream_limits(redis_client: redis.Redis) -> None:
     limiter = SyncLimiter(redis_client, rpm=0, ipm=0, tpm=1_000_000, learned_ttl=60)
-    t = time.time()
+    t = _now()
     limiter.observe(
         {"x-ratelimit-limit-requests": "60", "x-ratelimit-limit-tokens": "6000000"}, now=t
     )
