@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model, cached_catalog
+from service.tokens import encoding
 from simulator.batches import BatchEngine
 from simulator.config import SimulatorConfig
 from simulator.errors import APIError, invalid, request_id, server_error
@@ -131,6 +132,8 @@ class Simulator:
         async with self._start_lock:
             if self._started:
                 return
+            # Load the o200k_base ranks now (~0.5 s), not inside the first request.
+            await asyncio.to_thread(encoding)
             self.engine.start()
             self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
             self._started = True

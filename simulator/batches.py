@@ -700,8 +700,11 @@ class BatchEngine:
         self, rec: BatchRecord, fin: BinaryIO, fout: BinaryIO, ferr: BinaryIO
     ) -> None:
         rate = self.config.rate
-        capacity = max(rate / 2, float(MAX_N))
-        budget, refilled = capacity, self.clock()
+        # Images are paced by a bucket that starts empty (the first image takes 1/rate s) and
+        # holds at most a tenth of a second's worth; a line of n images may overdraw it, so the
+        # average is --rate whatever n is.
+        capacity = max(rate / 10, 1.0)
+        budget, refilled = 0.0, self.clock()
         fin.seek(rec.ckpt.offset)
         line = rec.ckpt.line
         while True:
@@ -724,10 +727,11 @@ class BatchEngine:
                     now = self.clock()
                     budget = min(capacity, budget + (now - refilled) * rate)
                     refilled = now
-                    if budget >= n:
+                    need = min(float(n), capacity)
+                    if budget >= need:
                         budget -= n
                         break
-                    await self._sleep(rec, (n - budget) / rate)
+                    await self._sleep(rec, (need - budget) / rate)
                 outcome: _Outcome = await self._in_thread(
                     self._execute, rec, index, obj, fout, ferr
                 )

@@ -1,0 +1,115 @@
+"""The OpenAI simulator as a real process for tests and benchmarks.
+
+``start_simulator(tmp, rate=2000, validate_seconds=0)`` runs ``python -m simulator`` on a free
+port with its data under ``tmp`` and returns a :class:`SimulatorHandle`; flags are the
+:class:`simulator.config.SimulatorConfig` field names (``moderation_words="forbidden"``,
+``plain_images=True``). The process is stopped with :meth:`SimulatorHandle.stop`; a restart on the
+same data directory (:meth:`SimulatorHandle.restart`) keeps its files and batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+
+from tests.support.procs import Proc, free_port, start_server
+
+
+def _flag_args(flags: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                args.append(flag)
+            continue
+        args += [flag, str(value)]
+    return args
+
+
+class SimulatorHandle:
+    """A running simulator: its URLs, an SDK client, its stats, and stop/restart."""
+
+    def __init__(self, data_dir: Path, flags: dict[str, Any], port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.flags = dict(flags)
+        self.port = port or free_port()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.root}/v1"
+        self.api_key: str | None = flags.get("api_key")
+        self.proc: Proc | None = None
+
+    def start(self) -> SimulatorHandle:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            *_flag_args(self.flags),
+        ]
+        # The process must not pick up a developer's IMAGEBATCH_SIM_* settings by accident.
+        env = {"IMAGEBATCH_SIM_API_KEY": ""}
+        self.proc = start_server(args, self.port, self.data_dir / "simulator.log", env=env)
+        return self
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        """The official SDK pointed at this simulator (its key, unless ``api_key`` is given)."""
+        kw.setdefault("api_key", self.api_key or "sk-simulator")
+        kw.setdefault("base_url", self.url)
+        return openai.OpenAI(**kw)
+
+    def async_client(self, **kw: Any) -> openai.AsyncOpenAI:
+        kw.setdefault("api_key", self.api_key or "sk-simulator")
+        kw.setdefault("base_url", self.url)
+        return openai.AsyncOpenAI(**kw)
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /_simulator/stats``: what the simulator billed (shape in ``simulator.stats``)."""
+        resp = httpx2.get(f"{self.root}/_simulator/stats", timeout=10)
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def reset(self) -> dict[str, Any]:
+        resp = httpx2.post(f"{self.root}/_simulator/reset", timeout=10)
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def log_text(self) -> str:
+        return self.proc.log_text() if self.proc else ""
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = self.proc.stop()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """Kill -9: no shutdown, as a crash would."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.popen.wait(10)
+            self.proc.stop()
+            self.proc = None
+
+    def restart(self) -> SimulatorHandle:
+        """Stop (if running) and start again on the same port and data directory."""
+        self.stop()
+        return self.start()
+
+
+def start_simulator(tmp_path: Path, **flags: Any) -> SimulatorHandle:
+    """Start ``python -m simulator`` on a free port with its data under ``tmp_path``."""
+    return SimulatorHandle(Path(tmp_path), flags).start()
