@@ -548,8 +548,7 @@ class ImageMaker:
 
     # --- making -------------------------------------------------------------------------------
 
-    def images(self, req: ImageRequest) -> list[bytes]:
-        """The ``n`` encoded images of a request: deterministic, and different from each other."""
+    def _items(self, req: ImageRequest) -> list[tuple[Picture, str, str, bytes]]:
         pic = Picture(
             req.width,
             req.height,
@@ -557,18 +556,22 @@ class ImageMaker:
             req.background == "transparent",
             req.compression,
         )
-        out = []
         kind = f"edit of {len(req.inputs)}" if req.inputs else "image"
+        out = []
         for k in range(req.n):
             seed = hashlib.sha256(req.seed + k.to_bytes(2, "big")).digest()
             label = (
                 f"{kind} {k + 1}/{req.n} {req.model.id} {req.size} {req.quality} {seed.hex()[:8]}"
             )
-            out.append(self.renderer.render(pic, req.prompt, label, seed))
+            out.append((pic, req.prompt, label, seed))
         return out
 
-    def response_json(self, req: ImageRequest, created: int | None = None) -> bytes:
-        """The ``ImagesResponse`` body as JSON bytes, base64 spliced in without re-escaping."""
+    def images(self, req: ImageRequest) -> list[bytes]:
+        """The ``n`` encoded images of a request: deterministic, and different from each other."""
+        return [self.renderer.render(*item) for item in self._items(req)]
+
+    def response_parts(self, req: ImageRequest, created: int | None = None) -> list[bytes]:
+        """The ``ImagesResponse`` body as JSON, in parts to join or write out (no big copies)."""
         meta = orjson.dumps(
             {
                 "created": int(time.time()) if created is None else created,
@@ -579,7 +582,14 @@ class ImageMaker:
                 "usage": req.usage(),
             }
         )
-        items = b",".join(
-            b'{"b64_json":"' + base64.b64encode(img) + b'"}' for img in self.images(req)
-        )
-        return b'{"data":[' + items + b"]," + meta[1:]
+        parts = [b'{"data":[']
+        for k, item in enumerate(self._items(req)):
+            parts.append(b'{"b64_json":"' if k == 0 else b'},{"b64_json":"')
+            parts.extend(self.renderer.render_b64(*item))
+            parts.append(b'"')
+        parts.append(b"}],")
+        parts.append(meta[1:])
+        return parts
+
+    def response_json(self, req: ImageRequest, created: int | None = None) -> bytes:
+        return b"".join(self.response_parts(req, created))

@@ -26,6 +26,7 @@ raises ``ValueError``.
 
 from __future__ import annotations
 
+import base64
 import io
 import random
 import struct
@@ -55,6 +56,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # that do not know it skip it, which is what padding needs.
 _PNG_PAD_CHUNK = b"ibPa"
 _ADLER_BASE = 65521
+# Padding grows in steps of this many bytes, so images of one size share a cached padded head.
+_PAD_QUANTUM = 4096
 
 
 @dataclass(frozen=True)
@@ -202,13 +205,37 @@ class Renderer:
 
     def render(self, pic: Picture, prompt: str, label: str, seed: bytes) -> bytes:
         """The encoded image for ``pic`` showing ``prompt`` and ``label``; same inputs, same bytes."""
+        natural = self._natural(pic, prompt, label, seed)
+        split = self._padding(pic, natural)
+        if split is None:
+            return natural
+        head, prefix, _ = split
+        return prefix + natural[head:]
+
+    def render_b64(self, pic: Picture, prompt: str, label: str, seed: bytes) -> list[bytes]:
+        """The same image base64-encoded, as parts to concatenate.
+
+        Padding is megabytes of constant filler, so the head of the file up to the end of the
+        padding is laid out to a multiple of 3 bytes and its base64 is cached: per image only the
+        natural part (tens of kB) is encoded.
+        """
+        natural = self._natural(pic, prompt, label, seed)
+        split = self._padding(pic, natural)
+        if split is None:
+            return [base64.b64encode(natural)]
+        head, _, prefix_b64 = split
+        return [prefix_b64, base64.b64encode(natural[head:])]
+
+    def _natural(self, pic: Picture, prompt: str, label: str, seed: bytes) -> bytes:
         band = self._band(pic, prompt, label, seed)
         top = (pic.height - band.height) // 2
         if pic.fmt == "png":
-            data = self._png(pic, band, top, label)
-        else:
-            data = self._encoded(pic, band, top)
-        return self._pad(pic.fmt, data, pic.width, pic.height)
+            return self._png(pic, band, top, label)
+        data = self._encoded(pic, band, top)
+        if pic.fmt == "webp" and self.pad_to and len(data) < self.pad_to:
+            # WebP's RIFF header holds the file size, so its padding cannot be a cached prefix.
+            return _pad_webp(data, self.pad_to - len(data), pic.width, pic.height)
+        return data
 
     # --- drawing ------------------------------------------------------------------------------
 
@@ -339,29 +366,47 @@ class Renderer:
 
     # --- padding ------------------------------------------------------------------------------
 
-    def _pad(self, fmt: str, data: bytes, width: int, height: int) -> bytes:
-        if not self.pad_to or len(data) >= self.pad_to:
-            return data
-        if fmt == "png":
-            need = self.pad_to - len(data) - 12
-            if need <= 0:
-                return data
-            # Before IEND (the last 12 bytes) so readers meet the image data first.
-            return data[:-12] + _png_chunk(_PNG_PAD_CHUNK, filler(need)) + data[-12:]
-        if fmt == "jpeg":
-            return _pad_jpeg(data, self.pad_to - len(data))
-        return _pad_webp(data, self.pad_to - len(data), width, height)
+    def _padding(self, pic: Picture, natural: bytes) -> tuple[int, bytes, bytes] | None:
+        """Where the filler goes in ``natural`` and the padded head: (cut, bytes, base64) or None."""
+        if not self.pad_to or pic.fmt == "webp" or len(natural) >= self.pad_to:
+            return None
+        if pic.fmt == "png":
+            # After IHDR (signature 8 + IHDR chunk 25): the head is constant for a size and mode.
+            cut, overhead = 33, 12
+        else:
+            # After SOI and the APP0 (JFIF) segment that must follow it.
+            cut, overhead = 2, 0
+            if natural[2:4] == b"\xff\xe0":
+                cut = 4 + int.from_bytes(natural[4:6], "big")
+        need = self.pad_to - len(natural) - overhead
+        # Quantized so that similar images share a cached prefix ("about" the size asked for).
+        need -= need % _PAD_QUANTUM
+        need -= (cut + overhead + need) % 3
+        if need < _PAD_QUANTUM:
+            return None
+        prefix, prefix_b64 = _padded_head(pic.fmt, natural[:cut], need)
+        return cut, prefix, prefix_b64
 
 
-def _pad_jpeg(data: bytes, need: int) -> bytes:
-    # COM segments (FF FE, 2-byte length including itself) right after SOI.
+@lru_cache(maxsize=16)
+def _padded_head(fmt: str, head: bytes, need: int) -> tuple[bytes, bytes]:
+    pad = _png_chunk(_PNG_PAD_CHUNK, filler(need)) if fmt == "png" else _jpeg_comments(need)
+    prefix = head + pad
+    assert len(prefix) % 3 == 0
+    return prefix, base64.b64encode(prefix)
+
+
+def _jpeg_comments(total: int) -> bytes:
+    """COM segments (FF FE, 2-byte length counting itself) of exactly ``total`` bytes."""
     segments: list[bytes] = []
-    remaining = need
-    while remaining > 4:
+    remaining = total
+    while remaining:
         body = min(65533, remaining - 4)
+        if remaining - (body + 4) in (1, 2, 3):
+            body -= 4  # leave room for a last segment of at least its 4-byte header
         segments.append(b"\xff\xfe" + struct.pack(">H", body + 2) + filler(body))
         remaining -= body + 4
-    return data[:2] + b"".join(segments) + data[2:]
+    return b"".join(segments)
 
 
 def _pad_webp(data: bytes, need: int, width: int, height: int) -> bytes:

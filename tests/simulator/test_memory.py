@@ -73,5 +73,6 @@ def test_gigabytes_of_multi_megabyte_lines_stream_to_and_from_disk(make_sim):
             count += 1
             largest = max(largest, len(raw))
     assert count == 800 and largest > 2_000_000
+    client.files.delete(out.id)  # gigabytes: do not leave them in the test's tmp dir
     print(f"simulator peak RSS {peak / 2**20:.0f} MB")
     assert peak < LIMIT_BYTES, f"simulator peaked at {peak / 2**20:.0f} MB"
