@@ -259,8 +259,12 @@ class _Envelope:
         rid = request_id()
         scope.setdefault("state", {})["request_id"] = rid
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
@@ -270,7 +274,14 @@ class _Envelope:
             if problem:
                 await _error_response(problem)(scope, receive, send_with_id)
                 return
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug answers OpenAI's 500 (with its request id), not a bare text page.
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await _error_response(server_error(rid))(scope, receive, send_with_id)
 
     def _auth_problem(self, scope: Scope) -> APIError | None:
         auth = ""
@@ -328,13 +339,8 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
             message = f"{exc.detail}: {request.method} {request.url.path}"
         return _error_response(APIError(exc.status_code, message))
 
-    async def on_crash(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error_response(server_error(getattr(request.state, "request_id", request_id())))
-
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_crash)
 
     # --- files ----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The simulator's settings: one field per command-line flag, each also ``IMAGEBATCH_SIM_<FLAG>``.
+"""The simulator's settings: one field per flag, each also ``IMAGEBATCH_SIM_<FLAG>`` (env or .env).
 
 :class:`SimulatorConfig` is built once per process (by :mod:`simulator.cli`, or directly in tests)
 and passed to :func:`simulator.app.create_app`; nothing here reads the environment at import time.
@@ -23,7 +23,7 @@ BATCH_MAX_BYTES = 200 * 1000 * 1000
 
 class SimulatorConfig(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="IMAGEBATCH_SIM_", extra="ignore", populate_by_name=True
+        env_prefix="IMAGEBATCH_SIM_", env_file=".env", extra="ignore", populate_by_name=True
     )
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")

@@ -109,3 +109,25 @@ def test_the_schema_extract_matches_the_spec():
         pytest.skip("openai-openapi.yaml is not on this machine (set IMAGEBATCH_OPENAI_SPEC)")
     committed = json.loads(schemas.EXTRACT.read_text())["schemas"]
     assert schemas.extract(schemas.load_spec(path)) == committed
+
+
+def test_a_bug_answers_openais_500_with_a_request_id(tmp_path, monkeypatch):
+    app = create_app(SimulatorConfig(data_dir=tmp_path))
+
+    def broken(_batch_id: str) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(app.state.sim.engine, "get", broken)
+
+    async def scenario() -> httpx2.Response:
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://sim") as http:
+            resp = await http.get("/v1/batches/batch_x")
+        await app.state.sim.stop()
+        return resp
+
+    resp = asyncio.run(scenario())
+    assert resp.status_code == 500
+    assert resp.headers["x-request-id"].startswith("req_")
+    schemas.check("ErrorResponse", resp.json())
+    assert resp.json()["error"]["type"] == "server_error"
