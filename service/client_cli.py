@@ -23,16 +23,32 @@ console = Console(stderr=True)
 
 def add_commands(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--api", default=os.environ.get("IMAGEBATCH_API", "http://127.0.0.1:8000"), help="the API's base URL")
-        p.add_argument("--key", default=os.environ.get("IMAGEBATCH_API_KEY"), help="API key (when tenants are configured)")
+        p.add_argument(
+            "--api",
+            default=os.environ.get("IMAGEBATCH_API", "http://127.0.0.1:8000"),
+            help="the API's base URL",
+        )
+        p.add_argument(
+            "--key",
+            default=os.environ.get("IMAGEBATCH_API_KEY"),
+            help="API key (when tenants are configured)",
+        )
 
     p = sub.add_parser("submit", help="submit a job from a JSON body or a CSV catalog")
     common(p)
     p.add_argument("file", type=Path, help="job.json, or catalog.csv with --template")
     p.add_argument("--template", help="CSV: prompt template with {column} placeholders")
-    p.add_argument("--param", action="append", default=[], metavar="K=V", help="CSV: other job fields (model=, size=, quality=, label.campaign=…)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="CSV: other job fields (model=, size=, quality=, label.campaign=…)",
+    )
     p.add_argument("--idempotency-key", help="a retry with the same key returns the same job")
-    p.add_argument("--wait", action="store_true", help="wait with a progress bar until the job finishes")
+    p.add_argument(
+        "--wait", action="store_true", help="wait with a progress bar until the job finishes"
+    )
     p = sub.add_parser("status", help="show a job (or wait for it)")
     common(p)
     p.add_argument("job_id")
@@ -40,7 +56,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("download", help="download a finished job's images and manifest")
     common(p)
     p.add_argument("job_id")
-    p.add_argument("--to", type=Path, default=Path("."), help="directory (a folder per job is made inside)")
+    p.add_argument(
+        "--to", type=Path, default=Path("."), help="directory (a folder per job is made inside)"
+    )
 
 
 def _client(args: argparse.Namespace) -> httpx2.Client:
@@ -57,29 +75,42 @@ def _check(resp: httpx2.Response) -> Any:
             detail = resp.text
         console.print(f"[red]error {resp.status_code}[/red]: {detail}")
         for err in (body.get("errors") or [])[:20] if isinstance(body, dict) else []:
-            where = f" (item {err['index']}, id {err['id']})" if err.get("index") is not None else ""
+            where = (
+                f" (item {err['index']}, id {err['id']})" if err.get("index") is not None else ""
+            )
             console.print(f"  {err['field']}{where}: {err['message']}")
         raise SystemExit(2)
     return resp.json()
 
 
 def _wait(client: httpx2.Client, job: dict[str, Any]) -> dict[str, Any]:
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task(job["id"], total=job["items"])
         while job["status"] not in FINAL:
             time.sleep(1)
             job = _check(client.get(f"/v1/jobs/{job['id']}"))
             c = job["counts"]
-            bar.update(task, completed=c["succeeded"] + c["failed"] + c["cancelled"],
-                       description=f"{job['id']} {job['status']}")
+            bar.update(
+                task,
+                completed=c["succeeded"] + c["failed"] + c["cancelled"],
+                description=f"{job['id']} {job['status']}",
+            )
     return job
 
 
 def _summary(job: dict[str, Any]) -> None:
     c = job["counts"]
-    console.print(f"{job['id']}: [bold]{job['status']}[/bold] — {c['succeeded']} succeeded, {c['failed']} failed, "
-                  f"{c['cancelled']} cancelled, {c['pending'] + c['queued'] + c['submitted']} in progress; "
-                  f"cost ${job['cost_usd']['total']:.4f} (estimate ${job['estimate']['usd']['batch']:.4f} batch)")
+    console.print(
+        f"{job['id']}: [bold]{job['status']}[/bold] — {c['succeeded']} succeeded, {c['failed']} failed, "
+        f"{c['cancelled']} cancelled, {c['pending'] + c['queued'] + c['submitted']} in progress; "
+        f"cost ${job['cost_usd']['total']:.4f} (estimate ${job['estimate']['usd']['batch']:.4f} batch)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,10 +122,16 @@ def run(args: argparse.Namespace) -> int:
                 if args.template:
                     params["template"] = args.template
                 headers["Content-Type"] = "text/csv"
-                job = _check(client.post("/v1/jobs", content=args.file.read_bytes(), params=params, headers=headers))
+                job = _check(
+                    client.post(
+                        "/v1/jobs", content=args.file.read_bytes(), params=params, headers=headers
+                    )
+                )
             else:
                 headers["Content-Type"] = "application/json"
-                job = _check(client.post("/v1/jobs", content=args.file.read_bytes(), headers=headers))
+                job = _check(
+                    client.post("/v1/jobs", content=args.file.read_bytes(), headers=headers)
+                )
             print(job["id"])
             if args.wait:
                 job = _wait(client, job)
@@ -124,7 +161,12 @@ def _download(client: httpx2.Client, job_id: str, to: Path) -> int:
     cursor: int | None = 0
     count = 0
     while cursor is not None:
-        page = _check(client.get(f"/v1/jobs/{job_id}/items", params={"status": "succeeded", "cursor": cursor, "limit": 500}))
+        page = _check(
+            client.get(
+                f"/v1/jobs/{job_id}/items",
+                params={"status": "succeeded", "cursor": cursor, "limit": 500},
+            )
+        )
         for item in page["data"]:
             for key, url in zip(item["keys"], item["urls"], strict=True):
                 dest = target / "images" / key.rsplit("/", 1)[-1]

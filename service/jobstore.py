@@ -11,7 +11,10 @@ call again with the same arguments.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +169,67 @@ for _, i in ipairs(idx) do
 end
 return n
 """
+
+
+class LeaseLost(RuntimeError):
+    """Another worker holds this lease now (this holder stalled past its expiry)."""
+
+
+class Lease:
+    """A lock that expires unless its holder renews it: ``SET NX PX`` with a token.
+
+    A worker killed while holding it blocks the guarded step only until the lease lapses, never
+    for good. :meth:`refresh` renews on progress (a stalled holder loses the lease, so a hung
+    collect is handed to another worker); :meth:`held` renews from a background thread for
+    steps whose progress cannot be observed (one long upload).
+    """
+
+    _REFRESH = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+    _DROP = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+    def __init__(self, client: redis.Redis, key: str, seconds: float):
+        self.r, self.key = client, key
+        self.token = uuid.uuid4().hex
+        self.ms = max(1, int(seconds * 1000))
+        self.last = 0.0
+
+    def acquire(self) -> bool:
+        self.last = time.monotonic()
+        return bool(self.r.set(self.key, self.token, nx=True, px=self.ms))
+
+    def refresh(self, force: bool = False) -> None:
+        """Renew (at most every quarter of the lease); raise LeaseLost if someone else has it."""
+        if force or time.monotonic() - self.last > self.ms / 4000:
+            self.last = time.monotonic()
+            if not self.r.eval(self._REFRESH, 1, self.key, self.token, self.ms):
+                raise LeaseLost(f"lease {self.key} was lost")
+
+    def release(self) -> None:
+        self.r.eval(self._DROP, 1, self.key, self.token)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[bool]:
+        """Yield whether the lease was taken; while held, a thread renews it."""
+        if not self.acquire():
+            yield False
+            return
+        stop = threading.Event()
+
+        def keep() -> None:
+            while not stop.wait(self.ms / 3000):
+                try:
+                    self.refresh(force=True)
+                except (LeaseLost, redis.RedisError):
+                    return
+
+        keeper = threading.Thread(target=keep, name=f"lease:{self.key}", daemon=True)
+        keeper.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            keeper.join()
+            self.release()
 
 
 def _s(value: bytes | str | None) -> str | None:

@@ -18,7 +18,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from service import jobstore as js
 from service import keys
-from service.budgets import CreateLimiter, QueueBudget, SpendBudget, TenantSpend, queue_limits, usd_to_nanousd
+from service.budgets import (
+    CreateLimiter,
+    QueueBudget,
+    SpendBudget,
+    TenantSpend,
+    queue_limits,
+    usd_to_nanousd,
+)
 from service.tenants import Tenant, Tenants
 
 
@@ -38,7 +45,9 @@ class BatchBudgets:
     def _key(job_id: str, n: int, chunk: dict[str, str]) -> str:
         return f"{job_id}:{n}:{chunk.get('attempt', 1)}"
 
-    def reserve_chunk(self, job: dict[str, str], job_id: str, n: int, chunk: dict[str, str]) -> bool:
+    def reserve_chunk(
+        self, job: dict[str, str], job_id: str, n: int, chunk: dict[str, str]
+    ) -> bool:
         key = self._key(job_id, n, chunk)
         if job.get("budget_exhausted"):
             self._exhausted(job_id, n, "the job's max_cost_usd")
@@ -55,7 +64,9 @@ class BatchBudgets:
             self.spend.release(job_id, spend_key)
             self._exhausted(job_id, n, f"tenant '{tenant.id}' daily or monthly budget")
             return False
-        if not self.queue.reserve(chunk.get("model") or job["model"], key, int(chunk.get("est_input_tokens") or 0)):
+        if not self.queue.reserve(
+            chunk.get("model") or job["model"], key, int(chunk.get("est_input_tokens") or 0)
+        ):
             return False  # wait for the queue: the sweep tries again; spend holds stay (same keys)
         if not chunk.get("create_counted"):
             if self.creates.try_acquire() > 0:
@@ -67,12 +78,18 @@ class BatchBudgets:
     def _exhausted(self, job_id: str, n: int, what: str) -> None:
         """A chunk that would cross a money cap is never submitted: its items fail, the job ends."""
         store = self.ctx.store
-        store.update_job(job_id, budget_exhausted=1, reason=f"stopped: submitting more would exceed {what}")
-        if store.set_chunk_status_if(job_id, n, [js.CHUNK_PLANNED, js.CHUNK_WAITING], js.CHUNK_CANCELLED):
+        store.update_job(
+            job_id, budget_exhausted=1, reason=f"stopped: submitting more would exceed {what}"
+        )
+        if store.set_chunk_status_if(
+            job_id, n, [js.CHUNK_PLANNED, js.CHUNK_WAITING], js.CHUNK_CANCELLED
+        ):
             store.cancel_unsubmitted(job_id, [n])
         store.unmark(job_id, n)
 
-    def release_chunk(self, job_id: str, n: int, chunk: dict[str, str], spent_nanousd: int | None) -> None:
+    def release_chunk(
+        self, job_id: str, n: int, chunk: dict[str, str], spent_nanousd: int | None
+    ) -> None:
         model = chunk.get("model") or ""
         self.queue.release(model, self._key(job_id, n, chunk))
         spend_key = f"{job_id}:{n}"
@@ -91,25 +108,44 @@ class BatchBudgets:
         self.queue.shrink(chunk.get("model") or "", self._key(job_id, n, chunk))
 
     def metrics(self) -> Iterator[Metric]:
-        reserved = GaugeMetricFamily("imagebatch_batch_queue_tokens_reserved", "Enqueued input tokens held by active batches.", labels=("model",))
-        limit = GaugeMetricFamily("imagebatch_batch_queue_tokens_limit", "Effective enqueued-token budget (0 = unlimited).", labels=("model",))
+        reserved = GaugeMetricFamily(
+            "imagebatch_batch_queue_tokens_reserved",
+            "Enqueued input tokens held by active batches.",
+            labels=("model",),
+        )
+        limit = GaugeMetricFamily(
+            "imagebatch_batch_queue_tokens_limit",
+            "Effective enqueued-token budget (0 = unlimited).",
+            labels=("model",),
+        )
         for model in self.queue.models():
             held, effective, _configured = self.queue.usage(model)
             reserved.add_metric([model], held)
             limit.add_metric([model], effective)
         yield reserved
         yield limit
-        spend = GaugeMetricFamily("imagebatch_tenant_spend_usd", "Tenant spend (settled and reserved) this UTC day and month.", labels=("tenant", "period"))
-        budget = GaugeMetricFamily("imagebatch_tenant_budget_usd", "Tenant spend caps.", labels=("tenant", "period"))
+        spend = GaugeMetricFamily(
+            "imagebatch_tenant_spend_usd",
+            "Tenant spend (settled and reserved) this UTC day and month.",
+            labels=("tenant", "period"),
+        )
+        budget = GaugeMetricFamily(
+            "imagebatch_tenant_budget_usd", "Tenant spend caps.", labels=("tenant", "period")
+        )
         for tenant in self.tenants:
             snap = self.tenant_spend.snapshot(tenant)
-            for period, used, cap in (("day", snap.day_spent + snap.day_reserved, tenant.daily_usd),
-                                      ("month", snap.month_spent + snap.month_reserved, tenant.monthly_usd)):
+            for period, used, cap in (
+                ("day", snap.day_spent + snap.day_reserved, tenant.daily_usd),
+                ("month", snap.month_spent + snap.month_reserved, tenant.monthly_usd),
+            ):
                 spend.add_metric([tenant.id, period], used / 1e9)
                 if cap is not None:
                     budget.add_metric([tenant.id, period], cap)
         yield spend
         yield budget
         waiting = self.ctx.redis.zrange(keys.WAITING_CHUNKS, 0, 0, withscores=True)
-        yield GaugeMetricFamily("imagebatch_budget_oldest_wait_seconds", "How long the oldest chunk has waited to be submitted.",
-                                value=(time.time() - waiting[0][1]) if waiting else 0)
+        yield GaugeMetricFamily(
+            "imagebatch_budget_oldest_wait_seconds",
+            "How long the oldest chunk has waited to be submitted.",
+            value=(time.time() - waiting[0][1]) if waiting else 0,
+        )

@@ -35,10 +35,13 @@ class Settings(BaseSettings):
         description="`s3://bucket/prefix` or `file:///path`; unset = `{data_dir}/storage`.",
     )
     s3_endpoint_url: str | None = Field(
-        None, description="S3 endpoint (MinIO, R2, moto…); unset = AWS. `AWS_ENDPOINT_URL_S3` also works."
+        None,
+        description="S3 endpoint (MinIO, R2, moto…); unset = AWS. `AWS_ENDPOINT_URL_S3` also works.",
     )
     s3_region: str | None = Field(None, description="S3 region; unset = boto3's default chain.")
-    s3_path_style: bool = Field(False, description="Path-style S3 addressing (MinIO and most self-hosted S3).")
+    s3_path_style: bool = Field(
+        False, description="Path-style S3 addressing (MinIO and most self-hosted S3)."
+    )
     presign_seconds: int = Field(3600, description="How long presigned image URLs stay valid.")
     public_url: str = Field(
         "http://127.0.0.1:8000",
@@ -64,7 +67,8 @@ class Settings(BaseSettings):
         False, description="Set by `imagebatch up` when the upstream is its embedded simulator."
     )
     catalog_file: Path | None = Field(
-        None, description="Model catalog (capabilities, token tables, prices); unset = the shipped one."
+        None,
+        description="Model catalog (capabilities, token tables, prices); unset = the shipped one.",
     )
 
     # --- intake ------------------------------------------------------------------------------
@@ -72,20 +76,26 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024 * 1024, description="Largest request body accepted.")
 
     # --- the batch path ----------------------------------------------------------------------
-    batch_max_lines: int = Field(50_000, description="Lines per upstream batch input file (upstream cap 50,000).")
+    batch_max_lines: int = Field(
+        50_000, description="Lines per upstream batch input file (upstream cap 50,000)."
+    )
     batch_max_bytes: int = Field(
         190_000_000, description="Bytes per upstream batch input file (upstream cap 200 MB)."
     )
     poll_seconds: float = Field(5.0, description="How often beat sweeps active upstream batches.")
-    max_attempts: int = Field(3, description="Attempts per item for expired, cancelled and 5xx lines.")
+    max_attempts: int = Field(
+        3, description="Attempts per item for expired, cancelled and 5xx lines."
+    )
     completion_window: str = Field("24h", description="The completion window asked of upstream.")
     collect_lease_seconds: int = Field(
-        120, description="How long a collect may go silent before the sweep hands it to another worker."
+        120,
+        description="How long a collect may go silent before the sweep hands it to another worker.",
     )
 
     # --- budgets -----------------------------------------------------------------------------
     tenants_file: Path | None = Field(
-        None, description="TOML or YAML file of tenants, API key digests and budgets; unset = open API."
+        None,
+        description="TOML or YAML file of tenants, API key digests and budgets; unset = open API.",
     )
     batch_queue_tokens: int = Field(
         0, description="Enqueued input-token budget per model for upstream batches; 0 = unlimited."
@@ -94,9 +104,13 @@ class Settings(BaseSettings):
         default_factory=dict, description="Per-model overrides of batch_queue_tokens (JSON object)."
     )
     batch_creates_per_hour: int = Field(2000, description="Upstream batch creations per hour.")
-    sync_max_items: int = Field(20, description="`mode: auto` uses the sync lane up to this many items.")
+    sync_max_items: int = Field(
+        20, description="`mode: auto` uses the sync lane up to this many items."
+    )
     sync_rpm: int = Field(0, description="Cluster-wide sync requests per minute; 0 = unlimited.")
-    sync_images_per_minute: int = Field(0, description="Cluster-wide sync images per minute; 0 = unlimited.")
+    sync_images_per_minute: int = Field(
+        0, description="Cluster-wide sync images per minute; 0 = unlimited."
+    )
     sync_tpm: int = Field(0, description="Cluster-wide sync tokens per minute; 0 = unlimited.")
     sync_concurrency: int = Field(8, description="Sync requests one worker process runs at once.")
 
@@ -104,13 +118,17 @@ class Settings(BaseSettings):
     metrics_job_retention: dt.timedelta = Field(
         dt.timedelta(hours=24), description="How long finished jobs keep their per-job series."
     )
-    metrics_max_jobs: int = Field(1000, description="Most jobs with per-job series at once (newest kept).")
+    metrics_max_jobs: int = Field(
+        1000, description="Most jobs with per-job series at once (newest kept)."
+    )
 
     # --- processes ---------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Where the API listens.")
     api_port: int = Field(8000, description="The API's port.")
     simulator_port: int = Field(8100, description="The embedded simulator's port.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
 
     @property
     def storage_location(self) -> str:

@@ -52,7 +52,9 @@ def fan_out(ctx: Context, job_id: str) -> int:
     if job is None:
         return 0
     if not ctx.store.chunk(job_id, SYNC_CHUNK):
-        ctx.store.update_chunk(job_id, SYNC_CHUNK, status="sync", endpoint="", lines=0, open=0, attempt=1)
+        ctx.store.update_chunk(
+            job_id, SYNC_CHUNK, status="sync", endpoint="", lines=0, open=0, attempt=1
+        )
         ctx.redis.sadd(f"ib:job:{job_id}:chunks", SYNC_CHUNK)
     ctx.store.set_job_status_if(job_id, [js.JOB_QUEUED], js.JOB_RUNNING)
     total = int(job["items"])
@@ -79,7 +81,9 @@ def run_slice(ctx: Context, job_id: str, start: int, end: int) -> dict[str, int]
     todo = [line for line in lines if line.index in claimed]
     lim = limiter(ctx)
     refs = _RefResolver(ctx, job_id)
-    with ThreadPoolExecutor(max_workers=max(1, min(ctx.settings.sync_concurrency, len(todo) or 1))) as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(ctx.settings.sync_concurrency, len(todo) or 1))
+    ) as pool:
         for ok in pool.map(lambda line: _send(ctx, job, job_id, line, lim, refs), todo):
             outcome["succeeded" if ok else "failed"] += 1
     counts = ctx.store.counts(job_id)
@@ -88,7 +92,9 @@ def run_slice(ctx: Context, job_id: str, start: int, end: int) -> dict[str, int]
     return outcome
 
 
-def _send(ctx: Context, job: dict[str, str], job_id: str, line: Any, lim: SyncLimiter, refs: _RefResolver) -> bool:
+def _send(
+    ctx: Context, job: dict[str, str], job_id: str, line: Any, lim: SyncLimiter, refs: _RefResolver
+) -> bool:
     model = ctx.catalog.get(job["model"])
     assert model is not None
     estimate = pricing.estimate_item(line.item(), ctx.catalog)
@@ -108,21 +114,36 @@ def _send(ctx: Context, job: dict[str, str], job_id: str, line: Any, lim: SyncLi
                 resp = client.images.with_raw_response.generate(**body)
                 headers, payload = resp.headers, resp.http_response.json()
             lim.observe(headers)
-            metrics.count(ctx.redis, "imagebatch_upstream_requests_total", {"endpoint": line.endpoint, "status": "200"})
+            metrics.count(
+                ctx.redis,
+                "imagebatch_upstream_requests_total",
+                {"endpoint": line.endpoint, "status": "200"},
+            )
             metrics.count(ctx.redis, "imagebatch_sync_requests_total", {"status": "succeeded"})
             _store(ctx, job, job_id, line, payload)
             return True
         except openai.RateLimitError as exc:
             lim.observe(exc.response.headers)
             lim.penalize(retry_after_seconds(exc.response.headers) or 1.0)
-            metrics.count(ctx.redis, "imagebatch_upstream_rate_limited_total", {"endpoint": line.endpoint})
+            metrics.count(
+                ctx.redis, "imagebatch_upstream_rate_limited_total", {"endpoint": line.endpoint}
+            )
             metrics.count(ctx.redis, "imagebatch_sync_requests_total", {"status": "rate_limited"})
             continue  # not an attempt: the request never ran
         except openai.APIStatusError as exc:
-            metrics.count(ctx.redis, "imagebatch_upstream_requests_total", {"endpoint": line.endpoint, "status": str(exc.status_code)})
+            metrics.count(
+                ctx.redis,
+                "imagebatch_upstream_requests_total",
+                {"endpoint": line.endpoint, "status": str(exc.status_code)},
+            )
             err = exc.body if isinstance(exc.body, dict) else {}
-            last_error = {"code": err.get("code") or f"http_{exc.status_code}", "message": err.get("message") or str(exc),
-                          "type": err.get("type"), "status_code": exc.status_code, "request_id": exc.request_id}
+            last_error = {
+                "code": err.get("code") or f"http_{exc.status_code}",
+                "message": err.get("message") or str(exc),
+                "type": err.get("type"),
+                "status_code": exc.status_code,
+                "request_id": exc.request_id,
+            }
             if err.get("moderation_details"):
                 last_error["moderation_details"] = err["moderation_details"]
             if exc.status_code < 500:
@@ -131,7 +152,16 @@ def _send(ctx: Context, job: dict[str, str], job_id: str, line: Any, lim: SyncLi
             last_error = {"code": "connection_error", "message": str(exc)}
         attempts += 1
     metrics.count(ctx.redis, "imagebatch_sync_requests_total", {"status": "failed"})
-    ctx.store.record_failure(job_id, line.index, SYNC_CHUNK, last_error, "fail", ctx.settings.max_attempts, job["model"], line.item().n)
+    ctx.store.record_failure(
+        job_id,
+        line.index,
+        SYNC_CHUNK,
+        last_error,
+        "fail",
+        ctx.settings.max_attempts,
+        job["model"],
+        line.item().n,
+    )
     return False
 
 
@@ -145,9 +175,21 @@ def _store(ctx: Context, job: dict[str, str], job_id: str, line: Any, body: dict
         blob = base64.b64decode(image["b64_json"])
         size += len(blob)
         key = image_key(job_id, line.id, ext, k if len(data) > 1 else None)
-        ctx.storage.put_bytes(key, blob, content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
-                              metadata={"job": job_id, "item": line.id, "model": job["model"], "size": str(body.get("size", "")),
-                                        "quality": str(body.get("quality", "")), "sha256": hashlib.sha256(blob).hexdigest()})
+        ctx.storage.put_bytes(
+            key,
+            blob,
+            content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
+            metadata={
+                "job": job_id,
+                "item": line.id,
+                "model": job["model"],
+                "size": str(body.get("size", "")),
+                "quality": str(body.get("quality", "")),
+                "sha256": hashlib.sha256(blob).hexdigest(),
+            },
+        )
         stored.append(key)
     metrics.count(ctx.redis, "imagebatch_collect_bytes_total", None, size)
-    record_usage(ctx, job, job_id, SYNC_CHUNK, line.index, body.get("usage") or {}, stored, tier="sync")
+    record_usage(
+        ctx, job, job_id, SYNC_CHUNK, line.index, body.get("usage") or {}, stored, tier="sync"
+    )

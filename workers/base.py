@@ -50,12 +50,24 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
             except TRANSIENT as exc:
                 if not getattr(exc, "transient", True):
                     raise  # a missing or oversized object: retrying cannot help
-                delay = min(2 ** self.request.retries, 60)
-                log.warning("%s%s: transient %s, retry %d in %ss", name, args, type(exc).__name__, self.request.retries + 1, delay)
+                delay = min(2**self.request.retries, 60)
+                log.warning(
+                    "%s%s: transient %s, retry %d in %ss",
+                    name,
+                    args,
+                    type(exc).__name__,
+                    self.request.retries + 1,
+                    delay,
+                )
                 raise self.retry(exc=exc, countdown=delay, max_retries=max_retries) from exc
             finally:
                 try:
-                    metrics.observe(ctx.redis, "imagebatch_task_duration_seconds", time.monotonic() - start, {"task": name})
+                    metrics.observe(
+                        ctx.redis,
+                        "imagebatch_task_duration_seconds",
+                        time.monotonic() - start,
+                        {"task": name},
+                    )
                     metrics.heartbeat(ctx.redis, app_module.worker_name())
                 except redis.RedisError:
                     pass

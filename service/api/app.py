@@ -232,7 +232,10 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
     async def estimate(request: Request) -> dict[str, Any]:
         tenant_of(request)
         spec = await parse(request)
-        return {**estimate_job(spec.items, ctx_of(request).catalog).to_dict(), "warnings": list(spec.warnings)}
+        return {
+            **estimate_job(spec.items, ctx_of(request).catalog).to_dict(),
+            "warnings": list(spec.warnings),
+        }
 
     @app.get("/v1/jobs", tags=["jobs"], summary="List jobs, newest first")
     def list_jobs(

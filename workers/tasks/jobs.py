@@ -18,7 +18,9 @@ def cancel(ctx: Context, job_id: str) -> None:
 
 
 @task(queues.SYNC_ITEMS, time_limit=3600)
-def sync_items(ctx: Context, job_id: str, start: int | None = None, end: int | None = None) -> object:
+def sync_items(
+    ctx: Context, job_id: str, start: int | None = None, end: int | None = None
+) -> object:
     from service import sync_lane
 
     if start is None or end is None:
