@@ -31,7 +31,12 @@ def new_job_id() -> str:
 
 
 def accept_job(
-    ctx: Context, spec: JobSpec, tenant: str, idempotency_key: str | None = None
+    ctx: Context,
+    spec: JobSpec,
+    tenant: str,
+    idempotency_key: str | None = None,
+    *,
+    estimate: pricing.Estimate | None = None,
 ) -> tuple[str, bool]:
     """Store and queue a job. Returns (job id, created); created is False for a replayed key."""
     if idempotency_key:
@@ -44,7 +49,7 @@ def accept_job(
     else:
         job_id = new_job_id()
     try:
-        _store(ctx, spec, job_id, tenant, idempotency_key)
+        _store(ctx, spec, job_id, tenant, idempotency_key, estimate)
     except BaseException:
         if idempotency_key:
             ctx.redis.delete(keys.idempotency(tenant, idempotency_key))
@@ -53,9 +58,14 @@ def accept_job(
 
 
 def _store(
-    ctx: Context, spec: JobSpec, job_id: str, tenant: str, idempotency_key: str | None
+    ctx: Context,
+    spec: JobSpec,
+    job_id: str,
+    tenant: str,
+    idempotency_key: str | None,
+    estimate: pricing.Estimate | None,
 ) -> None:
-    estimate = pricing.estimate_job(spec.items, ctx.catalog)
+    estimate = estimate or pricing.estimate_job(spec.items, ctx.catalog)
     with ctx.storage.writer(
         request_key(job_id),
         content_type="application/jsonl",

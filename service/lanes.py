@@ -26,7 +26,42 @@ from service.budgets import (
     queue_limits,
     usd_to_nanousd,
 )
+from service.jobspec import JobSpec
+from service.pricing import Estimate
+from service.problems import FieldError, Problem
 from service.tenants import Tenant, Tenants
+
+
+def check_tenant_budget(ctx: Any, tenant: Tenant | None, spec: JobSpec, estimate: Estimate) -> None:
+    """At intake: refuse a job whose estimate is more than its tenant has left today or this month."""
+    if tenant is None or (tenant.daily_usd is None and tenant.monthly_usd is None):
+        return
+    tier = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
+    needed = estimate.nanousd(tier)
+    day_left, month_left = TenantSpend(ctx.redis).check(tenant)
+    remaining = {
+        "day": None if day_left is None else day_left / 1e9,
+        "month": None if month_left is None else month_left / 1e9,
+    }
+    for period, left, cap in (
+        ("daily", day_left, tenant.daily_usd),
+        ("monthly", month_left, tenant.monthly_usd),
+    ):
+        if left is not None and needed > left:
+            raise Problem(
+                422,
+                "Tenant budget exceeded",
+                f"this job's estimated cost (${needed / 1e9:.4f} at the {tier} price) is more than tenant "
+                f"'{tenant.id}' has left of its {period} budget: ${left / 1e9:.4f} of ${cap:.2f}",
+                type_="https://imagebatch.dev/problems/budget",
+                errors=[
+                    FieldError(
+                        "items",
+                        f"estimated ${needed / 1e9:.4f} exceeds the remaining {period} budget",
+                    )
+                ],
+                extra={"remaining_usd": remaining, "estimate_usd": needed / 1e9},
+            )
 
 
 class BatchBudgets:

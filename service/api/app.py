@@ -25,6 +25,7 @@ from service.batches import enqueue_once
 from service.context import Context, build_context
 from service.intake import accept_job
 from service.jobspec import parse_job_csv, parse_job_json
+from service.lanes import check_tenant_budget
 from service.pricing import estimate_job
 from service.problems import PROBLEM_CONTENT_TYPE, FieldError, Problem
 from service.queues import CANCEL
@@ -204,6 +205,8 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         tenant = tenant_of(request)
         spec = await parse(request)
         ctx = ctx_of(request)
+        estimate = estimate_job(spec.items, ctx.catalog)
+        check_tenant_budget(ctx, request.app.state.tenants.get(tenant), spec, estimate)
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
             raise Problem(
                 422,
@@ -211,11 +214,12 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
                 "Idempotency-Key: must be 1 to 255 characters",
                 errors=[FieldError("Idempotency-Key", "must be 1 to 255 characters")],
             )
-        job_id, created = accept_job(ctx, spec, tenant, idempotency_key)
+        job_id, created = accept_job(ctx, spec, tenant, idempotency_key, estimate=estimate)
         job = ctx.store.job(job_id)
         body = (
             views.job_view(ctx, job) if job else {"id": job_id, "object": "job", "status": "queued"}
         )
+        body["warnings"] = list(spec.warnings)
         return JSONResponse(
             body,
             status_code=202,
