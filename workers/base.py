@@ -72,7 +72,7 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
                 except redis.RedisError:
                     pass
 
-        return app_module.app.task(  # type: ignore[no-any-return]
+        return app_module.app.task(
             bind=True,
             name=name,
             queue=ROUTES[name],

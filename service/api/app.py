@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         )
 
     def ctx_of(request: Request) -> Context:
-        return request.app.state.ctx  # type: ignore[no-any-return]
+        return request.app.state.ctx
 
     def tenant_of(request: Request) -> str:
         tenants: Tenants = request.app.state.tenants
@@ -216,7 +216,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
             )
         job_id, created = accept_job(ctx, spec, tenant, idempotency_key, estimate=estimate)
         job = ctx.store.job(job_id)
-        body = (
+        body: dict[str, Any] = (
             views.job_view(ctx, job) if job else {"id": job_id, "object": "job", "status": "queued"}
         )
         body["warnings"] = list(spec.warnings)

@@ -16,7 +16,7 @@ from service.storage import manifest_key
 
 
 def iso(ts: str | float | None) -> str | None:
-    if ts in (None, ""):
+    if ts is None or ts == "":
         return None
     return dt.datetime.fromtimestamp(float(ts), tz=dt.UTC).isoformat().replace("+00:00", "Z")
 

@@ -23,7 +23,11 @@ README = (Path(__file__).parents[2] / "README.md").read_text()
 
 def readme_job_body() -> bytes:
     """The JSON of the README's first `curl … /v1/jobs … -d '…'` example, as a user would paste it."""
-    match = re.search(r"curl -s -X POST http://127\.0\.0\.1:8000/v1/jobs -H 'Content-Type: application/json' -d '(.*?)'\n", README, re.S)
+    match = re.search(
+        r"curl -s -X POST http://127\.0\.0\.1:8000/v1/jobs -H 'Content-Type: application/json' -d '(.*?)'\n",
+        README,
+        re.S,
+    )
     assert match, "the README lost its curl example"
     return match.group(1).encode()
 
@@ -32,9 +36,22 @@ def start_up(data_dir: Path, api_port: int, sim_port: int) -> subprocess.Popen[b
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEBATCH_", "OPENAI_"))}
     log = (data_dir.parent / "up.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--data-dir", str(data_dir), "--api-port", str(api_port),
-         "--simulator-port", str(sim_port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir.parent,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--api-port",
+            str(api_port),
+            "--simulator-port",
+            str(sim_port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=data_dir.parent,
     )
 
 
@@ -44,17 +61,30 @@ def test_up_runs_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     api = f"http://127.0.0.1:{api_port}"
     up = start_up(data_dir, api_port, sim_port)
     try:
-        wait_until(lambda: port_open(api_port) and httpx2.get(f"{api}/readyz").status_code == 200, timeout=90,
-                   message="imagebatch up to be ready")
+        wait_until(
+            lambda: port_open(api_port) and httpx2.get(f"{api}/readyz").status_code == 200,
+            timeout=90,
+            message="imagebatch up to be ready",
+        )
         info = httpx2.get(f"{api}/v1/info").json()
         assert info["upstream"]["simulator"] is True and "simulator" in info["upstream"]["note"]
         assert "SIMULATOR" in (tmp_path / "up.log").read_text()
 
-        resp = httpx2.post(f"{api}/v1/jobs", content=readme_job_body(), headers={"Content-Type": "application/json"})
+        resp = httpx2.post(
+            f"{api}/v1/jobs",
+            content=readme_job_body(),
+            headers={"Content-Type": "application/json"},
+        )
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
-        job = wait_until(lambda: (j := httpx2.get(f"{api}/v1/jobs/{job_id}").json())["status"] == "succeeded" and j,
-                         timeout=60, interval=0.3, message="the README job to succeed within a minute")
+        job = wait_until(
+            lambda: (
+                (j := httpx2.get(f"{api}/v1/jobs/{job_id}").json())["status"] == "succeeded" and j
+            ),
+            timeout=60,
+            interval=0.3,
+            message="the README job to succeed within a minute",
+        )
         images = data_dir / "storage" / "jobs" / job_id / "images"
         assert sorted(p.name for p in images.iterdir()) == ["sku-1001.png", "sku-1002.png"]
         with Image.open(images / "sku-1001.png") as img:
@@ -62,17 +92,22 @@ def test_up_runs_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
         assert job["cost_usd"]["batch"] > 0
 
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 5  # redis, simulator, two workers, beat, api (plus worker pool processes)
+        assert (
+            len(children) >= 5
+        )  # redis, simulator, two workers, beat, api (plus worker pool processes)
         up.send_signal(signal.SIGTERM)
         assert up.wait(60) == 0
-        gone, alive = psutil.wait_procs(children, timeout=30)
+        _gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"
         assert not port_open(sim_port)
 
         # The next start finds the jobs it left.
         up = start_up(data_dir, api_port, sim_port)
-        wait_until(lambda: port_open(api_port) and httpx2.get(f"{api}/readyz").status_code == 200, timeout=90,
-                   message="imagebatch up to restart")
+        wait_until(
+            lambda: port_open(api_port) and httpx2.get(f"{api}/readyz").status_code == 200,
+            timeout=90,
+            message="imagebatch up to restart",
+        )
         again = httpx2.get(f"{api}/v1/jobs/{job_id}").json()
         assert again["status"] == "succeeded" and again["counts"]["succeeded"] == 2
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,13 +53,23 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class Proc:
     """A child process with its output in a log file, stopped on :meth:`stop`."""
 
-    def __init__(self, args: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        args: Sequence[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.args = list(args)
         self.log_path = log
         self._log = log.open("ab")
         full_env = {**os.environ, **(env or {})}
         self.popen = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
             start_new_session=True,
         )
 
@@ -75,10 +86,8 @@ class Proc:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a Celery worker's children too)."""
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.alive():
@@ -92,8 +101,14 @@ class Proc:
         return self.popen.returncode
 
 
-def start_server(args: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None,
-                 timeout: float = 30.0, **kw: Any) -> Proc:
+def start_server(
+    args: Sequence[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    **kw: Any,
+) -> Proc:
     """Start a server and wait until its port accepts connections."""
     proc = Proc(args, log, env=env, **kw)
 
@@ -120,9 +135,21 @@ def start_redis(tmp: Path) -> tuple[Proc, str]:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     proc = start_server(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)],
-        port, tmp / "redis.log",
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        port,
+        tmp / "redis.log",
     )
     return proc, f"redis://127.0.0.1:{port}/0"
 
@@ -132,6 +159,7 @@ def start_moto(tmp: Path) -> tuple[Proc, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     proc = start_server(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        port, tmp / "moto.log",
+        port,
+        tmp / "moto.log",
     )
     return proc, f"http://127.0.0.1:{port}"
