@@ -18,8 +18,8 @@ from _support import ROOT, machine, start_redis
 
 sys.path.insert(0, str(ROOT))
 
-from tests.support.simulator import start_simulator  # noqa: E402
-from tests.support.stack import Stack, job_body  # noqa: E402
+from tests.support.simulator import start_simulator
+from tests.support.stack import Stack, job_body
 
 ITEMS = 1000
 RUNS = 3
@@ -31,7 +31,12 @@ def main() -> None:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
         sim = start_simulator(tmp / "sim", rate=1_000_000, validate_seconds=0, finalize_seconds=0)
-        stack = Stack(tmp / "stack", redis_url, sim.url, env={"IMAGEBATCH_POLL_SECONDS": POLL_SECONDS, "IMAGEBATCH_LOG_LEVEL": "warning"})
+        stack = Stack(
+            tmp / "stack",
+            redis_url,
+            sim.url,
+            env={"IMAGEBATCH_POLL_SECONDS": POLL_SECONDS},
+        )
         stack.tmp.mkdir()
         try:
             stack.start_api()
@@ -46,8 +51,12 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
                 assert done["status"] == "succeeded", done
             print(f"machine: {machine()}")
-            print(f"overhead: {ITEMS:,}-image job, simulator finishing batches at once, IMAGEBATCH_POLL_SECONDS={POLL_SECONDS}")
-            print(f"  submit to succeeded: median {statistics.median(times):.1f} s (runs: {', '.join(f'{t:.1f}' for t in times)})   target <= 20 s")
+            print(
+                f"overhead: {ITEMS:,}-image job, simulator finishing batches at once, IMAGEBATCH_POLL_SECONDS={POLL_SECONDS}"
+            )
+            print(
+                f"  submit to succeeded: median {statistics.median(times):.1f} s (runs: {', '.join(f'{t:.1f}' for t in times)})   target <= 20 s"
+            )
         finally:
             stack.stop()
             sim.stop()
