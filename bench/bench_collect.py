@@ -13,13 +13,11 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import orjson
 import psutil
-
 from _support import ROOT, machine, start_redis, wait_until
 
 IMAGE_BYTES = 1_500_000
@@ -31,8 +29,13 @@ def child(args: argparse.Namespace) -> None:
     from service.context import build_context
     from service.settings import Settings
 
-    settings = Settings(redis_url=args.redis, storage_url=args.storage, openai_base_url=args.sim, openai_api_key="sk-bench",
-                        data_dir=Path(args.storage.removeprefix("file://")).parent)
+    settings = Settings(
+        redis_url=args.redis,
+        storage_url=args.storage,
+        openai_base_url=args.sim,
+        openai_api_key="sk-bench",
+        data_dir=Path(args.storage.removeprefix("file://")).parent,
+    )
     ctx = build_context(settings, enqueue=lambda *a: None)
     result = batches.collect_chunk(ctx, args.job, int(args.chunk), upload_threads=args.threads)
     assert result is not None and result.succeeded == args.expect, result
@@ -48,12 +51,22 @@ def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[st
     from service.settings import Settings
 
     storage = (tmp / f"storage-{n}").as_uri()
-    settings = Settings(redis_url=redis_url, storage_url=storage, openai_base_url=sim.url, openai_api_key="sk-bench",  # type: ignore[attr-defined]
-                        data_dir=tmp)
+    settings = Settings(
+        redis_url=redis_url,
+        storage_url=storage,
+        openai_base_url=sim.url,
+        openai_api_key="sk-bench",  # type: ignore[attr-defined]
+        data_dir=tmp,
+    )
     ctx = build_context(settings, enqueue=lambda *a: None)
-    body = {"model": "gpt-image-2", "defaults": {"size": "1024x1024", "quality": "low"},
-            "items": [{"id": f"sku-{i}", "prompt": f"Product photo {i}"} for i in range(n)]}
-    job_id, _ = accept_job(ctx, parse_job_json(orjson.dumps(body), ctx.catalog, max_items=n), "default")
+    body = {
+        "model": "gpt-image-2",
+        "defaults": {"size": "1024x1024", "quality": "low"},
+        "items": [{"id": f"sku-{i}", "prompt": f"Product photo {i}"} for i in range(n)],
+    }
+    job_id, _ = accept_job(
+        ctx, parse_job_json(orjson.dumps(body), ctx.catalog, max_items=n), "default"
+    )
     (chunk,) = batches.plan_job(ctx, job_id)
     batches.submit_chunk(ctx, job_id, chunk)
 
@@ -71,8 +84,25 @@ def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[st
     size = (tmp / "download.jsonl").stat().st_size
     (tmp / "download.jsonl").unlink()
 
-    cmd = [sys.executable, str(Path(__file__)), "--child", "--redis", redis_url, "--storage", storage, "--sim", sim.url,  # type: ignore[attr-defined]
-           "--job", job_id, "--chunk", str(chunk), "--expect", str(n), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__)),
+        "--child",
+        "--redis",
+        redis_url,
+        "--storage",
+        storage,
+        "--sim",
+        sim.url,  # type: ignore[attr-defined]
+        "--job",
+        job_id,
+        "--chunk",
+        str(chunk),
+        "--expect",
+        str(n),
+        "--threads",
+        str(threads),
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT / "bench")
     ps = psutil.Process(proc.pid)
@@ -88,7 +118,13 @@ def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[st
     if proc.returncode != 0:
         raise SystemExit(f"collect failed: {out!r}")
     ctx.redis.close()
-    return {"n": n, "bytes": size, "download_s": download_s, "collect_s": collect_s, "peak_mb": peak / 1e6}
+    return {
+        "n": n,
+        "bytes": size,
+        "download_s": download_s,
+        "collect_s": collect_s,
+        "peak_mb": peak / 1e6,
+    }
 
 
 def main() -> None:
@@ -100,7 +136,7 @@ def main() -> None:
     parser.add_argument("--job")
     parser.add_argument("--chunk")
     parser.add_argument("--expect", type=int)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--sizes", default="200,2000")
     args = parser.parse_args()
     if args.child:
@@ -112,18 +148,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
-        sim = start_simulator(tmp / "sim", rate=100_000, validate_seconds=0, finalize_seconds=0, image_bytes=IMAGE_BYTES)
+        sim = start_simulator(
+            tmp / "sim",
+            rate=100_000,
+            validate_seconds=0,
+            finalize_seconds=0,
+            image_bytes=IMAGE_BYTES,
+        )
         try:
             print(f"machine: {machine()}")
-            print(f"collect: images of ~{IMAGE_BYTES / 1e6:.1f} MB, local storage, one worker process, {args.threads} upload threads")
-            print(f"{'images':>7} {'output':>9} {'download':>17} {'collect':>17} {'ratio':>6} {'peak RSS':>9}")
+            print(
+                f"collect: images of ~{IMAGE_BYTES / 1e6:.1f} MB, local storage, one worker process, {args.threads} upload threads"
+            )
+            print(
+                f"{'images':>7} {'output':>9} {'download':>17} {'collect':>17} {'ratio':>6} {'peak RSS':>9}"
+            )
             for n in (int(x) for x in args.sizes.split(",")):
                 r = run(n, tmp, redis_url, sim, args.threads)
                 mb = r["bytes"] / 1e6
-                print(f"{n:>7} {mb:>7.0f}MB {r['download_s']:>6.1f}s {mb / r['download_s']:>6.0f}MB/s "
-                      f"{r['collect_s']:>6.1f}s {mb / r['collect_s']:>6.0f}MB/s {r['download_s'] / r['collect_s']:>6.2f} "
-                      f"{r['peak_mb']:>7.0f}MB")
-            print("targets: ratio (collect rate / download rate) >= 0.5; peak RSS <= 300 MB and flat across sizes")
+                print(
+                    f"{n:>7} {mb:>7.0f}MB {r['download_s']:>6.1f}s {mb / r['download_s']:>6.0f}MB/s "
+                    f"{r['collect_s']:>6.1f}s {mb / r['collect_s']:>6.0f}MB/s {r['download_s'] / r['collect_s']:>6.2f} "
+                    f"{r['peak_mb']:>7.0f}MB"
+                )
+            print(
+                "targets: ratio (collect rate / download rate) >= 0.5; peak RSS <= 300 MB and flat across sizes"
+            )
         finally:
             sim.stop()
             redis_proc.stop()

@@ -19,7 +19,6 @@ again on another worker. They re-load state, check it, act and record:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import tempfile
@@ -32,13 +31,14 @@ from typing import Any
 
 import openai
 import orjson
+import pybase64
 
 from service import jobstore as js
 from service import keys, metrics, pricing
 from service.context import Context
 from service.jobspec import ItemSpec
 from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, WEBHOOK
-from service.storage import image_key, manifest_key, request_key
+from service.storage import image_key, iter_chunk_lines, manifest_key, request_key
 from service.upstream import no_retry
 
 log = logging.getLogger("imagebatch.batches")
@@ -458,7 +458,7 @@ class CollectResult:
 
 
 def collect_chunk(
-    ctx: Context, job_id: str, n: int, *, upload_threads: int = 4
+    ctx: Context, job_id: str, n: int, *, upload_threads: int = 8
 ) -> CollectResult | None:
     """Read an ended upstream batch into storage and record every line's outcome once."""
     store = ctx.store
@@ -656,7 +656,7 @@ def _collect_errors(
     result: CollectResult,
 ) -> None:
     with ctx.openai.files.with_streaming_response.content(file_id) as resp:
-        for raw in resp.iter_lines():
+        for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)):
             if not raw.strip():
                 continue
             lease.refresh()
@@ -710,7 +710,7 @@ def _collect_output(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool,
         ctx.openai.files.with_streaming_response.content(file_id) as resp,
     ):
-        for raw in resp.iter_lines():
+        for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)):
             if errors:
                 break
             if not raw.strip():
@@ -742,7 +742,7 @@ def _store_output_line(
     stored: list[str] = []
     size = 0
     for k, image in enumerate(data):
-        blob = base64.b64decode(image["b64_json"])
+        blob = pybase64.b64decode(image["b64_json"], validate=True)
         size += len(blob)
         key = image_key(job_id, state.id, ext, k if len(data) > 1 else None)
         ctx.storage.put_bytes(

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -312,14 +312,18 @@ def decode_meta_value(value: str) -> str:
 
 
 def iter_stream_lines(stream: BinaryIO, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
-    """Split a byte stream into lines (terminator removed) holding at most one line plus one
+    """Split a byte stream into lines (terminator removed); see :func:`iter_chunk_lines`."""
+    return iter_chunk_lines(iter(lambda: stream.read(chunk_size), b""))
+
+
+def iter_chunk_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split byte chunks into lines (terminator removed) holding at most one line plus one
     chunk in memory. A long line is gathered as a list of pieces and joined once, so a line of
-    many MB costs one copy, not one per chunk."""
+    many MB costs one copy, not one per chunk. Used for storage objects and upstream files."""
     pieces: list[bytes] = []
-    while True:
-        chunk = stream.read(chunk_size)
+    for chunk in chunks:
         if not chunk:
-            break
+            continue
         start = 0
         while True:
             nl = chunk.find(b"\n", start)

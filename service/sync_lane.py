@@ -17,7 +17,6 @@ sends it twice; one that dies mid-request is found still queued by the sweep and
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import httpx2
 import openai
+import pybase64
 
 from service import jobstore as js
 from service import metrics, pricing
@@ -172,7 +172,7 @@ def _store(ctx: Context, job: dict[str, str], job_id: str, line: Any, body: dict
     stored = []
     size = 0
     for k, image in enumerate(data):
-        blob = base64.b64decode(image["b64_json"])
+        blob = pybase64.b64decode(image["b64_json"], validate=True)
         size += len(blob)
         key = image_key(job_id, line.id, ext, k if len(data) > 1 else None)
         ctx.storage.put_bytes(
