@@ -22,6 +22,7 @@ from celery import Task
 from service import metrics
 from service.queues import ROUTES
 from service.storage import StorageError
+from service.webhooks import WebhookRetry
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")
@@ -34,6 +35,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     openai.RateLimitError,
     openai.InternalServerError,
     StorageError,
+    WebhookRetry,
     redis.ConnectionError,
     redis.TimeoutError,
 )

@@ -20,7 +20,11 @@ pytestmark = pytest.mark.slow
 
 def _images_on_disk(stack_tmp: Path, job_id: str) -> list[Path]:
     root = stack_tmp / "storage" / "jobs" / job_id / "images"
-    return sorted(p for p in root.glob("*") if not p.name.endswith(".meta.json")) if root.exists() else []
+    return (
+        sorted(p for p in root.glob("*") if not p.name.endswith(".meta.json"))
+        if root.exists()
+        else []
+    )
 
 
 def test_thousand_items_over_two_batches_all_decode(make_simulator, make_stack):
@@ -40,11 +44,17 @@ def test_thousand_items_over_two_batches_all_decode(make_simulator, make_stack):
     job = stack.wait_job(accepted["id"], timeout=180)
     assert job["status"] == "succeeded", stack.logs()
     assert job["counts"]["succeeded"] == 1000
-    assert len([b for b in job["upstream_batches"] if b["batch_id"]]) >= 3  # 1000 lines / 400 per batch
+    assert (
+        len([b for b in job["upstream_batches"] if b["batch_id"]]) >= 3
+    )  # 1000 lines / 400 per batch
 
     files = _images_on_disk(stack.tmp, accepted["id"])
     assert len(files) == 1000
-    expected = {0: ((1024, 1024), "PNG", ".png"), 1: ((1536, 1024), "JPEG", ".jpg"), 2: ((1024, 1536), "WEBP", ".webp")}
+    expected = {
+        0: ((1024, 1024), "PNG", ".png"),
+        1: ((1536, 1024), "JPEG", ".jpg"),
+        2: ((1024, 1536), "WEBP", ".webp"),
+    }
     for i in range(1000):
         size, fmt, ext = expected[i % 3]
         path = stack.tmp / "storage" / "jobs" / accepted["id"] / "images" / f"sku-{i}{ext}"
@@ -93,19 +103,29 @@ def test_cancel_mid_run_cancels_upstream_and_keeps_finished_images(make_simulato
     sim = make_simulator(rate=40)
     stack = make_stack(sim).start()
     job_id = stack.submit(job_body(400))["id"]
-    wait_until(lambda: any(b["upstream_status"] == "in_progress" and b["completed"] > 20
-                           for b in stack.job(job_id)["upstream_batches"]), timeout=60, message="the batch to be running")
+    wait_until(
+        lambda: any(
+            b["upstream_status"] == "in_progress" and b["completed"] > 20
+            for b in stack.job(job_id)["upstream_batches"]
+        ),
+        timeout=60,
+        message="the batch to be running",
+    )
     with stack.client() as c:
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     job = stack.wait_job(job_id, timeout=90)
     assert job["status"] == "cancelled"
-    assert all(b["upstream_status"] == "cancelled" for b in job["upstream_batches"] if b["batch_id"])
+    assert all(
+        b["upstream_status"] == "cancelled" for b in job["upstream_batches"] if b["batch_id"]
+    )
     done = job["counts"]["succeeded"]
     assert 0 < done < 400 and job["counts"]["cancelled"] == 400 - done
     assert len(_images_on_disk(stack.tmp, job_id)) == done
 
 
-def test_worker_killed_mid_collect_stores_each_image_once_and_counts_once(make_simulator, make_stack):
+def test_worker_killed_mid_collect_stores_each_image_once_and_counts_once(
+    make_simulator, make_stack
+):
     sim = make_simulator(image_bytes=400_000)
     stack = make_stack(sim, env={"IMAGEBATCH_COLLECT_LEASE_SECONDS": "3"})
     stack.start_api()
@@ -113,7 +133,11 @@ def test_worker_killed_mid_collect_stores_each_image_once_and_counts_once(make_s
     collector = stack.start_worker("collect", concurrency=1, name="collect")
     stack.start_beat()
     job_id = stack.submit(job_body(300))["id"]
-    wait_until(lambda: len(_images_on_disk(stack.tmp, job_id)) >= 30, timeout=90, message="collect to be under way")
+    wait_until(
+        lambda: len(_images_on_disk(stack.tmp, job_id)) >= 30,
+        timeout=90,
+        message="collect to be under way",
+    )
     assert collector.alive()
     stack.kill("collect", signal.SIGKILL)
     assert stack.job(job_id)["status"] == "running"
@@ -139,15 +163,33 @@ def test_restart_of_the_whole_stack_mid_job_loses_nothing(make_simulator, make_s
     from tests.support.procs import redis_server_binary, start_server
 
     def redis_up():
-        return start_server([redis_server_binary(), "--port", port, "--bind", "127.0.0.1", "--appendonly", "yes",
-                             "--appendfsync", "always", "--save", "", "--dir", str(tmp_path / "own-redis")],
-                            int(port), tmp_path / "own-redis" / "redis.log")
+        return start_server(
+            [
+                redis_server_binary(),
+                "--port",
+                port,
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--dir",
+                str(tmp_path / "own-redis"),
+            ],
+            int(port),
+            tmp_path / "own-redis" / "redis.log",
+        )
 
     rproc = redis_up()
     sim = make_simulator(rate=150)
     stack = make_stack(sim, redis_url=url).start()
     job_id = stack.submit(job_body(400), **{"Idempotency-Key": "restart-test"})["id"]
-    wait_until(lambda: stack.job(job_id)["upstream_batches"], timeout=30, message="a batch to be submitted")
+    wait_until(
+        lambda: stack.job(job_id)["upstream_batches"], timeout=30, message="a batch to be submitted"
+    )
     for name in list(stack.procs):
         stack.kill(name)
     rproc.kill()
@@ -169,8 +211,11 @@ def test_s3_storage_over_http(make_simulator, make_stack, s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="e2e-images")
     sim = make_simulator()
-    stack = make_stack(sim, storage_url="s3://e2e-images/prod",
-                       env={"IMAGEBATCH_S3_ENDPOINT_URL": s3_endpoint, "IMAGEBATCH_S3_PATH_STYLE": "true"}).start()
+    stack = make_stack(
+        sim,
+        storage_url="s3://e2e-images/prod",
+        env={"IMAGEBATCH_S3_ENDPOINT_URL": s3_endpoint, "IMAGEBATCH_S3_PATH_STYLE": "true"},
+    ).start()
     job = stack.wait_job(stack.submit(job_body(12, fmt="webp", size="1536x1024"))["id"])
     assert job["status"] == "succeeded", stack.logs()
     key = f"prod/jobs/{job['id']}/images/sku-5.webp"
@@ -185,3 +230,41 @@ def test_s3_storage_over_http(make_simulator, make_stack, s3_endpoint):
     assert img.size == (1536, 1024) and img.format == "WEBP"
     listed = s3.list_objects_v2(Bucket="e2e-images", Prefix=f"prod/jobs/{job['id']}/")["Contents"]
     assert {o["Key"].rsplit("/", 1)[-1] for o in listed} >= {"request.jsonl", "manifest.jsonl"}
+
+
+def test_webhook_is_called_when_the_job_finishes(make_simulator, make_stack):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+    calls = {"n": 0}
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            calls["n"] += 1
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if calls["n"] == 1:  # the receiver is briefly down: the webhook must be retried
+                self.send_response(503)
+            else:
+                received.append(body)
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sim = make_simulator()
+        stack = make_stack(sim).start()
+        url = f"http://127.0.0.1:{server.server_port}/hooks/imagebatch"
+        job = stack.wait_job(stack.submit(job_body(5, webhook_url=url))["id"])
+        assert job["status"] == "succeeded"
+        wait_until(lambda: received, timeout=30, message="the webhook")
+        assert received[0]["event"] == "job.finished"
+        assert received[0]["job"]["id"] == job["id"] and received[0]["job"]["status"] == "succeeded"
+        assert calls["n"] == 2
+    finally:
+        server.shutdown()

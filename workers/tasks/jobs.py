@@ -26,3 +26,10 @@ def sync_items(
     if start is None or end is None:
         return sync_lane.fan_out(ctx, job_id)
     return sync_lane.run_slice(ctx, job_id, int(start), int(end))
+
+
+@task(queues.WEBHOOK, time_limit=120)
+def webhook(ctx: Context, job_id: str) -> int | None:
+    from service.webhooks import send_job_finished
+
+    return send_job_finished(ctx, job_id)
