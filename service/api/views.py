@@ -131,6 +131,10 @@ def _items_from_manifest(
 
 
 def stream_manifest(ctx: Context, job_id: str) -> Iterator[bytes]:
-    with ctx.storage.open(manifest_key(job_id)) as fh:
-        while chunk := fh.read(256 * 1024):
-            yield chunk
+    """The stored manifest, line by line, each with fresh ``urls`` for its images.
+
+    URLs are added as it is served, not stored: presigned S3 URLs expire, the manifest does not.
+    """
+    for raw in ctx.storage.iter_lines(manifest_key(job_id)):
+        if raw.strip():
+            yield orjson.dumps(_with_urls(ctx, orjson.loads(raw))) + b"\n"

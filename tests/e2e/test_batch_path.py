@@ -65,6 +65,11 @@ def test_thousand_items_over_two_batches_all_decode(make_simulator, make_stack):
     assert len(manifest) == 1000
     assert {m["id"] for m in manifest} == {f"sku-{i}" for i in range(1000)}
     assert all(m["status"] == "succeeded" and m["usage"]["image_output"] > 0 for m in manifest)
+    first = next(m for m in manifest if m["id"] == "sku-0")
+    with stack.client() as c:
+        img = c.get(first["urls"][0])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(img.content)).size == (1024, 1024)
 
 
 def test_moderation_blocked_items_leave_job_partially_failed(make_simulator, make_stack):
