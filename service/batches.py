@@ -736,7 +736,27 @@ def _store_output_line(
         # A non-200 in the output file is unusual but possible: treat it as an error line.
         _record_line_failure(ctx, job, job_id, n, index, classify_error_line(rec), CollectResult())
         return 0, 0
-    fmt = body.get("output_format") or "png"
+    stored, size = store_images(ctx, job, job_id, state.id, body)
+    counted = record_usage(
+        ctx, job, job_id, n, index, body.get("usage") or {}, stored, tier="batch"
+    )
+    return int(counted), size
+
+
+def store_images(
+    ctx: Context,
+    job: dict[str, str],
+    job_id: str,
+    item_id: str,
+    body: dict[str, Any],
+    fmt: str = "png",
+) -> tuple[list[str], int]:
+    """Decode an ImagesResponse's images and store each under its deterministic key.
+
+    Returns the keys and the bytes stored. Storing the same response again overwrites the same
+    objects with the same bytes, so a repeated collect never duplicates an image.
+    """
+    fmt = body.get("output_format") or fmt
     ext = "jpg" if fmt == "jpeg" else fmt
     data = body.get("data") or []
     stored: list[str] = []
@@ -744,14 +764,14 @@ def _store_output_line(
     for k, image in enumerate(data):
         blob = pybase64.b64decode(image["b64_json"], validate=True)
         size += len(blob)
-        key = image_key(job_id, state.id, ext, k if len(data) > 1 else None)
+        key = image_key(job_id, item_id, ext, k if len(data) > 1 else None)
         ctx.storage.put_bytes(
             key,
             blob,
             content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
             metadata={
                 "job": job_id,
-                "item": state.id,
+                "item": item_id,
                 "model": job["model"],
                 "size": str(body.get("size", "")),
                 "quality": str(body.get("quality", "")),
@@ -759,10 +779,7 @@ def _store_output_line(
             },
         )
         stored.append(key)
-    counted = record_usage(
-        ctx, job, job_id, n, index, body.get("usage") or {}, stored, tier="batch"
-    )
-    return int(counted), size
+    return stored, size
 
 
 def record_usage(

@@ -290,24 +290,24 @@ class JobStore:
         self, job_id: str, allowed_from: Sequence[str], status: str, **fields: Any
     ) -> bool:
         """Set the job's status only if it is currently one of ``allowed_from`` (atomic)."""
-        key = keys.job(job_id)
+        return self._set_status_if(
+            keys.job(job_id), allowed_from, {"updated_at": time.time(), **fields, "status": status}
+        )
+
+    def _set_status_if(
+        self, key: str, allowed_from: Sequence[str], fields: Mapping[str, Any]
+    ) -> bool:
+        """Compare-and-set on a hash's ``status``: write ``fields`` only from an allowed status."""
+        mapping = {k: ("" if v is None else str(v)) for k, v in fields.items()}
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    current = _s(pipe.hget(key, "status"))
-                    if current not in allowed_from:
+                    if _s(pipe.hget(key, "status")) not in allowed_from:
                         pipe.reset()
                         return False
                     pipe.multi()
-                    pipe.hset(
-                        key,
-                        mapping={
-                            "status": status,
-                            "updated_at": str(time.time()),
-                            **{k: str(v) for k, v in fields.items()},
-                        },
-                    )
+                    pipe.hset(key, mapping=mapping)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -502,27 +502,9 @@ class JobStore:
         self, job_id: str, n: int, allowed_from: Sequence[str], status: str, **fields: Any
     ) -> bool:
         """Move a chunk to ``status`` only from one of ``allowed_from`` (atomic)."""
-        key = keys.chunk(job_id, n)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    current = _s(pipe.hget(key, "status"))
-                    if current not in allowed_from:
-                        pipe.reset()
-                        return False
-                    pipe.multi()
-                    pipe.hset(
-                        key,
-                        mapping={
-                            "status": status,
-                            **{k: ("" if v is None else str(v)) for k, v in fields.items()},
-                        },
-                    )
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        return self._set_status_if(
+            keys.chunk(job_id, n), allowed_from, {**fields, "status": status}
+        )
 
     def chunk_indexes(self, job_id: str, n: int) -> Iterator[int]:
         key = keys.chunk_items(job_id, n)
