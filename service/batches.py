@@ -458,9 +458,14 @@ class CollectResult:
 
 
 def collect_chunk(
-    ctx: Context, job_id: str, n: int, *, upload_threads: int = 8
+    ctx: Context, job_id: str, n: int, *, upload_threads: int = 8, account: bool = True
 ) -> CollectResult | None:
-    """Read an ended upstream batch into storage and record every line's outcome once."""
+    """Read an ended upstream batch into storage and record every line's outcome once.
+
+    ``account=False`` is for measurement only (bench/bench_accounting.py): each succeeded item
+    is marked succeeded without pricing its usage or adding to job spend and the totals, so the
+    benchmark sees what accounting costs. The service never passes it: spend would go unrecorded.
+    """
     store = ctx.store
     chunk, job = store.chunk(job_id, n), store.job(job_id)
     if chunk is None or job is None or chunk["status"] != js.CHUNK_COLLECTING:
@@ -477,7 +482,15 @@ def collect_chunk(
         else:
             if batch.output_file_id:
                 _collect_output(
-                    ctx, job, job_id, n, batch.output_file_id, lease, result, upload_threads
+                    ctx,
+                    job,
+                    job_id,
+                    n,
+                    batch.output_file_id,
+                    lease,
+                    result,
+                    upload_threads,
+                    account,
                 )
             if batch.error_file_id:
                 _collect_errors(ctx, job, job_id, n, batch.error_file_id, lease, result)
@@ -683,6 +696,7 @@ def _collect_output(
     lease: js.Lease,
     result: CollectResult,
     threads: int,
+    account: bool = True,
 ) -> None:
     """Stream the output file; each line's images are decoded, stored and recorded in a pool.
 
@@ -717,13 +731,15 @@ def _collect_output(
                 continue
             lease.refresh()
             slots.acquire()
-            pool.submit(_store_output_line, ctx, job, job_id, n, raw).add_done_callback(done)
+            pool.submit(_store_output_line, ctx, job, job_id, n, raw, account).add_done_callback(
+                done
+            )
     if errors:
         raise errors[0]
 
 
 def _store_output_line(
-    ctx: Context, job: dict[str, str], job_id: str, n: int, raw: str | bytes
+    ctx: Context, job: dict[str, str], job_id: str, n: int, raw: str | bytes, account: bool = True
 ) -> tuple[int, int]:
     rec = orjson.loads(raw)
     index = int(rec["custom_id"])
@@ -737,6 +753,11 @@ def _store_output_line(
         _record_line_failure(ctx, job, job_id, n, index, classify_error_line(rec), CollectResult())
         return 0, 0
     stored, size = store_images(ctx, job, job_id, state.id, body)
+    if not account:
+        # Measurement only (see collect_chunk): the same exactly-once success transition, with a
+        # record of the manifest's shape but nothing priced and no spend or totals added.
+        record = {"tokens": {}, "cost_nanousd": 0, "tier": "batch", "keys": stored, "chunk": n}
+        return int(ctx.store.record_success(job_id, index, record, [])), size
     counted = record_usage(
         ctx, job, job_id, n, index, body.get("usage") or {}, stored, tier="batch"
     )
