@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from service import keys
@@ -237,12 +238,12 @@ class RedisCollector:
                     client=r,
                 )
             )
-        tokens = CounterMetricFamily(
+        tokens = _CounterTable(
             "imagebatch_job_tokens",
             "Tokens a job was billed, by kind.",
             labels=("job_id", "tenant", "model", "kind"),
         )
-        cost = CounterMetricFamily(
+        cost = _CounterTable(
             "imagebatch_job_cost_usd",
             "USD a job was billed, by tier.",
             labels=("job_id", "tenant", "model", "tier"),
@@ -264,29 +265,29 @@ class RedisCollector:
                 keys=[keys.TOTAL_TOKENS, keys.TOTAL_COST, keys.TOTAL_IMAGES], client=r
             )
         )
-        fam = CounterMetricFamily(
+        by_tokens = _CounterTable(
             "imagebatch_tokens",
             "Tokens billed, by tenant, model, kind and tier.",
             labels=("tenant", "model", "kind", "tier"),
         )
         for k, v in _pairs(tok):
-            fam.add_metric(k.split("|"), int(v))
-        yield fam
-        fam = CounterMetricFamily(
+            by_tokens.add_metric(k.split("|", 3), int(v))
+        yield by_tokens
+        by_cost = _CounterTable(
             "imagebatch_cost_usd",
             "USD billed, by tenant, model, tier and campaign label.",
             labels=("tenant", "model", "tier", "campaign"),
         )
         for k, v in _pairs(cost):
             # The campaign is a caller's label and may itself contain "|": it is the rest.
-            fam.add_metric(k.split("|", 3), int(v) / 1e9)
-        yield fam
-        fam = CounterMetricFamily(
+            by_cost.add_metric(k.split("|", 3), int(v) / 1e9)
+        yield by_cost
+        by_images = CounterMetricFamily(
             "imagebatch_images", "Images by outcome.", labels=("model", "status")
         )
         for k, v in _pairs(images):
-            fam.add_metric(k.split("|"), int(v))
-        yield fam
+            by_images.add_metric(k.split("|"), int(v))
+        yield by_images
 
     def _operations(self, r: redis.Redis) -> Iterator[Metric]:
         active = [j.decode() for j in r.smembers(keys.ACTIVE_JOBS)]
@@ -409,11 +410,12 @@ def registry(ctx: Any) -> CollectorRegistry:
     return reg
 
 
-# Writing the text format took prometheus_client's generate_latest about 6 µs a sample, most of
-# it re-checking the same few label names on each of 13,000 samples; render() checks them once
-# per label set. It writes exactly what generate_latest writes (tests/service/test_metrics.py
-# compares the two byte for byte) and hands anything outside what this module produces
-# (other metric types, timestamps, _created samples, unusual label names) to generate_latest.
+# --- writing the text format ----------------------------------------------------------------
+# prometheus_client's generate_latest took about 6 µs a sample, most of it re-checking the same
+# few label names on each of 13,000 samples; _text() checks them once per label set. It writes
+# exactly what generate_latest writes (tests/service/test_metrics.py compares the two byte for
+# byte) and hands anything outside what this module produces (other metric types, timestamps,
+# _created samples, unusual names) to generate_latest.
 _TYPES = {"counter", "gauge", "histogram"}
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -421,6 +423,57 @@ _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 class _Unusual(Exception):
     """A metric render() leaves to prometheus_client."""
+
+
+class _CounterTable(CounterMetricFamily):
+    """A counter family kept as one flat list of label values and values.
+
+    For the per-job and total series: CounterMetricFamily keeps a Sample with its own labels dict
+    per series, and 13,000 of those cost about 11 ms a scrape and, held until the scrape ends,
+    enough live objects to run Python's full garbage collection every few scrapes (45 ms each in
+    the API process). Strings in one list are not tracked by the collector at all. render()
+    writes the list straight out; ``samples`` is still there for any other reader of the
+    registry, built when read.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]):
+        self.flat: list[Any] = []  # label values..., value, label values..., value
+        self.labelnames = tuple(labels)
+        super().__init__(name, documentation, labels=labels)
+
+    def rows(self) -> Iterator[tuple[list[Any], Any]]:
+        width = len(self.labelnames) + 1
+        flat = self.flat
+        for at in range(0, len(flat), width):
+            yield flat[at : at + width - 1], flat[at + width - 1]
+
+    @property
+    def samples(self) -> list[Sample]:
+        name = self.name + "_total"
+        return [
+            Sample(name, dict(zip(self.labelnames, labels, strict=True)), value)
+            for labels, value in self.rows()
+        ]
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        if value:  # Metric.__init__ starts every family with []
+            raise TypeError("add series to a _CounterTable with add_metric")
+
+    def add_metric(
+        self,
+        labels: Sequence[str],
+        value: float,
+        created: float | None = None,
+        timestamp: Any = None,
+        exemplar: Any = None,
+    ) -> None:
+        if len(labels) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values, got {labels!r}")
+        if created is not None or timestamp is not None or exemplar is not None:
+            raise TypeError("a _CounterTable series is label values and a value only")
+        self.flat.extend(labels)
+        self.flat.append(value)
 
 
 def _escape(value: str) -> str:
@@ -435,6 +488,13 @@ def _label_format(names: tuple[str, ...]) -> str:
     return ",".join(f'{names[i]}="{{{i}}}"' for i in order)
 
 
+def _value(value: float) -> str:
+    text = repr(float(value))
+    if "n" in text or text.find(".") > 6:  # inf, nan, or where Go switches to an exponent
+        return floatToGoString(value)
+    return text
+
+
 def _text(metrics: Iterable[Metric]) -> bytes:
     out: list[str] = []
     formats: dict[tuple[str, ...], str] = {}
@@ -445,24 +505,27 @@ def _text(metrics: Iterable[Metric]) -> bytes:
             raise _Unusual(metric.name)
         doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n")
+        if isinstance(metric, _CounterTable):
+            fmt = _label_format(metric.labelnames)
+            for values, value in metric.rows():
+                joined = "".join(values)
+                if "\\" in joined or "\n" in joined or '"' in joined:
+                    values = [_escape(v) for v in values]
+                out.append(f"{name}{{{fmt.format(*values)}}} {_value(value)}\n")
+            continue
         for s in metric.samples:
             if s.timestamp is not None or s.name.endswith(("_created", "_gsum", "_gcount")):
                 raise _Unusual(s.name)
-            value = repr(float(s.value))
-            if "n" in value or value.find(".") > 6:  # inf, nan, or Go's exponent form
-                value = floatToGoString(s.value)
-            if s.labels:
-                names = tuple(s.labels)
-                fmt = formats.get(names)
-                if fmt is None:
-                    fmt = formats[names] = _label_format(names)
-                values = tuple(s.labels.values())
-                joined = "".join(values)
-                if "\\" in joined or "\n" in joined or '"' in joined:
-                    values = tuple(_escape(v) for v in values)
-                out.append(f"{s.name}{{{fmt.format(*values)}}} {value}\n")
-            else:
-                out.append(f"{s.name} {value}\n")
+            if not s.labels:
+                out.append(f"{s.name} {_value(s.value)}\n")
+                continue
+            names = tuple(s.labels)
+            fmt = formats.get(names) or formats.setdefault(names, _label_format(names))
+            values = list(s.labels.values())
+            joined = "".join(values)
+            if "\\" in joined or "\n" in joined or '"' in joined:
+                values = [_escape(v) for v in values]
+            out.append(f"{s.name}{{{fmt.format(*values)}}} {_value(s.value)}\n")
     return "".join(out).encode()
 
 
