@@ -5,6 +5,11 @@ reads them at scrape time through a custom collector; so the figures are right h
 processes run, and a restart loses nothing. Every read at scrape time is bounded: the per-job
 series cover at most ``IMAGEBATCH_METRICS_MAX_JOBS`` jobs (running, or finished within
 ``IMAGEBATCH_METRICS_JOB_RETENTION``), and the rest are small hashes with closed label sets.
+A scrape also forgets what has gone: jobs past the window leave the per-job index, and worker
+heartbeats older than an hour are deleted, so a worker that is gone for good leaves the dashboard.
+
+Failure semantics: a scrape that cannot reach Redis fails as a whole (the API answers 500 and
+Prometheus marks the target down) rather than serving partial figures that would read as drops.
 
 Names start with ``imagebatch_``; counters end in ``_total``, durations in ``_seconds``.
 """

@@ -285,3 +285,15 @@ def test_render_writes_what_prometheus_client_writes(ctx: SimpleNamespace) -> No
     text, _ = metrics.render(registry)
     assert text == generate_latest(registry)
     assert b"1.2345678e+07" in text
+
+
+def test_a_scrape_without_redis_fails_instead_of_showing_zeros(ctx: SimpleNamespace) -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from tests.support.procs import free_port
+
+    client = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
+    down = SimpleNamespace(**{**vars(ctx), "redis": client})
+    with pytest.raises(redis.ConnectionError):
+        metrics.render(metrics.registry(down))
