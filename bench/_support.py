@@ -12,7 +12,16 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.procs import Proc, free_port, start_moto, start_redis, start_server, wait_until  # noqa: E402
 
-__all__ = ["ROOT", "Proc", "free_port", "machine", "start_moto", "start_redis", "start_server", "wait_until"]
+__all__ = [
+    "ROOT",
+    "Proc",
+    "free_port",
+    "machine",
+    "start_moto",
+    "start_redis",
+    "start_server",
+    "wait_until",
+]
 
 
 def machine() -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx2
 import orjson
 import psutil
-
 from _support import free_port, machine, start_redis, start_server
 
 ITEMS = 50_000
@@ -29,21 +28,42 @@ def main() -> None:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
         port = free_port()
-        env = {"IMAGEBATCH_REDIS_URL": redis_url, "IMAGEBATCH_STORAGE_URL": (tmp / "storage").as_uri(),
-               "IMAGEBATCH_DATA_DIR": str(tmp), "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-bench",
-               "IMAGEBATCH_LOG_LEVEL": "warning"}
-        api = start_server([sys.executable, "-m", "service.cli", "api", "--port", str(port)], port, tmp / "api.log", env=env)
+        env = {
+            "IMAGEBATCH_REDIS_URL": redis_url,
+            "IMAGEBATCH_STORAGE_URL": (tmp / "storage").as_uri(),
+            "IMAGEBATCH_DATA_DIR": str(tmp),
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+            "OPENAI_API_KEY": "sk-bench",
+            "IMAGEBATCH_LOG_LEVEL": "warning",
+        }
+        api = start_server(
+            [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+            port,
+            tmp / "api.log",
+            env=env,
+        )
         try:
-            body = orjson.dumps({
-                "model": "gpt-image-2",
-                "defaults": {"size": "1024x1024", "quality": "low"},
-                "items": [{"id": f"sku-{i:06d}", "prompt": f"Studio photo of product {i}, a ceramic mug in colour {i % 97} on white"}
-                          for i in range(ITEMS)],
-                "labels": {"campaign": "bench"},
-            })
+            body = orjson.dumps(
+                {
+                    "model": "gpt-image-2",
+                    "defaults": {"size": "1024x1024", "quality": "low"},
+                    "items": [
+                        {
+                            "id": f"sku-{i:06d}",
+                            "prompt": f"Studio photo of product {i}, a ceramic mug in colour {i % 97} on white",
+                        }
+                        for i in range(ITEMS)
+                    ],
+                    "labels": {"campaign": "bench"},
+                }
+            )
             proc = psutil.Process(api.pid)
             with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                client.post("/v1/jobs/estimate", content=b'{"items":[{"prompt":"warm up"}]}', headers={"Content-Type": "application/json"})
+                client.post(
+                    "/v1/jobs/estimate",
+                    content=b'{"items":[{"prompt":"warm up"}]}',
+                    headers={"Content-Type": "application/json"},
+                )
                 rss_before = proc.memory_info().rss
                 peak = [rss_before]
                 stop = threading.Event()
@@ -57,7 +77,9 @@ def main() -> None:
                 times = []
                 for _ in range(RUNS):
                     start = time.perf_counter()
-                    resp = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+                    resp = client.post(
+                        "/v1/jobs", content=body, headers={"Content-Type": "application/json"}
+                    )
                     times.append(time.perf_counter() - start)
                     assert resp.status_code == 202, resp.text[:500]
                 stop.set()
@@ -66,9 +88,13 @@ def main() -> None:
             median = statistics.median(times)
             print(f"machine: {machine()}")
             print(f"intake: {ITEMS:,}-item job ({len(body) / 1e6:.1f} MB body), {RUNS} runs")
-            print(f"  time to 202: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f})   target <= 3 s")
-            print(f"  API RSS: before {rss_before / 1e6:.0f} MB, peak {peak[0] / 1e6:.0f} MB, after {rss_after / 1e6:.0f} MB; "
-                  f"growth {(peak[0] - rss_before) / 1e6:.0f} MB   target <= 200 MB")
+            print(
+                f"  time to 202: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f})   target <= 3 s"
+            )
+            print(
+                f"  API RSS: before {rss_before / 1e6:.0f} MB, peak {peak[0] / 1e6:.0f} MB, after {rss_after / 1e6:.0f} MB; "
+                f"growth {(peak[0] - rss_before) / 1e6:.0f} MB   target <= 200 MB"
+            )
         finally:
             api.stop()
             redis_proc.stop()

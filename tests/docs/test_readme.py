@@ -15,7 +15,11 @@ def test_readme_opens_with_the_two_commands() -> None:
 def test_every_setting_is_documented() -> None:
     missing = []
     for name in Settings.model_fields:
-        env = name.upper() if name in ("openai_api_key", "openai_base_url") else f"IMAGEBATCH_{name.upper()}"
+        env = (
+            name.upper()
+            if name in ("openai_api_key", "openai_base_url")
+            else f"IMAGEBATCH_{name.upper()}"
+        )
         if f"`{env}`" not in README:
             missing.append(env)
     assert not missing, f"settings missing from README's table: {missing}"

@@ -34,7 +34,9 @@ def make_stack(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Stack]]
     stacks: list[Stack] = []
 
     def make(sim: SimulatorHandle, **kw: Any) -> Stack:
-        stack = Stack(tmp_path / f"stack{len(stacks)}", kw.pop("redis_url", redis_url), sim.url, **kw)
+        stack = Stack(
+            tmp_path / f"stack{len(stacks)}", kw.pop("redis_url", redis_url), sim.url, **kw
+        )
         stack.tmp.mkdir(parents=True, exist_ok=True)
         stacks.append(stack)
         return stack

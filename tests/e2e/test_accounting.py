@@ -54,18 +54,37 @@ def test_per_job_tokens_and_cost_equal_what_upstream_billed(make_simulator, make
     billed = billed_for(sim.stats(), batch_ids)
 
     metrics = scrape(stack.api)
-    mine = {s[0]["kind"]: s[1] for s in metrics["imagebatch_job_tokens_total"] if s[0]["job_id"] == job["id"]}
+    mine = {
+        s[0]["kind"]: s[1]
+        for s in metrics["imagebatch_job_tokens_total"]
+        if s[0]["job_id"] == job["id"]
+    }
     for kind in ("text_input", "image_input", "image_output"):
         assert mine[kind] == billed.get(kind, 0), kind
     assert job["tokens"]["image_output"] == billed["image_output"]
 
     price = cached_catalog().get("gpt-image-2").price
-    expected_usd = 0.5 * (billed["text_input"] * price.text_input + billed["image_input"] * price.image_input
-                          + billed["image_output"] * price.image_output) / 1e6
-    cost = {s[0]["tier"]: s[1] for s in metrics["imagebatch_job_cost_usd_total"] if s[0]["job_id"] == job["id"]}
+    expected_usd = (
+        0.5
+        * (
+            billed["text_input"] * price.text_input
+            + billed["image_input"] * price.image_input
+            + billed["image_output"] * price.image_output
+        )
+        / 1e6
+    )
+    cost = {
+        s[0]["tier"]: s[1]
+        for s in metrics["imagebatch_job_cost_usd_total"]
+        if s[0]["job_id"] == job["id"]
+    }
     assert cost["batch"] == pytest.approx(expected_usd, rel=1e-9)
     assert cost["sync"] == 0
-    campaign = [v for labels, v in metrics["imagebatch_cost_usd_total"] if labels["campaign"] == "spring-sale"]
+    campaign = [
+        v
+        for labels, v in metrics["imagebatch_cost_usd_total"]
+        if labels["campaign"] == "spring-sale"
+    ]
     assert sum(campaign) == pytest.approx(expected_usd, rel=1e-9)
 
     # The estimate before the run is within 2 % of what was billed.
@@ -74,9 +93,16 @@ def test_per_job_tokens_and_cost_equal_what_upstream_billed(make_simulator, make
     assert abs(est_total - sum(billed.values())) <= 0.02 * sum(billed.values())
 
 
-@pytest.mark.skipif(not shutil.which("prometheus") and not os.environ.get("CI"), reason="Debian's prometheus package is not installed")
-def test_prometheus_scrapes_the_stack_and_promql_reads_job_spend(make_simulator, make_stack, tmp_path: Path):
-    assert shutil.which("prometheus"), "prometheus is required under CI; install Debian's prometheus package"
+@pytest.mark.skipif(
+    not shutil.which("prometheus") and not os.environ.get("CI"),
+    reason="Debian's prometheus package is not installed",
+)
+def test_prometheus_scrapes_the_stack_and_promql_reads_job_spend(
+    make_simulator, make_stack, tmp_path: Path
+):
+    assert shutil.which("prometheus"), (
+        "prometheus is required under CI; install Debian's prometheus package"
+    )
     sim = make_simulator()
     stack = make_stack(sim).start()
     job = stack.wait_job(stack.submit(job_body(30))["id"])
@@ -89,18 +115,31 @@ scrape_configs:
   - job_name: imagebatch
     static_configs: [{{targets: ['127.0.0.1:{stack.api_port}']}}]
 """)
-    prom = start_server([shutil.which("prometheus") or "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                         f"--web.listen-address=127.0.0.1:{port}"], port, tmp_path / "prometheus.log")
+    prom = start_server(
+        [
+            shutil.which("prometheus") or "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        port,
+        tmp_path / "prometheus.log",
+    )
     try:
+
         def query() -> float | None:
-            resp = httpx2.get(f"http://127.0.0.1:{port}/api/v1/query",
-                              params={"query": "sum by (job_id) (imagebatch_job_tokens_total)"}).json()
+            resp = httpx2.get(
+                f"http://127.0.0.1:{port}/api/v1/query",
+                params={"query": "sum by (job_id) (imagebatch_job_tokens_total)"},
+            ).json()
             for r in resp["data"]["result"]:
                 if r["metric"].get("job_id") == job["id"]:
                     return float(r["value"][1])
             return None
 
-        value = wait_until(query, timeout=60, interval=0.5, message="Prometheus to scrape the job's tokens")
+        value = wait_until(
+            query, timeout=60, interval=0.5, message="Prometheus to scrape the job's tokens"
+        )
         assert value == sum(job["tokens"].values())
     finally:
         prom.stop()

@@ -35,14 +35,24 @@ def api(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[st
         "OPENAI_API_KEY": "sk-test",
     }
     redis.Redis.from_url(env["IMAGEBATCH_REDIS_URL"]).flushdb()
-    proc = start_server([sys.executable, "-m", "service.cli", "api", "--port", str(port)], port, tmp / "api.log", env=env)
+    proc = start_server(
+        [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+        port,
+        tmp / "api.log",
+        env=env,
+    )
     yield f"http://127.0.0.1:{port}"
     proc.stop()
 
 
 def post(api: str, body: Any, **headers: str) -> httpx2.Response:
     content = body if isinstance(body, bytes) else orjson.dumps(body)
-    return httpx2.post(f"{api}/v1/jobs", content=content, headers={"Content-Type": "application/json", **headers}, timeout=30)
+    return httpx2.post(
+        f"{api}/v1/jobs",
+        content=content,
+        headers={"Content-Type": "application/json", **headers},
+        timeout=30,
+    )
 
 
 def problem(resp: httpx2.Response, status: int) -> dict[str, Any]:
@@ -71,14 +81,21 @@ def test_accepts_a_job_and_stores_the_request_first(api: str, tmp_path: Path) ->
         (lambda b: b["items"][1].update(size="999x999"), "items[1].size", 1, "sku-1"),
         (lambda b: b["items"][2].update(quality="ultra"), "items[2].quality", 2, "sku-2"),
         (lambda b: b["items"][0].update(n=11), "items[0].n", 0, "sku-0"),
-        (lambda b: b["items"][1].update(background="transparent", output_format="jpeg"), "items[1]", 1, "sku-1"),
+        (
+            lambda b: b["items"][1].update(background="transparent", output_format="jpeg"),
+            "items[1]",
+            1,
+            "sku-1",
+        ),
         (lambda b: b["items"][2].update(prompt=""), "items[2].prompt", 2, "sku-2"),
         (lambda b: b["items"][2].update(prompt="x" * 32_001), "items[2].prompt", 2, "sku-2"),
         (lambda b: b["items"][2].update(id="sku-0"), "items[2].id", 2, "sku-0"),
         (lambda b: b["items"][1].update(id="bad id!"), "items[1].id", 1, "bad id!"),
     ],
 )
-def test_rejections_name_the_field_index_and_id(api: str, mutate: Any, field: str, index: int | None, item_id: str | None) -> None:
+def test_rejections_name_the_field_index_and_id(
+    api: str, mutate: Any, field: str, index: int | None, item_id: str | None
+) -> None:
     body = job_body(3)
     mutate(body)
     p = problem(post(api, body), 422)
@@ -96,7 +113,11 @@ def test_shut_down_model_names_its_replacement(api: str) -> None:
 
 
 def test_template_placeholder_without_column(api: str) -> None:
-    body = {"model": "gpt-image-2", "template": "A {color} {title}", "rows": [{"color": "red", "title": "mug"}, {"color": "blue"}]}
+    body = {
+        "model": "gpt-image-2",
+        "template": "A {color} {title}",
+        "rows": [{"color": "red", "title": "mug"}, {"color": "blue"}],
+    }
     p = problem(post(api, body), 422)
     assert "title" in p["detail"] and p["errors"][0]["index"] == 1
 
@@ -111,10 +132,22 @@ def test_malformed_json_empty_job_too_many_items_and_too_large(api: str) -> None
 
 
 def test_no_input_makes_it_answer_500(api: str) -> None:
-    bodies: list[bytes] = [b"", b"null", b"[]", b'"x"', b"{}", b'{"items": null}', b'{"items": [null]}',
-                           b'{"items": [{"prompt": 5}]}', b'{"items": [{"prompt": "a", "n": 1e308}]}',
-                           b'{"defaults": [], "items": [{"prompt": "a"}]}', b"\xff\xfe", b'{"rows": {}, "template": 3}',
-                           b'{"items": [{"prompt": "a", "images": [{}]}]}', b"[" * 10_000]
+    bodies: list[bytes] = [
+        b"",
+        b"null",
+        b"[]",
+        b'"x"',
+        b"{}",
+        b'{"items": null}',
+        b'{"items": [null]}',
+        b'{"items": [{"prompt": 5}]}',
+        b'{"items": [{"prompt": "a", "n": 1e308}]}',
+        b'{"defaults": [], "items": [{"prompt": "a"}]}',
+        b"\xff\xfe",
+        b'{"rows": {}, "template": 3}',
+        b'{"items": [{"prompt": "a", "images": [{}]}]}',
+        b"[" * 10_000,
+    ]
     for body in bodies:
         resp = post(api, body)
         assert 400 <= resp.status_code < 500, (body[:40], resp.status_code, resp.text[:300])
@@ -130,10 +163,16 @@ def test_idempotency_key_returns_the_same_job(api: str) -> None:
 
 
 def test_list_newest_first_with_cursor_and_label_filter(api: str) -> None:
-    ids = [post(api, job_body(1, labels={"campaign": "list-test", "n": str(i)})).json()["id"] for i in range(5)]
+    ids = [
+        post(api, job_body(1, labels={"campaign": "list-test", "n": str(i)})).json()["id"]
+        for i in range(5)
+    ]
     page = httpx2.get(f"{api}/v1/jobs", params={"label": "campaign=list-test", "limit": 3}).json()
     assert [j["id"] for j in page["data"]] == ids[::-1][:3]
-    rest = httpx2.get(f"{api}/v1/jobs", params={"label": "campaign=list-test", "limit": 3, "cursor": page["next_cursor"]}).json()
+    rest = httpx2.get(
+        f"{api}/v1/jobs",
+        params={"label": "campaign=list-test", "limit": 3, "cursor": page["next_cursor"]},
+    ).json()
     assert [j["id"] for j in rest["data"]] == ids[::-1][3:]
 
 
@@ -156,8 +195,11 @@ def test_service_endpoints(api: str) -> None:
 
 def test_estimate_creates_nothing(api: str) -> None:
     before = httpx2.get(f"{api}/v1/jobs", params={"limit": 200}).json()["data"]
-    resp = httpx2.post(f"{api}/v1/jobs/estimate", content=orjson.dumps(job_body(4, quality="high")),
-                       headers={"Content-Type": "application/json"})
+    resp = httpx2.post(
+        f"{api}/v1/jobs/estimate",
+        content=orjson.dumps(job_body(4, quality="high")),
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status_code == 200
     est = resp.json()
     assert est["tokens"]["image_output"] == 4 * 7024
@@ -167,8 +209,12 @@ def test_estimate_creates_nothing(api: str) -> None:
 
 
 def test_csv_catalog(api: str) -> None:
-    csv = "sku,color,title\nA-1,red,mug\nA-2,\"blue, glossy\",vase\n"
-    resp = httpx2.post(f"{api}/v1/jobs", content=csv.encode(), params={"template": "Studio photo of a {color} {title}", "quality": "low"},
-                       headers={"Content-Type": "text/csv"})
+    csv = 'sku,color,title\nA-1,red,mug\nA-2,"blue, glossy",vase\n'
+    resp = httpx2.post(
+        f"{api}/v1/jobs",
+        content=csv.encode(),
+        params={"template": "Studio photo of a {color} {title}", "quality": "low"},
+        headers={"Content-Type": "text/csv"},
+    )
     assert resp.status_code == 202, resp.text
     assert resp.json()["items"] == 2

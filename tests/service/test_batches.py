@@ -27,7 +27,9 @@ from tests.support.stack import job_body
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
-    handle = start_simulator(tmp_path_factory.mktemp("sim"), rate=2000, validate_seconds=0, finalize_seconds=0)
+    handle = start_simulator(
+        tmp_path_factory.mktemp("sim"), rate=2000, validate_seconds=0, finalize_seconds=0
+    )
     yield handle
     handle.stop()
 
@@ -43,9 +45,17 @@ class Recorder:
 
 
 @pytest.fixture
-def ctx(tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle) -> Iterator[Context]:
-    settings = Settings(redis_url=redis_url, storage_url=(tmp_path / "storage").as_uri(), data_dir=tmp_path,
-                        openai_base_url=sim.url, openai_api_key="sk-test", batch_max_lines=10)
+def ctx(
+    tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle
+) -> Iterator[Context]:
+    settings = Settings(
+        redis_url=redis_url,
+        storage_url=(tmp_path / "storage").as_uri(),
+        data_dir=tmp_path,
+        openai_base_url=sim.url,
+        openai_api_key="sk-test",
+        batch_max_lines=10,
+    )
     context = build_context(settings, enqueue=Recorder())
     yield context
     context.redis.close()
@@ -64,7 +74,9 @@ def run_until_collectable(ctx: Context, job_id: str) -> list[int]:
 
     def ended() -> bool:
         batches.sweep(ctx)
-        return all((ctx.store.chunk(job_id, n) or {}).get("status") == js.CHUNK_COLLECTING for n in chunks)
+        return all(
+            (ctx.store.chunk(job_id, n) or {}).get("status") == js.CHUNK_COLLECTING for n in chunks
+        )
 
     wait_until(ended, timeout=30, message="every upstream batch to end")
     return chunks
@@ -78,10 +90,15 @@ def test_plan_respects_line_cap_and_one_endpoint_per_chunk(ctx: Context) -> None
     assert ctx.store.counts(job_id)["queued"] == 25
     # Planning again (a redelivered task) moves nothing twice.
     assert batches.plan_job(ctx, job_id) == []
-    assert sum(int((ctx.store.chunk(job_id, n) or {})["lines"]) for n in ctx.store.chunks(job_id)) == 25
+    assert (
+        sum(int((ctx.store.chunk(job_id, n) or {})["lines"]) for n in ctx.store.chunks(job_id))
+        == 25
+    )
 
 
-def test_collecting_the_same_output_twice_changes_nothing(ctx: Context, sim: SimulatorHandle, tmp_path: Path) -> None:
+def test_collecting_the_same_output_twice_changes_nothing(
+    ctx: Context, sim: SimulatorHandle, tmp_path: Path
+) -> None:
     job_id = accept(ctx, 12)
     chunks = run_until_collectable(ctx, job_id)
     for n in chunks:
@@ -106,7 +123,9 @@ def test_collecting_the_same_output_twice_changes_nothing(ctx: Context, sim: Sim
     assert (tmp_path / "storage" / image_key(job_id, "sku-3", "png")).exists()
 
 
-def test_a_retried_submit_adopts_the_batch_it_already_created(ctx: Context, sim: SimulatorHandle) -> None:
+def test_a_retried_submit_adopts_the_batch_it_already_created(
+    ctx: Context, sim: SimulatorHandle
+) -> None:
     job_id = accept(ctx, 5)
     (n,) = batches.plan_job(ctx, job_id)
     assert batches.submit_chunk(ctx, job_id, n) == "submitted"
@@ -115,8 +134,11 @@ def test_a_retried_submit_adopts_the_batch_it_already_created(ctx: Context, sim:
     ctx.store.update_chunk(job_id, n, status=js.CHUNK_PLANNED, batch_id=None)
     assert batches.submit_chunk(ctx, job_id, n) == "submitted"
     assert (ctx.store.chunk(job_id, n) or {})["batch_id"] == first
-    tagged = [b for b in sim.client().batches.list(limit=100)
-              if (b.metadata or {}).get("imagebatch_chunk", "").startswith(f"{job_id}:{n}:")]
+    tagged = [
+        b
+        for b in sim.client().batches.list(limit=100)
+        if (b.metadata or {}).get("imagebatch_chunk", "").startswith(f"{job_id}:{n}:")
+    ]
     assert len(tagged) == 1
 
 
@@ -128,12 +150,36 @@ def test_submit_of_a_submitted_chunk_does_nothing(ctx: Context) -> None:
 
 
 def test_error_lines_are_classified() -> None:
-    moderation = {"custom_id": "1", "response": {"status_code": 400, "body": {"error": {
-        "code": "moderation_blocked", "type": "image_generation_user_error", "message": "blocked",
-        "moderation_details": {"moderation_stage": "input", "categories": ["violence"]}}}}, "error": None}
+    moderation = {
+        "custom_id": "1",
+        "response": {
+            "status_code": 400,
+            "body": {
+                "error": {
+                    "code": "moderation_blocked",
+                    "type": "image_generation_user_error",
+                    "message": "blocked",
+                    "moderation_details": {"moderation_stage": "input", "categories": ["violence"]},
+                }
+            },
+        },
+        "error": None,
+    }
     assert batches.classify_error_line(moderation)["retryable"] is False
-    assert batches.classify_error_line(moderation)["moderation_details"]["categories"] == ["violence"]
-    expired = {"custom_id": "2", "response": None, "error": {"code": "batch_expired", "message": "late"}}
+    assert batches.classify_error_line(moderation)["moderation_details"]["categories"] == [
+        "violence"
+    ]
+    expired = {
+        "custom_id": "2",
+        "response": None,
+        "error": {"code": "batch_expired", "message": "late"},
+    }
     assert batches.classify_error_line(expired)["retryable"] is True
-    server = {"custom_id": "3", "response": {"status_code": 500, "body": {"error": {"message": "oops", "type": "server_error"}}}}
+    server = {
+        "custom_id": "3",
+        "response": {
+            "status_code": 500,
+            "body": {"error": {"message": "oops", "type": "server_error"}},
+        },
+    }
     assert batches.classify_error_line(server)["retryable"] is True

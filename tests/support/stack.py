@@ -20,8 +20,15 @@ FINAL = {"succeeded", "partially_failed", "failed", "cancelled", "budget_exhaust
 
 
 class Stack:
-    def __init__(self, tmp: Path, redis_url: str, upstream_url: str, *, storage_url: str | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        redis_url: str,
+        upstream_url: str,
+        *,
+        storage_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.tmp = tmp
         self.api_port = free_port()
         self.env = {
@@ -44,18 +51,33 @@ class Stack:
         return [sys.executable, "-m", "service.cli", *args]
 
     def start_api(self) -> Proc:
-        proc = start_server(self._exe("api", "--host", "127.0.0.1", "--port", str(self.api_port)), self.api_port,
-                            self.tmp / "api.log", env=self.env, timeout=60)
+        proc = start_server(
+            self._exe("api", "--host", "127.0.0.1", "--port", str(self.api_port)),
+            self.api_port,
+            self.tmp / "api.log",
+            env=self.env,
+            timeout=60,
+        )
         self.procs["api"] = proc
         return proc
 
-    def start_worker(self, queues: str = "control,collect,sync", concurrency: int = 2, name: str | None = None) -> Proc:
+    def start_worker(
+        self, queues: str = "control,collect,sync", concurrency: int = 2, name: str | None = None
+    ) -> Proc:
         self._n += 1
         name = name or f"w{self._n}"
-        proc = Proc(self._exe("worker", "--queues", queues, "--concurrency", str(concurrency), "--name", name),
-                    self.tmp / f"worker-{name}.log", env=self.env)
-        wait_until(lambda: "ready." in proc.log_text() or (not proc.alive() and _raise(proc)), timeout=60,
-                   message=f"worker {name} ready")
+        proc = Proc(
+            self._exe(
+                "worker", "--queues", queues, "--concurrency", str(concurrency), "--name", name
+            ),
+            self.tmp / f"worker-{name}.log",
+            env=self.env,
+        )
+        wait_until(
+            lambda: "ready." in proc.log_text() or (not proc.alive() and _raise(proc)),
+            timeout=60,
+            message=f"worker {name} ready",
+        )
         self.procs[name] = proc
         return proc
 
@@ -91,7 +113,11 @@ class Stack:
 
     def submit(self, body: dict[str, Any], **headers: str) -> dict[str, Any]:
         with self.client() as c:
-            resp = c.post("/v1/jobs", content=orjson.dumps(body), headers={"Content-Type": "application/json", **headers})
+            resp = c.post(
+                "/v1/jobs",
+                content=orjson.dumps(body),
+                headers={"Content-Type": "application/json", **headers},
+            )
         assert resp.status_code == 202, resp.text
         return resp.json()  # type: ignore[no-any-return]
 
@@ -101,9 +127,15 @@ class Stack:
         assert resp.status_code == 200, resp.text
         return resp.json()  # type: ignore[no-any-return]
 
-    def wait_job(self, job_id: str, timeout: float = 120, statuses: set[str] = FINAL) -> dict[str, Any]:
-        return wait_until(lambda: (j := self.job(job_id))["status"] in statuses and j, timeout=timeout,
-                          interval=0.2, message=f"job {job_id} to reach {sorted(statuses)}")
+    def wait_job(
+        self, job_id: str, timeout: float = 120, statuses: set[str] = FINAL
+    ) -> dict[str, Any]:
+        return wait_until(
+            lambda: (j := self.job(job_id))["status"] in statuses and j,
+            timeout=timeout,
+            interval=0.2,
+            message=f"job {job_id} to reach {sorted(statuses)}",
+        )
 
     def manifest(self, job_id: str) -> list[dict[str, Any]]:
         with self.client() as c:
@@ -122,8 +154,16 @@ def _raise(proc: Proc) -> bool:
     raise RuntimeError(f"process exited early:\n{proc.log_text()[-3000:]}")
 
 
-def job_body(n: int, *, size: str = "1024x1024", quality: str = "low", fmt: str = "png", prefix: str = "sku",
-             prompt: str = "Studio photo of product {i} on white", **extra: Any) -> dict[str, Any]:
+def job_body(
+    n: int,
+    *,
+    size: str = "1024x1024",
+    quality: str = "low",
+    fmt: str = "png",
+    prefix: str = "sku",
+    prompt: str = "Studio photo of product {i} on white",
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "model": "gpt-image-2",
         "defaults": {"size": size, "quality": quality, "output_format": fmt},
