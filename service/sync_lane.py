@@ -10,9 +10,19 @@ multiply): a 429 waits for ``retry-after`` (and holds the whole cluster) and doe
 attempt; 5xx and connection errors are retried up to ``IMAGEBATCH_MAX_ATTEMPTS``; moderation
 blocks and other 4xx are final.
 
-A job's items are split into slices, one task each, so several workers share a job. An item is
-claimed (pending → queued, in the job's chunk 0) before it is sent, so a redelivered slice never
-sends it twice; one that dies mid-request is found still queued by the sweep and put back.
+Money: before an item is sent its estimated sync cost is reserved against the job's
+``max_cost_usd`` and the tenant's daily and monthly caps (the same budgets the batch path holds,
+keyed by item), and settled to the actual cost from ``usage`` when it returns; an item that
+would cross a cap is not sent: it is cancelled and the job ends ``budget_exhausted``.
+
+A job's items are split into slices, one task each, so several workers share a job. The fan-out
+moves every item into the job's chunk 0 (pending → queued) at once: a sync job never has pending
+items, so the sweep never plans one into an upstream batch while its slices wait their turn. A
+slice runs under a lease (renewed while it runs), so a duplicate of it (a redelivered fan-out)
+waits for the first to end and then finds its items done; if the worker running it dies, the lease
+lapses within :data:`SLICE_LEASE_SECONDS` and the redelivered slice sends what was left (an item
+that was in flight is sent again: at least once). A slice that finds the job cancelled cancels its
+unsent items.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ import openai
 import pybase64
 
 from service import jobstore as js
-from service import metrics, pricing
+from service import keys, metrics, pricing
 from service.batches import CONTENT_TYPES, _RefResolver, record_usage, request_pages
+from service.budgets import usd_to_nanousd
 from service.context import Context
 from service.queues import FINALIZE, SYNC_ITEMS
 from service.ratelimit import SyncLimiter, retry_after_seconds
@@ -39,6 +50,21 @@ log = logging.getLogger("imagebatch.sync")
 
 SYNC_CHUNK = 0  # a sync job's items all live in chunk 0
 SLICE = 8  # items per task: small enough that two workers share even a short job
+# A slice's lease: renewed every third of it while the slice runs, so this is how long a slice
+# whose worker died blocks its redelivery.
+SLICE_LEASE_SECONDS = 30.0
+# How long a duplicate slice waits for the first to finish before leaving the items to it.
+SLICE_WAIT_SECONDS = 3600.0
+
+
+def _slice_key(job_id: str, start: int) -> str:
+    # STRING lease (Lease token, PX): a worker is sending this slice's items.
+    return f"{keys.job(job_id)}:sync:slice:{start}"
+
+
+def _spend_key(job_id: str, index: int) -> str:
+    # An item's reservation against the job's and the tenant's spend caps.
+    return f"{job_id}:s{index}"
 
 
 def limiter(ctx: Context) -> SyncLimiter:
@@ -56,48 +82,156 @@ def fan_out(ctx: Context, job_id: str) -> int:
             job_id, SYNC_CHUNK, status="sync", endpoint="", lines=0, open=0, attempt=1
         )
         ctx.redis.sadd(f"ib:job:{job_id}:chunks", SYNC_CHUNK)
-    ctx.store.set_job_status_if(job_id, [js.JOB_QUEUED], js.JOB_RUNNING)
     total = int(job["items"])
+    # Every item goes into chunk 0 now, not when its slice runs: items left pending while the
+    # slices wait (behind the rate limit) would be planned into an upstream batch by the sweep.
+    for start in range(0, total, 2000):
+        ctx.store.assign(job_id, SYNC_CHUNK, list(range(start, min(start + 2000, total))))
+    ctx.store.set_job_status_if(job_id, [js.JOB_QUEUED], js.JOB_RUNNING)
     for start in range(0, total, SLICE):
         ctx.enqueue(SYNC_ITEMS, job_id, start, min(start + SLICE, total))
     return total
 
 
 def run_slice(ctx: Context, job_id: str, start: int, end: int) -> dict[str, int]:
-    """Send the still-pending items with index in [start, end)."""
-    job = ctx.store.job(job_id)
-    outcome = {"succeeded": 0, "failed": 0}
-    if job is None or job["status"] not in (js.JOB_QUEUED, js.JOB_RUNNING):
-        return outcome
+    """Send the items with index in [start, end) that are still queued in chunk 0."""
+    outcome = {"succeeded": 0, "failed": 0, "cancelled": 0}
+    lease = js.Lease(ctx.redis, _slice_key(job_id, start), SLICE_LEASE_SECONDS)
+    deadline = time.monotonic() + SLICE_WAIT_SECONDS
+    while True:
+        job = ctx.store.job(job_id)
+        if job is None or job["status"] in js.JOB_FINAL:
+            return outcome
+        with lease.held() as got:
+            if got:
+                return _run_slice(ctx, job, job_id, start, end, outcome)
+        if time.monotonic() > deadline:
+            return outcome
+        time.sleep(1.0)  # a duplicate: the first holder is sending these items
+
+
+def _run_slice(
+    ctx: Context, job: dict[str, str], job_id: str, start: int, end: int, outcome: dict[str, int]
+) -> dict[str, int]:
     lines = []
     for page in request_pages(ctx, job_id):
         lines += [line for line in page if start <= line.index < end]
         if page[-1].index >= end:
             break
-    claimed = set()
-    for line in lines:
-        if ctx.store.assign(job_id, SYNC_CHUNK, [line.index]):
-            claimed.add(line.index)
-    todo = [line for line in lines if line.index in claimed]
+    states = ctx.store.item_states(job_id, [line.index for line in lines])
+    todo = [
+        line
+        for line, state in zip(lines, states, strict=True)
+        if state is not None and state.status == js.QUEUED and state.chunk == SYNC_CHUNK
+    ]
     lim = limiter(ctx)
     refs = _RefResolver(ctx, job_id)
     with ThreadPoolExecutor(
         max_workers=max(1, min(ctx.settings.sync_concurrency, len(todo) or 1))
     ) as pool:
-        for ok in pool.map(lambda line: _send(ctx, job, job_id, line, lim, refs), todo):
-            outcome["succeeded" if ok else "failed"] += 1
+        for result in pool.map(lambda line: _run_item(ctx, job, job_id, line, lim, refs), todo):
+            outcome[result] += 1
     counts = ctx.store.counts(job_id)
     if counts.get("pending", 0) + counts.get("queued", 0) <= 0:
         ctx.enqueue(FINALIZE, job_id)
     return outcome
 
 
-def _send(
+def _run_item(
     ctx: Context, job: dict[str, str], job_id: str, line: Any, lim: SyncLimiter, refs: _RefResolver
-) -> bool:
+) -> str:
+    """Check and send one item; its outcome."""
+    current = ctx.store.job(job_id) or {}
+    if current.get("status") != js.JOB_RUNNING or current.get("budget_exhausted"):
+        _cancel_item(ctx, job, job_id, line, current)
+        return "cancelled"
     model = ctx.catalog.get(job["model"])
-    assert model is not None
+    if model is None:
+        raise RuntimeError(f"job {job_id}: model {job['model']!r} is no longer in the catalog")
     estimate = pricing.estimate_item(line.item(), ctx.catalog)
+    refused = _reserve_spend(ctx, job, job_id, line.index, estimate, model)
+    if refused:
+        ctx.store.update_job(
+            job_id, budget_exhausted=1, reason=f"stopped: sending more would exceed {refused}"
+        )
+        _cancel_item(ctx, job, job_id, line, ctx.store.job(job_id) or {})
+        return "cancelled"
+    ok = _send(ctx, job, job_id, line, lim, refs, estimate)
+    if not ok:
+        _release_spend(ctx, job, job_id, line.index)
+    return "succeeded" if ok else "failed"
+
+
+def _cancel_item(
+    ctx: Context, job: dict[str, str], job_id: str, line: Any, current: dict[str, str]
+) -> None:
+    if current.get("budget_exhausted"):
+        error = {
+            "code": "budget_exhausted",
+            "message": current.get("reason") or "not sent: the job's budget is spent",
+        }
+    else:
+        error = {"code": "cancelled", "message": "not sent: the job was cancelled"}
+    ctx.store.record_failure(
+        job_id, line.index, SYNC_CHUNK, error, "cancel", 1, job["model"], line.item().n
+    )
+
+
+def _reserve_spend(
+    ctx: Context,
+    job: dict[str, str],
+    job_id: str,
+    index: int,
+    estimate: pricing.Tokens,
+    model: Any,
+) -> str | None:
+    """Hold the item's estimated sync cost; None when held, else the cap that refused it."""
+    budgets = ctx.budgets
+    if budgets is None:
+        return None
+    nanousd = pricing.cost_nanousd(estimate, model, ctx.catalog, "sync")
+    cap = usd_to_nanousd(float(job["max_cost_usd"])) if job.get("max_cost_usd") else None
+    key = _spend_key(job_id, index)
+    if not budgets.spend.reserve_chunk(job_id, key, nanousd, cap):
+        return "the job's max_cost_usd"
+    tenant = budgets.tenant(job["tenant"])
+    if tenant is not None and not budgets.tenant_spend.reserve(tenant, key, nanousd):
+        budgets.spend.release(job_id, key)
+        return f"tenant '{tenant.id}' daily or monthly budget"
+    return None
+
+
+def _release_spend(ctx: Context, job: dict[str, str], job_id: str, index: int) -> None:
+    budgets = ctx.budgets
+    if budgets is None:
+        return
+    key = _spend_key(job_id, index)
+    budgets.spend.release(job_id, key)
+    tenant = budgets.tenant(job["tenant"])
+    if tenant is not None:
+        budgets.tenant_spend.release(tenant, key)
+
+
+def _settle_spend(ctx: Context, job: dict[str, str], job_id: str, index: int, nanousd: int) -> None:
+    budgets = ctx.budgets
+    if budgets is None:
+        return
+    key = _spend_key(job_id, index)
+    budgets.spend.settle(job_id, key, nanousd)
+    tenant = budgets.tenant(job["tenant"])
+    if tenant is not None:
+        budgets.tenant_spend.settle(tenant, key, nanousd)
+
+
+def _send(
+    ctx: Context,
+    job: dict[str, str],
+    job_id: str,
+    line: Any,
+    lim: SyncLimiter,
+    refs: _RefResolver,
+    estimate: pricing.Tokens,
+) -> bool:
     body = refs.resolve(line.body)
     client = ctx.openai.with_options(max_retries=0)
     attempts = 0
@@ -190,6 +324,9 @@ def _store(ctx: Context, job: dict[str, str], job_id: str, line: Any, body: dict
         )
         stored.append(key)
     metrics.count(ctx.redis, "imagebatch_collect_bytes_total", None, size)
-    record_usage(
-        ctx, job, job_id, SYNC_CHUNK, line.index, body.get("usage") or {}, stored, tier="sync"
-    )
+    usage = body.get("usage") or {}
+    record_usage(ctx, job, job_id, SYNC_CHUNK, line.index, usage, stored, tier="sync")
+    model = ctx.catalog.get(job["model"])
+    if model is not None:
+        actual = pricing.cost_nanousd(pricing.usage_tokens(usage), model, ctx.catalog, "sync")
+        _settle_spend(ctx, job, job_id, line.index, actual)
