@@ -6,6 +6,10 @@ reverse when a later one refuses: the job's ``max_cost_usd`` (a chunk that would
 submitted, and the job ends ``budget_exhausted``), the tenant's daily and monthly caps, the
 model's enqueued-token budget, and the cluster's batch creations per hour. Everything is keyed by
 the chunk (``job:n:attempt``) so a redelivered submit holds each budget once.
+
+A chunk refused by the queue budget waits; when a chunk gives its tokens back, the oldest waiting
+chunks (:data:`WAKE_ON_RELEASE` of them) have their submit enqueued at once, so the queue refills
+as soon as upstream's does instead of at the sweep's next retry of a waiting chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ from service.budgets import (
 from service.jobspec import JobSpec
 from service.pricing import Estimate
 from service.problems import FieldError, Problem
+from service.queues import SUBMIT
 from service.tenants import Tenant, Tenants
+
+# Waiting chunks whose submit is enqueued when queue tokens come back: enough to fill the freed
+# room with small chunks, few enough that a release never floods the control queue. A submit that
+# still does not fit goes back to waiting; the sweep retries the rest.
+WAKE_ON_RELEASE = 8
 
 
 def check_tenant_budget(ctx: Any, tenant: Tenant | None, spec: JobSpec, estimate: Estimate) -> None:
@@ -127,6 +137,7 @@ class BatchBudgets:
     ) -> None:
         model = chunk.get("model") or ""
         self.queue.release(model, self._key(job_id, n, chunk))
+        self.wake_waiting()
         spend_key = f"{job_id}:{n}"
         job = self.ctx.store.job(job_id) or {}
         tenant = self.tenant(job.get("tenant", ""))
@@ -141,6 +152,16 @@ class BatchBudgets:
 
     def upstream_pressure(self, job_id: str, n: int, chunk: dict[str, str]) -> None:
         self.queue.shrink(chunk.get("model") or "", self._key(job_id, n, chunk))
+
+    def wake_waiting(self) -> None:
+        """Enqueue the submit of the oldest waiting chunks: queue tokens were just given back.
+
+        Submitting is idempotent (a lease, and status checks), so a chunk also retried by the
+        sweep, or already submitted, costs one no-op task.
+        """
+        for ref in self.ctx.redis.zrange(keys.WAITING_CHUNKS, 0, WAKE_ON_RELEASE - 1):
+            job_id, _, n = (ref.decode() if isinstance(ref, bytes) else ref).rpartition(":")
+            self.ctx.enqueue(SUBMIT, job_id, int(n))
 
     def metrics(self) -> Iterator[Metric]:
         reserved = GaugeMetricFamily(
