@@ -11,10 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from service import queues
 from service.context import Context, build_context, redis_url
@@ -50,6 +56,38 @@ def _fresh_context(**_: Any) -> None:
     # A forked child must not share its parent's Redis or HTTP connections.
     global _ctx
     _ctx = None
+
+
+# The worker's main process says it is alive every HEARTBEAT_SECONDS, busy or idle, so the
+# "no worker heartbeat" alert and the dashboard see an idle worker as alive.
+HEARTBEAT_SECONDS = 30.0
+_heartbeat_stop = threading.Event()
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: Any) -> None:
+    import redis
+
+    from service import metrics
+
+    client = redis.Redis.from_url(redis_url(get_settings()))
+    name = worker_name()
+
+    def beat() -> None:
+        while True:
+            try:
+                metrics.heartbeat(client, name)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            if _heartbeat_stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    threading.Thread(target=beat, name="imagebatch-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    _heartbeat_stop.set()
 
 
 @worker_process_shutdown.connect

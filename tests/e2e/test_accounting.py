@@ -143,3 +143,18 @@ scrape_configs:
         assert value == sum(job["tokens"].values())
     finally:
         prom.stop()
+
+
+def test_idle_workers_report_a_heartbeat(make_simulator, make_stack):
+    sim = make_simulator()
+    stack = make_stack(sim)
+    stack.start_api()
+    stack.start_worker("control", name="idle-a")
+    stack.start_worker("collect", name="idle-b")
+
+    def beats() -> list[float]:
+        return [v for _, v in scrape(stack.api).get("imagebatch_worker_heartbeat_timestamp_seconds", [])]
+
+    # No task has run: both workers still say they are alive.
+    found = wait_until(lambda: len(b := beats()) >= 2 and b, timeout=30, message="both workers' heartbeats")
+    assert all(v > 0 for v in found)
