@@ -39,8 +39,26 @@ class Context:
     @property
     def openai(self) -> OpenAI:
         if self._openai is None:
-            self._openai = make_client(self.settings)
+            self._openai = make_client(self.settings, on_response=self._count_upstream)
         return self._openai
+
+    def _count_upstream(self, endpoint: str, status: int) -> None:
+        from service import metrics
+
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                metrics.count(
+                    pipe,
+                    "imagebatch_upstream_requests_total",
+                    {"endpoint": endpoint, "status": str(status)},
+                )
+                if status == 429:
+                    metrics.count(
+                        pipe, "imagebatch_upstream_rate_limited_total", {"endpoint": endpoint}
+                    )
+                pipe.execute()
+        except redis.RedisError:
+            pass  # a metric must never fail an upstream call
 
 
 def redis_url(settings: Settings) -> str:

@@ -27,7 +27,6 @@ unsent items.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,16 +34,14 @@ from typing import Any
 
 import httpx2
 import openai
-import pybase64
 
 from service import jobstore as js
 from service import keys, metrics, pricing
-from service.batches import CONTENT_TYPES, _RefResolver, record_usage, request_pages
+from service.batches import _RefResolver, record_usage, request_pages, store_images
 from service.budgets import usd_to_nanousd
 from service.context import Context
 from service.queues import FINALIZE, SYNC_ITEMS
 from service.ratelimit import SyncLimiter, retry_after_seconds
-from service.storage import image_key
 
 log = logging.getLogger("imagebatch.sync")
 
@@ -248,28 +245,15 @@ def _send(
                 resp = client.images.with_raw_response.generate(**body)
                 headers, payload = resp.headers, resp.http_response.json()
             lim.observe(headers)
-            metrics.count(
-                ctx.redis,
-                "imagebatch_upstream_requests_total",
-                {"endpoint": line.endpoint, "status": "200"},
-            )
             metrics.count(ctx.redis, "imagebatch_sync_requests_total", {"status": "succeeded"})
             _store(ctx, job, job_id, line, payload)
             return True
         except openai.RateLimitError as exc:
             lim.observe(exc.response.headers)
             lim.penalize(retry_after_seconds(exc.response.headers) or 1.0)
-            metrics.count(
-                ctx.redis, "imagebatch_upstream_rate_limited_total", {"endpoint": line.endpoint}
-            )
             metrics.count(ctx.redis, "imagebatch_sync_requests_total", {"status": "rate_limited"})
             continue  # not an attempt: the request never ran
         except openai.APIStatusError as exc:
-            metrics.count(
-                ctx.redis,
-                "imagebatch_upstream_requests_total",
-                {"endpoint": line.endpoint, "status": str(exc.status_code)},
-            )
             err = exc.body if isinstance(exc.body, dict) else {}
             last_error = {
                 "code": err.get("code") or f"http_{exc.status_code}",
@@ -300,29 +284,9 @@ def _send(
 
 
 def _store(ctx: Context, job: dict[str, str], job_id: str, line: Any, body: dict[str, Any]) -> None:
-    fmt = body.get("output_format") or line.body.get("output_format") or "png"
-    ext = "jpg" if fmt == "jpeg" else fmt
-    data = body.get("data") or []
-    stored = []
-    size = 0
-    for k, image in enumerate(data):
-        blob = pybase64.b64decode(image["b64_json"], validate=True)
-        size += len(blob)
-        key = image_key(job_id, line.id, ext, k if len(data) > 1 else None)
-        ctx.storage.put_bytes(
-            key,
-            blob,
-            content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
-            metadata={
-                "job": job_id,
-                "item": line.id,
-                "model": job["model"],
-                "size": str(body.get("size", "")),
-                "quality": str(body.get("quality", "")),
-                "sha256": hashlib.sha256(blob).hexdigest(),
-            },
-        )
-        stored.append(key)
+    stored, size = store_images(
+        ctx, job, job_id, line.id, body, line.body.get("output_format") or "png"
+    )
     metrics.count(ctx.redis, "imagebatch_collect_bytes_total", None, size)
     usage = body.get("usage") or {}
     record_usage(ctx, job, job_id, SYNC_CHUNK, line.index, usage, stored, tier="sync")

@@ -87,6 +87,12 @@ def test_per_job_tokens_and_cost_equal_what_upstream_billed(make_simulator, make
     ]
     assert sum(campaign) == pytest.approx(expected_usd, rel=1e-9)
 
+    # Every upstream call is counted by endpoint (ids folded, so labels stay bounded) and status.
+    requests = {(labels["endpoint"], labels["status"]): v for labels, v in metrics["imagebatch_upstream_requests_total"]}
+    assert requests[("/v1/batches", "200")] >= len(batch_ids)
+    assert requests[("/v1/files/{id}/content", "200")] >= len(batch_ids)
+    assert not any("batch_" in endpoint or "file-" in endpoint for endpoint, _ in requests)
+
     # The estimate before the run is within 2 % of what was billed.
     est = accepted["estimate"]["tokens"]
     est_total = sum(est.values())
