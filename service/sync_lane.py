@@ -121,12 +121,17 @@ def _run_slice(
         for line, state in zip(lines, states, strict=True)
         if state is not None and state.status == js.QUEUED and state.chunk == SYNC_CHUNK
     ]
+    # Estimated here, before the threads: the first estimate in a process loads the tokenizer
+    # (~0.3 s of CPU), and threads calling it at once would each load it.
+    estimates = {line.index: pricing.estimate_item(line.item(), ctx.catalog) for line in todo}
     lim = limiter(ctx)
     refs = _RefResolver(ctx, job_id)
     with ThreadPoolExecutor(
         max_workers=max(1, min(ctx.settings.sync_concurrency, len(todo) or 1))
     ) as pool:
-        for result in pool.map(lambda line: _run_item(ctx, job, job_id, line, lim, refs), todo):
+        for result in pool.map(
+            lambda line: _run_item(ctx, job, job_id, line, estimates[line.index], lim, refs), todo
+        ):
             outcome[result] += 1
     counts = ctx.store.counts(job_id)
     if counts.get("pending", 0) + counts.get("queued", 0) <= 0:
@@ -135,7 +140,13 @@ def _run_slice(
 
 
 def _run_item(
-    ctx: Context, job: dict[str, str], job_id: str, line: Any, lim: SyncLimiter, refs: _RefResolver
+    ctx: Context,
+    job: dict[str, str],
+    job_id: str,
+    line: Any,
+    estimate: pricing.Tokens,
+    lim: SyncLimiter,
+    refs: _RefResolver,
 ) -> str:
     """Check and send one item; its outcome."""
     current = ctx.store.job(job_id) or {}
@@ -145,7 +156,6 @@ def _run_item(
     model = ctx.catalog.get(job["model"])
     if model is None:
         raise RuntimeError(f"job {job_id}: model {job['model']!r} is no longer in the catalog")
-    estimate = pricing.estimate_item(line.item(), ctx.catalog)
     refused = _reserve_spend(ctx, job, job_id, line.index, estimate, model)
     if refused:
         ctx.store.update_job(
