@@ -37,7 +37,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -212,6 +212,11 @@ def _header_duration(headers: Mapping[str, str], name: str) -> float | None:
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
+class WaitAbandoned(Exception):
+    """:meth:`SyncLimiter.wait_and_acquire` gave up because its caller no longer wants the slot
+    (the job was cancelled while the request waited); nothing was charged."""
+
+
 def _now_us(now: float | None) -> str:
     return "" if now is None else f"{now * 1_000_000:.0f}"
 
@@ -264,13 +269,24 @@ class SyncLimiter:
         )
         return float(result.decode() if isinstance(result, bytes) else result)
 
-    def wait_and_acquire(self, images: int, tokens: int, deadline: float) -> float:
+    def wait_and_acquire(
+        self,
+        images: int,
+        tokens: int,
+        deadline: float,
+        abandon: Callable[[], bool] | None = None,
+    ) -> float:
         """Block until granted; return the seconds waited.
 
         ``deadline`` is a :func:`time.monotonic` value. Raises TimeoutError as soon as the next
         possible slot lies past it (without sleeping until then: the caller learns early).
+        ``abandon`` is asked about once a second while waiting (never before the first try);
+        when it says True, :class:`WaitAbandoned` is raised and nothing is charged. Many callers
+        queue here (a whole job's items at the limit's pace): without it, each would learn that
+        its job was cancelled only after taking a slot.
         """
         start = time.monotonic()
+        asked = start
         while True:
             wait = self.acquire(images, tokens)
             now = time.monotonic()
@@ -281,6 +297,12 @@ class SyncLimiter:
                     f"the sync lane's rate limit has no room before the deadline (next slot in "
                     f"{wait:.1f} s); try again later or use batch mode"
                 )
+            if abandon is not None:
+                if now - asked >= 1.0:
+                    asked = now
+                    if abandon():
+                        raise WaitAbandoned()
+                wait = min(wait, 1.0)
             time.sleep(wait)
 
     def penalize(self, retry_after: float, now: float | None = None) -> None:

@@ -41,11 +41,12 @@ from service.batches import _RefResolver, record_usage, request_pages, store_ima
 from service.budgets import usd_to_nanousd
 from service.context import Context
 from service.queues import FINALIZE, SYNC_ITEMS
-from service.ratelimit import SyncLimiter, retry_after_seconds
+from service.ratelimit import SyncLimiter, WaitAbandoned, retry_after_seconds
 
 log = logging.getLogger("imagebatch.sync")
 
 SYNC_CHUNK = 0  # a sync job's items all live in chunk 0
+_RUNNING = js.JOB_RUNNING.encode()
 SLICE = 8  # items per task: small enough that two workers share even a short job
 # A slice's lease: renewed every third of it while the slice runs, so this is how long a slice
 # whose worker died blocks its redelivery.
@@ -164,6 +165,10 @@ def _run_item(
         _cancel_item(ctx, job, job_id, line, ctx.store.job(job_id) or {})
         return "cancelled"
     ok = _send(ctx, job, job_id, line, lim, refs, estimate)
+    if ok is None:
+        _release_spend(ctx, job, job_id, line.index)
+        _cancel_item(ctx, job, job_id, line, ctx.store.job(job_id) or {})
+        return "cancelled"
     if not ok:
         _release_spend(ctx, job, job_id, line.index)
     return "succeeded" if ok else "failed"
@@ -238,13 +243,23 @@ def _send(
     lim: SyncLimiter,
     refs: _RefResolver,
     estimate: pricing.Tokens,
-) -> bool:
+) -> bool | None:
+    """Send one item until it succeeds or fails for good; None when the job was cancelled while
+    the item waited for the rate limit (nothing sent)."""
     body = refs.resolve(line.body)
     client = ctx.openai.with_options(max_retries=0)
     attempts = 0
     last_error: dict[str, Any] = {}
     while attempts < ctx.settings.max_attempts:
-        waited = lim.wait_and_acquire(line.item().n, estimate.total, time.monotonic() + 3600)
+        try:
+            waited = lim.wait_and_acquire(
+                line.item().n,
+                estimate.total,
+                time.monotonic() + 3600,
+                abandon=lambda: ctx.redis.hget(keys.job(job_id), "status") != _RUNNING,
+            )
+        except WaitAbandoned:
+            return None
         if waited > 0.5:
             metrics.observe(ctx.redis, "imagebatch_budget_wait_seconds", waited)
         try:
