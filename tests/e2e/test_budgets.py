@@ -101,6 +101,22 @@ def test_sync_job_runs_at_the_images_per_minute_limit_without_429s(make_simulato
         assert "sync.items" in stack.procs[name].log_text(), name
 
 
+def test_cancelling_a_sync_job_sends_nothing_more_and_keeps_what_ran(make_simulator, make_stack):
+    limit, n = 120, 60  # 2 images a second: most of the job is still waiting when it is cancelled
+    sim = make_simulator(ipm=limit)
+    stack = _two_workers(make_stack(sim, env={"IMAGEBATCH_SYNC_IMAGES_PER_MINUTE": str(limit)}))
+    job_id = stack.submit(job_body(n, mode="sync"))["id"]
+    wait_until(lambda: sim.stats()["sync"]["images"] >= 5, timeout=30, message="5 sync images")
+    with stack.client() as c:
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    job = stack.wait_job(job_id, timeout=30)
+    assert job["status"] == "cancelled", stack.logs()
+    done = job["counts"]["succeeded"]
+    assert 5 <= done < 20 and job["counts"]["cancelled"] == n - done, job["counts"]
+    assert sim.stats()["sync"]["images"] == done  # nothing was sent after the cancel took
+    assert len(_stored_images(stack, job_id)) == done
+
+
 def test_five_batch_jobs_three_times_the_queue_budget_never_overrun_upstream(
     make_simulator, make_stack
 ):
