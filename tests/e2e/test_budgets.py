@@ -153,37 +153,40 @@ def test_five_batch_jobs_three_times_the_queue_budget_never_overrun_upstream(
 
 
 # --- money ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["batch", "sync"])
-def test_max_cost_usd_stops_the_job_under_its_cap(make_simulator, make_stack, mode):
+def test_max_cost_usd_stops_batch_and_sync_jobs_under_their_caps(make_simulator, make_stack):
     n = 40
     sim = make_simulator(rate=200)
     stack = _two_workers(make_stack(sim))
-    body = job_body(n, prompt=SAME_PROMPT, mode=mode)
-    per_item = _estimate(body).nanousd(mode) / 1e9 / n
-    # Room for 20 items and a half: the half makes "exactly at the cap" impossible either way.
-    cap = round(per_item * 20.5, 9)
-    job = stack.wait_job(stack.submit({**body, "max_cost_usd": cap})["id"], timeout=90)
+    submitted = {}
+    for mode in ("batch", "sync"):
+        body = job_body(n, prompt=SAME_PROMPT, mode=mode, prefix=mode)
+        per_item = _estimate(body).nanousd(mode) / 1e9 / n
+        # Room for 20 items and a half: the half makes "exactly at the cap" impossible.
+        cap = round(per_item * 20.5, 9)
+        submitted[mode] = (stack.submit({**body, "max_cost_usd": cap})["id"], cap)
 
-    assert job["status"] == "budget_exhausted", (job, stack.logs())
-    assert "max_cost_usd" in job["reason"], job["reason"]
-    assert job["cost_usd"]["total"] <= cap
-    done = job["counts"]["succeeded"]
-    # Batch chunks are capped at a quarter of the cap (5 items here): four of them fit. The sync
-    # lane reserves item by item: twenty fit.
-    assert done == 20, job["counts"]
-    assert job["counts"]["cancelled"] == n - done and job["counts"]["failed"] == 0
-    # What ran was billed upstream exactly as we counted it, and its images are kept.
-    billed = sim.stats()[mode]["tokens"]
-    assert job["tokens"]["image_output"] == billed["image_output"]
-    assert job["tokens"]["text_input"] == billed["text_input"]
-    assert len(_stored_images(stack, job["id"])) == done
-    manifest = stack.manifest(job["id"])
-    assert sum(m["cost_usd"] or 0 for m in manifest) == pytest.approx(job["cost_usd"]["total"])
-    for m in manifest:
-        if m["status"] == "succeeded":
-            assert m["keys"] and m["tier"] == mode
-        else:
-            assert m["status"] == "cancelled" and not m["keys"]
+    for mode, (job_id, cap) in submitted.items():
+        job = stack.wait_job(job_id, timeout=90)
+        assert job["status"] == "budget_exhausted", (job, stack.logs())
+        assert "max_cost_usd" in job["reason"], job["reason"]
+        assert job["cost_usd"]["total"] <= cap
+        done = job["counts"]["succeeded"]
+        # Batch chunks are capped at a quarter of the cap (5 items here): four of them fit. The
+        # sync lane reserves item by item: twenty fit.
+        assert done == 20, (mode, job["counts"])
+        assert job["counts"]["cancelled"] == n - done and job["counts"]["failed"] == 0
+        # What ran was billed upstream exactly as we counted it, and its images are kept.
+        billed = sim.stats()[mode]["tokens"]
+        assert job["tokens"]["image_output"] == billed["image_output"], mode
+        assert job["tokens"]["text_input"] == billed["text_input"], mode
+        assert len(_stored_images(stack, job_id)) == done
+        manifest = stack.manifest(job_id)
+        assert sum(m["cost_usd"] or 0 for m in manifest) == pytest.approx(job["cost_usd"]["total"])
+        for m in manifest:
+            if m["status"] == "succeeded":
+                assert m["keys"] and m["tier"] == mode
+            else:
+                assert m["status"] == "cancelled" and not m["keys"]
 
 
 # --- tenants -------------------------------------------------------------------------------------
