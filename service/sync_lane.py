@@ -22,7 +22,7 @@ slice runs under a lease (renewed while it runs), so a duplicate of it (a redeli
 waits for the first to end and then finds its items done; if the worker running it dies, the lease
 lapses within :data:`SLICE_LEASE_SECONDS` and the redelivered slice sends what was left (an item
 that was in flight is sent again: at least once). A slice that finds the job cancelled cancels its
-unsent items.
+unsent items, those waiting for the rate limit too (they look once a second).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ SLICE = 8  # items per task: small enough that two workers share even a short jo
 # A slice's lease: renewed every third of it while the slice runs, so this is how long a slice
 # whose worker died blocks its redelivery.
 SLICE_LEASE_SECONDS = 30.0
-# How long a duplicate slice waits for the first to finish before leaving the items to it.
-SLICE_WAIT_SECONDS = 3600.0
+# How long a duplicate slice waits for the first to finish before leaving the items to it: less
+# than the task's time limit (an hour), so it ends on its own terms.
+SLICE_WAIT_SECONDS = 3000.0
 
 
 def _slice_key(job_id: str, start: int) -> str:
