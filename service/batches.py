@@ -37,7 +37,7 @@ from service import jobstore as js
 from service import keys, metrics, pricing
 from service.context import Context
 from service.jobspec import ItemSpec
-from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, WEBHOOK
+from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, SYNC_ITEMS, WEBHOOK
 from service.storage import image_key, iter_chunk_lines, manifest_key, request_key
 from service.upstream import no_retry
 
@@ -122,8 +122,8 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
     and one model per file. Returns the new chunk numbers; each is queued for submit.
     """
     job = ctx.store.job(job_id)
-    if not job or job["status"] not in (js.JOB_QUEUED, js.JOB_RUNNING):
-        return []
+    if not job or job["status"] not in (js.JOB_QUEUED, js.JOB_RUNNING) or job.get("mode") == "sync":
+        return []  # a sync job's items go to the images endpoints, never into a batch
     with js.Lease(ctx.redis, keys.plan_lock(job_id), LOCK_SECONDS).held() as got:
         return _plan(ctx, job_id, job) if got else []
 
@@ -432,6 +432,16 @@ def sweep(ctx: Context) -> dict[str, int]:
                 ctx.redis.srem(keys.ACTIVE_JOBS, job_id)
                 continue
             counts = store.counts(job_id)
+            if job.get("mode") == "sync" and job["status"] in (js.JOB_QUEUED, js.JOB_RUNNING):
+                from service import sync_lane  # the sync lane builds on this module
+
+                if counts.get("pending", 0) > 0:
+                    enqueue_once(ctx, SYNC_ITEMS, job_id, job_id)  # its fan-out was lost
+                elif counts.get("queued", 0) > 0:
+                    sync_lane.requeue_stalled(ctx, job_id)
+                else:
+                    enqueue_once(ctx, FINALIZE, job_id, job_id)
+                continue
             if counts.get("pending", 0) > 0 and job["status"] in (js.JOB_QUEUED, js.JOB_RUNNING):
                 if not ctx.redis.exists(keys.plan_lock(job_id)) and enqueue_once(
                     ctx, PLAN, job_id, job_id

@@ -212,10 +212,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from service import tokens
     from workers.app import app, configure
 
     settings = get_settings()
     configure(settings)
+    tokens.encoding()  # loaded once here, shared by the forked pool processes
     name = f"{args.name}@{socket.gethostname()}-{os.getpid()}"
     argv = [
         "worker",

@@ -37,7 +37,7 @@ import openai
 
 from service import jobstore as js
 from service import keys, metrics, pricing
-from service.batches import _RefResolver, record_usage, request_pages, store_images
+from service.batches import _RefResolver, enqueue_once, record_usage, request_pages, store_images
 from service.budgets import usd_to_nanousd
 from service.context import Context
 from service.queues import FINALIZE, SYNC_ITEMS
@@ -49,11 +49,8 @@ SYNC_CHUNK = 0  # a sync job's items all live in chunk 0
 _RUNNING = js.JOB_RUNNING.encode()
 SLICE = 8  # items per task: small enough that two workers share even a short job
 # A slice's lease: renewed every third of it while the slice runs, so this is how long a slice
-# whose worker died blocks its redelivery.
+# whose worker died blocks the sweep from sending it again.
 SLICE_LEASE_SECONDS = 30.0
-# How long a duplicate slice waits for the first to finish before leaving the items to it: less
-# than the task's time limit (an hour), so it ends on its own terms.
-SLICE_WAIT_SECONDS = 3000.0
 
 
 def _slice_key(job_id: str, start: int) -> str:
@@ -95,18 +92,35 @@ def fan_out(ctx: Context, job_id: str) -> int:
 def run_slice(ctx: Context, job_id: str, start: int, end: int) -> dict[str, int]:
     """Send the items with index in [start, end) that are still queued in chunk 0."""
     outcome = {"succeeded": 0, "failed": 0, "cancelled": 0}
-    lease = js.Lease(ctx.redis, _slice_key(job_id, start), SLICE_LEASE_SECONDS)
-    deadline = time.monotonic() + SLICE_WAIT_SECONDS
-    while True:
-        job = ctx.store.job(job_id)
-        if job is None or job["status"] in js.JOB_FINAL:
-            return outcome
-        with lease.held() as got:
-            if got:
-                return _run_slice(ctx, job, job_id, start, end, outcome)
-        if time.monotonic() > deadline:
-            return outcome
-        time.sleep(1.0)  # a duplicate: the first holder is sending these items
+    job = ctx.store.job(job_id)
+    if job is None or job["status"] in js.JOB_FINAL:
+        return outcome
+    with js.Lease(ctx.redis, _slice_key(job_id, start), SLICE_LEASE_SECONDS).held() as got:
+        # A duplicate returns at once: the holder is sending these items, and if it dies its
+        # lease lapses and the sweep sends the slice again (requeue_stalled).
+        return _run_slice(ctx, job, job_id, start, end, outcome) if got else outcome
+
+
+def requeue_stalled(ctx: Context, job_id: str, ttl: float = 120.0) -> int:
+    """The sweep's safety net for a sync job: send again every slice that still has items
+    queued and nobody holding its lease (its task was lost, or its worker died)."""
+    job = ctx.store.job(job_id)
+    if job is None:
+        return 0
+    total = int(job["items"])
+    starts = {
+        (state.index // SLICE) * SLICE
+        for state in ctx.store.scan_items(job_id)
+        if state.status == js.QUEUED and state.chunk == SYNC_CHUNK
+    }
+    sent = 0
+    for start in sorted(starts):
+        if ctx.redis.exists(_slice_key(job_id, start)):
+            continue
+        ref = f"{job_id}:{start}"
+        if enqueue_once(ctx, SYNC_ITEMS, ref, job_id, start, min(start + SLICE, total), ttl=ttl):
+            sent += 1
+    return sent
 
 
 def _run_slice(
