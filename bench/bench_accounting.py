@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _support import ROOT, machine, start_redis, wait_until
+from _support import ROOT, machine, start_instant_simulator, start_redis, wait_until
 
 sys.path.insert(0, str(ROOT))
 
@@ -35,7 +35,6 @@ from service.context import Context, build_context
 from service.intake import accept_job
 from service.jobspec import parse_job_json
 from service.settings import Settings
-from tests.support.simulator import start_simulator
 
 IMAGES = 1000
 IMAGE_BYTES = 200_000
@@ -149,13 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
-        sim = start_simulator(
-            tmp / "sim",
-            rate=100_000,
-            validate_seconds=0,
-            finalize_seconds=0,
-            image_bytes=IMAGE_BYTES,
-        )
+        sim = start_instant_simulator(tmp / "sim", image_bytes=IMAGE_BYTES)
         settings = Settings(
             redis_url=redis_url,
             storage_url=(tmp / "storage").as_uri(),

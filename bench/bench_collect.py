@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 import psutil
-from _support import ROOT, machine, start_redis, wait_until
+from _support import ROOT, machine, start_instant_simulator, start_redis, wait_until
 
 IMAGE_BYTES = 1_500_000
 
@@ -153,18 +153,11 @@ def main() -> None:
         child(args)
         return
     sys.path.insert(0, str(ROOT))
-    from tests.support.simulator import start_simulator
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
-        sim = start_simulator(
-            tmp / "sim",
-            rate=100_000,
-            validate_seconds=0,
-            finalize_seconds=0,
-            image_bytes=IMAGE_BYTES,
-        )
+        sim = start_instant_simulator(tmp / "sim", image_bytes=IMAGE_BYTES)
         try:
             print(f"machine: {machine()}")
             print(

@@ -8,7 +8,6 @@ Target (issue: the batch path): median at most 3 s, growth at most 200 MB.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx2
 import orjson
 import psutil
-from _support import free_port, machine, start_redis, start_server
+from _support import machine, start_api, start_redis
 
 ITEMS = 50_000
 RUNS = 5
@@ -27,21 +26,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
-        port = free_port()
-        env = {
-            "IMAGEBATCH_REDIS_URL": redis_url,
-            "IMAGEBATCH_STORAGE_URL": (tmp / "storage").as_uri(),
-            "IMAGEBATCH_DATA_DIR": str(tmp),
-            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
-            "OPENAI_API_KEY": "sk-bench",
-            "IMAGEBATCH_LOG_LEVEL": "warning",
-        }
-        api = start_server(
-            [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
-            port,
-            tmp / "api.log",
-            env=env,
-        )
+        api, port = start_api(tmp, redis_url)
         try:
             body = orjson.dumps(
                 {

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx2
 import orjson
 import redis
-from _support import ROOT, free_port, machine, start_redis, start_server
+from _support import ROOT, machine, start_api, start_redis
 
 sys.path.insert(0, str(ROOT))
 
@@ -230,21 +230,7 @@ def main() -> None:
         r = redis.Redis.from_url(redis_url)
         written = populate(r, time.time(), random.Random(20261121))
         jobs_before = r.zcard(keys.METRICS_JOBS)
-        port = free_port()
-        env = {
-            "IMAGEBATCH_REDIS_URL": redis_url,
-            "IMAGEBATCH_STORAGE_URL": (tmp / "storage").as_uri(),
-            "IMAGEBATCH_DATA_DIR": str(tmp),
-            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
-            "OPENAI_API_KEY": "sk-bench",
-            "IMAGEBATCH_LOG_LEVEL": "warning",
-        }
-        api = start_server(
-            [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
-            port,
-            tmp / "api.log",
-            env=env,
-        )
+        api, port = start_api(tmp, redis_url)
         try:
             with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 load_before = f"{os.getloadavg()[0]:.1f}"

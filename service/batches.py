@@ -678,23 +678,28 @@ def _collect_errors(
     lease: js.Lease,
     result: CollectResult,
 ) -> None:
+    for raw in upstream_lines(ctx, file_id, lease):
+        rec = orjson.loads(raw)
+        try:
+            index = int(rec["custom_id"])
+        except (KeyError, ValueError):
+            log.warning(
+                "job %s chunk %s: error line with unknown custom_id %r",
+                job_id,
+                n,
+                rec.get("custom_id"),
+            )
+            continue
+        _record_line_failure(ctx, job, job_id, n, index, classify_error_line(rec), result)
+
+
+def upstream_lines(ctx: Context, file_id: str, lease: js.Lease) -> Iterator[bytes]:
+    """An upstream file's non-empty lines, streamed as bytes; the lease is renewed as they come."""
     with ctx.openai.files.with_streaming_response.content(file_id) as resp:
         for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)):
-            if not raw.strip():
-                continue
-            lease.refresh()
-            rec = orjson.loads(raw)
-            try:
-                index = int(rec["custom_id"])
-            except (KeyError, ValueError):
-                log.warning(
-                    "job %s chunk %s: error line with unknown custom_id %r",
-                    job_id,
-                    n,
-                    rec.get("custom_id"),
-                )
-                continue
-            _record_line_failure(ctx, job, job_id, n, index, classify_error_line(rec), result)
+            if raw.strip():
+                lease.refresh()
+                yield raw
 
 
 def _collect_output(
@@ -730,16 +735,10 @@ def _collect_output(
             else:
                 result.duplicates += 1
 
-    with (
-        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool,
-        ctx.openai.files.with_streaming_response.content(file_id) as resp,
-    ):
-        for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)):
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool:
+        for raw in upstream_lines(ctx, file_id, lease):
             if errors:
                 break
-            if not raw.strip():
-                continue
-            lease.refresh()
             slots.acquire()
             pool.submit(_store_output_line, ctx, job, job_id, n, raw, account).add_done_callback(
                 done
