@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -177,7 +176,3 @@ def _download(client: httpx2.Client, job_id: str, to: Path) -> int:
         cursor = page["next_cursor"]
     console.print(f"{count} images and the manifest in {target}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(0)
