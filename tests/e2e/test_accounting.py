@@ -88,7 +88,10 @@ def test_per_job_tokens_and_cost_equal_what_upstream_billed(make_simulator, make
     assert sum(campaign) == pytest.approx(expected_usd, rel=1e-9)
 
     # Every upstream call is counted by endpoint (ids folded, so labels stay bounded) and status.
-    requests = {(labels["endpoint"], labels["status"]): v for labels, v in metrics["imagebatch_upstream_requests_total"]}
+    requests = {
+        (labels["endpoint"], labels["status"]): v
+        for labels, v in metrics["imagebatch_upstream_requests_total"]
+    }
     assert requests[("/v1/batches", "200")] >= len(batch_ids)
     assert requests[("/v1/files/{id}/content", "200")] >= len(batch_ids)
     assert not any("batch_" in endpoint or "file-" in endpoint for endpoint, _ in requests)
@@ -159,8 +162,12 @@ def test_idle_workers_report_a_heartbeat(make_simulator, make_stack):
     stack.start_worker("collect", name="idle-b")
 
     def beats() -> list[float]:
-        return [v for _, v in scrape(stack.api).get("imagebatch_worker_heartbeat_timestamp_seconds", [])]
+        return [
+            v for _, v in scrape(stack.api).get("imagebatch_worker_heartbeat_timestamp_seconds", [])
+        ]
 
     # No task has run: both workers still say they are alive.
-    found = wait_until(lambda: len(b := beats()) >= 2 and b, timeout=30, message="both workers' heartbeats")
+    found = wait_until(
+        lambda: len(b := beats()) >= 2 and b, timeout=30, message="both workers' heartbeats"
+    )
     assert all(v > 0 for v in found)
