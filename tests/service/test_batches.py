@@ -183,3 +183,58 @@ def test_error_lines_are_classified() -> None:
         },
     }
     assert batches.classify_error_line(server)["retryable"] is True
+
+
+def test_token_limit_exceeded_upstream_puts_the_chunk_back_to_wait(
+    tmp_path: Path, redis_url: str, redis_client: Any
+) -> None:
+    # Upstream's enqueued-token limit is lower than we were told (ours is unset): the second
+    # job's batch is created, then fails with token_limit_exceeded, as OpenAI does.
+    sim = start_simulator(
+        tmp_path / "sim", rate=8, validate_seconds=0, finalize_seconds=0, batch_queue_tokens=200
+    )
+    settings = Settings(
+        redis_url=redis_url,
+        storage_url=(tmp_path / "storage").as_uri(),
+        data_dir=tmp_path,
+        openai_base_url=sim.url,
+        openai_api_key="sk-test",
+        poll_seconds=0.2,
+    )
+    ctx = build_context(settings, enqueue=Recorder())
+    try:
+        first, second = accept(ctx, 10, prefix="a"), accept(ctx, 10, prefix="b")
+        (n1,) = batches.plan_job(ctx, first)
+        (n2,) = batches.plan_job(ctx, second)
+        assert batches.submit_chunk(ctx, first, n1) == "submitted"
+        assert batches.submit_chunk(ctx, second, n2) == "submitted"
+
+        def collecting(job_id: str, n: int) -> bool:
+            batches.sweep(ctx)
+            return (ctx.store.chunk(job_id, n) or {}).get("status") == js.CHUNK_COLLECTING
+
+        wait_until(lambda: collecting(second, n2), timeout=30, message="the second batch to fail")
+        batches.collect_chunk(ctx, second, n2)
+        chunk = ctx.store.chunk(second, n2) or {}
+        assert chunk["status"] == js.CHUNK_WAITING and chunk["last_error"] == "token_limit_exceeded"
+        assert (
+            ctx.store.counts(second)["failed"] == 0
+        )  # nothing is lost: the items wait with their chunk
+
+        wait_until(lambda: collecting(first, n1), timeout=30, message="the first batch to finish")
+        batches.collect_chunk(ctx, first, n1)
+        assert batches.submit_chunk(ctx, second, n2) == "submitted"  # what the sweep's retry does
+        wait_until(
+            lambda: collecting(second, n2), timeout=30, message="the resubmitted batch to finish"
+        )
+        batches.collect_chunk(ctx, second, n2)
+        assert batches.finalize_job(ctx, second) == "succeeded"
+        tags = [
+            b.metadata["imagebatch_chunk"]
+            for b in sim.client().batches.list(limit=100)
+            if (b.metadata or {}).get("imagebatch_job") == second
+        ]
+        assert sorted(tags) == [f"{second}:{n2}:1", f"{second}:{n2}:2"]
+    finally:
+        ctx.redis.close()
+        sim.stop()
