@@ -38,7 +38,14 @@ from service import keys, metrics, pricing
 from service.context import Context
 from service.jobspec import ItemSpec
 from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, SYNC_ITEMS, WEBHOOK
-from service.storage import image_key, iter_chunk_lines, manifest_key, request_key
+from service.storage import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    image_key,
+    iter_chunk_lines,
+    manifest_key,
+    request_key,
+)
 from service.upstream import no_retry
 
 log = logging.getLogger("imagebatch.batches")
@@ -237,7 +244,13 @@ def _submit(ctx: Context, job: dict[str, str], job_id: str, n: int, chunk: dict[
         )
         store.mark_waiting(job_id, n)
         return "waiting"
-    input_file_id = chunk.get("input_file_id") or _upload_input(ctx, job_id, n, chunk)
+    input_file_id = chunk.get("input_file_id") or _upload_input(ctx, job, job_id, n, chunk)
+    if input_file_id is None:  # every item's reference image was unusable: nothing to send
+        store.set_chunk_status_if(job_id, n, [js.CHUNK_PLANNED, js.CHUNK_WAITING], js.CHUNK_DONE)
+        store.unmark(job_id, n)
+        release_budgets(ctx, job_id, n, chunk, None)
+        _after_chunk(ctx, job_id)
+        return "empty"
     batch = _find_or_create_batch(ctx, job_id, n, chunk, input_file_id)
     store.set_chunk_status_if(
         job_id,
@@ -274,22 +287,58 @@ def release_budgets(
         hook.release_chunk(job_id, n, chunk, spent_nanousd)
 
 
-def _upload_input(ctx: Context, job_id: str, n: int, chunk: dict[str, str]) -> str:
-    """Stream the chunk's JSONL to a temporary file, upload it, record the file id."""
+def _upload_input(
+    ctx: Context, job: dict[str, str], job_id: str, n: int, chunk: dict[str, str]
+) -> str | None:
+    """Stream the chunk's JSONL to a temporary file, upload it, record the file id.
+
+    An item whose reference image cannot be read fails on its own (it would fail upstream
+    too); None when no item of the chunk is left to send.
+    """
     members = set(ctx.store.chunk_indexes(job_id, n))
     endpoint = chunk["endpoint"]
     refs = _RefResolver(ctx, job_id)
+    lines = 0
     with tempfile.TemporaryFile(prefix=f"imagebatch-{job_id}-{n}-", suffix=".jsonl") as fh:
         for page in request_pages(ctx, job_id):
             for line in page:
-                if line.index in members:
-                    fh.write(upstream_line(line.index, endpoint, refs.resolve(line.body)))
+                if line.index not in members:
+                    continue
+                try:
+                    body = refs.resolve(line.body)
+                except BadReference as exc:
+                    fail_bad_reference(ctx, job, job_id, n, line, exc)
+                    continue
+                fh.write(upstream_line(line.index, endpoint, body))
+                lines += 1
+        if lines == 0:
+            return None
         fh.seek(0)
         created = ctx.openai.files.create(
             file=(f"{job_id}-{n}.jsonl", fh, "application/jsonl"), purpose="batch"
         )
     ctx.store.update_chunk(job_id, n, input_file_id=created.id)
     return created.id
+
+
+class BadReference(Exception):
+    """A caller's reference image that cannot be read: missing, too large, or not allowed."""
+
+
+def fail_bad_reference(
+    ctx: Context, job: dict[str, str], job_id: str, chunk: int, line: RequestLine, exc: BadReference
+) -> None:
+    error = {"code": "invalid_image_reference", "message": str(exc)}
+    ctx.store.record_failure(
+        job_id,
+        line.index,
+        chunk,
+        error,
+        "fail",
+        ctx.settings.max_attempts,
+        job["model"],
+        line.item().n,
+    )
 
 
 class _RefResolver:
@@ -312,7 +361,10 @@ class _RefResolver:
         known = self.ctx.redis.hget(self.key, value)
         if known:
             return {"file_id": known.decode()}
-        data = self.ctx.storage.read_ref(value)
+        try:
+            data = self.ctx.storage.read_ref(value)
+        except (ObjectNotFound, ObjectTooLarge, ValueError) as exc:
+            raise BadReference(f"reference image {value!r} cannot be used: {exc}") from exc
         name = value.rsplit("/", 1)[-1] or "image"
         created = self.ctx.openai.files.create(file=(name, data), purpose="vision")
         self.ctx.redis.hset(self.key, value, created.id)

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="The API's base URL as callers reach it; used in image URLs for local storage.",
     )
 
+    local_ref_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories whose files items may use as `file://` reference images (JSON list); empty = none.",
+    )
+
     # --- upstream ----------------------------------------------------------------------------
     openai_api_key: SecretStr | None = Field(
         None,

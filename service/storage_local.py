@@ -88,11 +88,18 @@ class LocalStorage:
         self.public_url = public_url.rstrip("/")
         self._meta = self.root / RESERVED_TOP / "meta"
         self._tmp = self.root / RESERVED_TOP / "tmp"
-        self._ref_roots = [Path(os.path.realpath(r)) for r in ref_roots] if ref_roots else None
+        # None trusts the caller with any path; a list (even empty) allows only what is under it.
+        self._ref_roots = (
+            [Path(os.path.realpath(r)) for r in ref_roots] if ref_roots is not None else None
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalStorage:
-        return cls(path_from_file_url(settings.storage_location), public_url=settings.public_url)
+        return cls(
+            path_from_file_url(settings.storage_location),
+            public_url=settings.public_url,
+            ref_roots=settings.local_ref_roots,
+        )
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -325,7 +332,10 @@ class LocalStorage:
         if self._ref_roots is not None:
             real = Path(os.path.realpath(path))
             if not any(real.is_relative_to(r) for r in self._ref_roots):
-                raise ValueError(f"reference image {uri!r} is outside the allowed directories")
+                raise ValueError(
+                    f"reference image {uri!r} is not under a directory listed in "
+                    "IMAGEBATCH_LOCAL_REF_ROOTS"
+                )
         try:
             # O_NONBLOCK: a FIFO must not hang the worker; it is refused just below.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

@@ -37,7 +37,15 @@ import openai
 
 from service import jobstore as js
 from service import keys, metrics, pricing
-from service.batches import _RefResolver, enqueue_once, record_usage, request_pages, store_images
+from service.batches import (
+    BadReference,
+    _RefResolver,
+    enqueue_once,
+    fail_bad_reference,
+    record_usage,
+    request_pages,
+    store_images,
+)
 from service.budgets import usd_to_nanousd
 from service.context import Context
 from service.queues import FINALIZE, SYNC_ITEMS
@@ -261,7 +269,11 @@ def _send(
 ) -> bool | None:
     """Send one item until it succeeds or fails for good; None when the job was cancelled while
     the item waited for the rate limit (nothing sent)."""
-    body = refs.resolve(line.body)
+    try:
+        body = refs.resolve(line.body)
+    except BadReference as exc:
+        fail_bad_reference(ctx, job, job_id, SYNC_CHUNK, line, exc)
+        return False
     client = ctx.openai.with_options(max_retries=0)
     attempts = 0
     last_error: dict[str, Any] = {}

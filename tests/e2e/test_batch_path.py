@@ -273,3 +273,38 @@ def test_webhook_is_called_when_the_job_finishes(make_simulator, make_stack):
         assert calls["n"] == 2
     finally:
         server.shutdown()
+
+
+def test_edits_with_reference_images_and_bad_references_fail_alone(
+    make_simulator, make_stack, s3_endpoint
+):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="e2e-edits")
+    s3.create_bucket(Bucket="catalog")
+    photo = io.BytesIO()
+    Image.new("RGB", (512, 512), (200, 30, 30)).save(photo, format="PNG")
+    s3.put_object(Bucket="catalog", Key="1002.png", Body=photo.getvalue(), ContentType="image/png")
+    sim = make_simulator()
+    stack = make_stack(
+        sim,
+        storage_url="s3://e2e-edits/prod",
+        env={"IMAGEBATCH_S3_ENDPOINT_URL": s3_endpoint, "IMAGEBATCH_S3_PATH_STYLE": "true"},
+    ).start()
+    body = job_body(5)
+    for item in body["items"][:3]:
+        item["images"] = ["s3://catalog/1002.png"]
+    body["items"][3]["images"] = ["s3://catalog/missing.png"]
+    body["items"][4]["images"] = ["file:///etc/hostname"]  # never read: not a file of this storage
+    job = stack.wait_job(stack.submit(body)["id"])
+    assert job["status"] == "partially_failed", stack.logs()
+    assert job["counts"]["succeeded"] == 3 and job["counts"]["failed"] == 2
+    assert job["tokens"]["image_input"] > 0  # the reference images were billed as image input
+    manifest = {m["id"]: m for m in stack.manifest(job["id"])}
+    for bad in ("sku-3", "sku-4"):
+        assert manifest[bad]["error"]["code"] == "invalid_image_reference"
+    assert "missing.png" in manifest["sku-3"]["error"]["message"]
+    assert "file:///etc/hostname" in manifest["sku-4"]["error"]["message"]
+    got = s3.get_object(Bucket="e2e-edits", Key=f"prod/jobs/{job['id']}/images/sku-0.png")[
+        "Body"
+    ].read()
+    assert Image.open(io.BytesIO(got)).size == (1024, 1024)

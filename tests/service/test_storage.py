@@ -516,8 +516,21 @@ def test_read_ref_reads_s3_references_from_any_bucket(s3_endpoint: str, tmp_path
     assert peak < 10 * MiB
 
 
-def test_read_ref_reads_local_files(tmp_path: Path) -> None:
+def test_local_refs_are_refused_unless_their_directory_is_allowed(tmp_path: Path) -> None:
+    # A caller must not be able to make the service read (and upload upstream) any file it can.
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG")
     s = open_storage(Settings(storage_url=(tmp_path / "store").as_uri(), data_dir=tmp_path))
+    with pytest.raises(ValueError, match="IMAGEBATCH_LOCAL_REF_ROOTS"):
+        s.read_ref(secret.as_uri())
+
+
+def test_read_ref_reads_local_files(tmp_path: Path) -> None:
+    s = open_storage(
+        Settings(
+            storage_url=(tmp_path / "store").as_uri(), data_dir=tmp_path, local_ref_roots=[tmp_path]
+        )
+    )
     photo = tmp_path / "catalog photos" / "1002.jpg"  # a space: percent-encoded in the URI
     photo.parent.mkdir()
     photo.write_bytes(b"\xff\xd8jpeg")
@@ -551,7 +564,7 @@ def test_local_read_ref_can_be_confined(tmp_path: Path) -> None:
     s = LocalStorage(tmp_path / "store", ref_roots=[allowed])
     assert s.read_ref((allowed / "ok.png").as_uri()) == b"png"
     for uri in ((tmp_path / "secret").as_uri(), (allowed / "link").as_uri()):
-        with pytest.raises(ValueError, match="outside the allowed"):
+        with pytest.raises(ValueError, match="not under a directory listed in IMAGEBATCH_LOCAL_REF_ROOTS"):
             s.read_ref(uri)
 
 
