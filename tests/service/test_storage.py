@@ -564,7 +564,9 @@ def test_local_read_ref_can_be_confined(tmp_path: Path) -> None:
     s = LocalStorage(tmp_path / "store", ref_roots=[allowed])
     assert s.read_ref((allowed / "ok.png").as_uri()) == b"png"
     for uri in ((tmp_path / "secret").as_uri(), (allowed / "link").as_uri()):
-        with pytest.raises(ValueError, match="not under a directory listed in IMAGEBATCH_LOCAL_REF_ROOTS"):
+        with pytest.raises(
+            ValueError, match="not under a directory listed in IMAGEBATCH_LOCAL_REF_ROOTS"
+        ):
             s.read_ref(uri)
 
 
