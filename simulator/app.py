@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,19 @@ HOUSEKEEPING_SECONDS = 5.0
 
 class JSONBytes(Response):
     media_type = "application/json"
+
+
+def _list_page(recs: Sequence[Any], more: bool) -> Response:
+    """OpenAI's cursor page: ``{object: list, data, first_id, last_id, has_more}``."""
+    return _json(
+        {
+            "object": "list",
+            "data": [r.to_api() for r in recs],
+            "first_id": recs[0].id if recs else None,
+            "last_id": recs[-1].id if recs else None,
+            "has_more": more,
+        }
+    )
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -364,15 +377,7 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
         recs, more = sim.files.page(
             request.query_params.get("purpose"), limit, order, request.query_params.get("after")
         )
-        return _json(
-            {
-                "object": "list",
-                "data": [r.to_api() for r in recs],
-                "first_id": recs[0].id if recs else None,
-                "last_id": recs[-1].id if recs else None,
-                "has_more": more,
-            }
-        )
+        return _list_page(recs, more)
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str) -> Response:
@@ -422,15 +427,7 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
     async def list_batches(request: Request) -> Response:
         limit = _query_int(request, "limit", 20, 1, 100)
         recs, more = sim.engine.page(request.query_params.get("after"), limit)
-        return _json(
-            {
-                "object": "list",
-                "data": [r.to_api() for r in recs],
-                "first_id": recs[0].id if recs else None,
-                "last_id": recs[-1].id if recs else None,
-                "has_more": more,
-            }
-        )
+        return _list_page(recs, more)
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> Response:
