@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from service.ratelimit import lua_now
+
 if TYPE_CHECKING:
     from service.settings import Settings
     from service.tenants import Tenant
@@ -329,16 +331,9 @@ class QueueBudget:
 
 # KEYS window zset, sequence.  ARGV per-window limit, window µs, now µs ('' = server time).
 # Returns '0' when taken, else the seconds until the oldest creation leaves the window.
-_CREATE_ACQUIRE = """
--- Redis < 7 replicates scripts verbatim unless told otherwise, and TIME is not replayable.
-if redis.replicate_commands then redis.replicate_commands() end
-local now
-if ARGV[3] ~= '' then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+_CREATE_ACQUIRE = (
+    lua_now(3)
+    + """
 local window = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - window))
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
@@ -351,6 +346,7 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return string.format('%.6f', (tonumber(oldest[2]) + window - now) / 1000000)
 """
+)
 
 
 class CreateLimiter:

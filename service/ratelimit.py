@@ -54,18 +54,24 @@ def _limiter_key(name: str) -> str:
 
 _IDLE_EXPIRE_SECONDS = 3600
 
-# Shared by the scripts: `now` in µs, from ARGV[1] ('' = the server's TIME).
-_NOW = """
+
+def lua_now(arg: int) -> str:
+    """Lua that sets ``now`` in µs from ``ARGV[arg]`` ('' = the Redis server's TIME), shared by
+    every script that reads the clock, so all machines agree on one clock."""
+    return f"""
 -- Redis < 7 replicates scripts verbatim unless told otherwise, and TIME is not replayable.
 if redis.replicate_commands then redis.replicate_commands() end
 local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
+if ARGV[{arg}] ~= '' then
+  now = tonumber(ARGV[{arg}])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 """
+
+
+_NOW = lua_now(1)
 
 # KEYS limiter.  ARGV now, rpm, ipm, tpm, images, tokens, burst µs.
 # Returns '0' when granted (and charged), else the seconds to wait (nothing charged).
