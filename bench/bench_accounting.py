@@ -29,11 +29,11 @@ from _support import ROOT, machine, start_instant_simulator, start_redis, wait_u
 
 sys.path.insert(0, str(ROOT))
 
-from service import batches
-from service import jobstore as js
 from service.context import Context, build_context
-from service.intake import accept_job
-from service.jobspec import parse_job_json
+from service.jobs import store as js
+from service.jobs.intake import accept_job
+from service.jobs.spec import parse_job_json
+from service.lanes import batch as batches
 from service.settings import Settings
 
 IMAGES = 1000

@@ -28,8 +28,8 @@ IMAGE_BYTES = 1_500_000
 
 def child(args: argparse.Namespace) -> None:
     """The worker side: collect one chunk, nothing else in the process."""
-    from service import batches
     from service.context import build_context
+    from service.lanes import batch as batches
     from service.settings import Settings
 
     settings = Settings(
@@ -48,11 +48,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[str, float]:
-    from service import batches
-    from service import jobstore as js
     from service.context import build_context
-    from service.intake import accept_job
-    from service.jobspec import parse_job_json
+    from service.jobs import store as js
+    from service.jobs.intake import accept_job
+    from service.jobs.spec import parse_job_json
+    from service.lanes import batch as batches
     from service.settings import Settings
 
     storage = (tmp / f"storage-{n}").as_uri()

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from service.catalog import cached_catalog
-from service.jobspec import parse_job_csv, parse_job_json
+from service.jobs.spec import parse_job_csv, parse_job_json
 from service.pricing import estimate_job
 from service.tokens import encoding
 

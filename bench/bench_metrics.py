@@ -28,9 +28,10 @@ from _support import ROOT, machine, start_api, start_redis
 
 sys.path.insert(0, str(ROOT))
 
-from service import keys, metrics
+from service import metrics
 from service.catalog import cached_catalog
 from service.queues import QUEUES
+from service.redis import keys
 
 RETAINED = 1000  # the default IMAGEBATCH_METRICS_MAX_JOBS
 RUNNING = 300

@@ -15,11 +15,11 @@ import redis
 from openai import OpenAI
 
 from service.catalog import Catalog, cached_catalog
-from service.jobstore import JobStore
+from service.jobs.store import JobStore
 from service.queues import Enqueuer, producer
 from service.settings import Settings
 from service.storage import Storage, open_storage
-from service.upstream import make_client
+from service.upstream.client import make_client
 
 
 @dataclass
@@ -80,7 +80,7 @@ def build_context(settings: Settings, *, enqueue: Callable[..., Any] | None = No
         catalog=cached_catalog(str(settings.catalog_file) if settings.catalog_file else None),
         enqueue=enqueue or Enqueuer(producer(url)),
     )
-    from service.lanes import BatchBudgets
+    from service.budgets.policy import BatchBudgets
     from service.tenants import load_tenants
 
     ctx.budgets = BatchBudgets(ctx, load_tenants(settings.tenants_file))

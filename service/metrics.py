@@ -34,8 +34,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from service import keys
 from service.queues import QUEUES
+from service.redis import keys
 
 KINDS = ("text_input", "image_input", "image_output", "text_output")
 TIERS = ("batch", "sync")

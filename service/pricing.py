@@ -31,7 +31,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from service.catalog import Catalog, Model
-from service.jobspec import ItemSpec
+from service.jobs.spec import ItemSpec
 from service.tokens import encoding, input_image_tokens, output_image_tokens
 
 KINDS: tuple[str, ...] = ("text_input", "image_input", "image_output", "text_output")

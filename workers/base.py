@@ -22,7 +22,7 @@ from celery import Task
 from service import metrics
 from service.queues import ROUTES
 from service.storage import StorageError
-from service.webhooks import WebhookRetry
+from service.webhooks.outbound import WebhookRetry
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")

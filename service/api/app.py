@@ -18,16 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import jobstore as js
 from service import metrics, tokens
-from service.api import views
-from service.batches import enqueue_once
+from service.budgets.policy import check_tenant_budget
 from service.context import Context, build_context
-from service.intake import accept_job
-from service.jobspec import parse_job_csv, parse_job_json
-from service.lanes import check_tenant_budget
+from service.errors import PROBLEM_CONTENT_TYPE, FieldError, Problem
+from service.jobs import store as js
+from service.jobs import views
+from service.jobs.intake import accept_job
+from service.jobs.spec import parse_job_csv, parse_job_json
+from service.lanes.batch import enqueue_once
 from service.pricing import estimate_job
-from service.problems import PROBLEM_CONTENT_TYPE, FieldError, Problem
 from service.queues import CANCEL
 from service.settings import Settings, get_settings
 from service.storage import ObjectNotFound, StorageError

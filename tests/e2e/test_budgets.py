@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from service.catalog import cached_catalog
-from service.jobspec import parse_job_json
+from service.jobs.spec import parse_job_json
 from service.pricing import Estimate, estimate_job
 from service.tenants import digest_key
 from tests.support.procs import wait_until

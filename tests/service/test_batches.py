@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 import pytest
 
-from service import batches
-from service import jobstore as js
 from service.context import Context, build_context
-from service.intake import accept_job
-from service.jobspec import parse_job_json
+from service.jobs import store as js
+from service.jobs.intake import accept_job
+from service.jobs.spec import parse_job_json
+from service.lanes import batch as batches
 from service.settings import Settings
 from service.storage import image_key
 from tests.support.procs import wait_until

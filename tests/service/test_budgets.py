@@ -13,7 +13,7 @@ from typing import TypeVar
 import pytest
 import redis
 
-from service.budgets import (
+from service.budgets.spend import (
     NANO_PER_USD,
     CreateLimiter,
     QueueBudget,

@@ -13,8 +13,7 @@ import orjson
 import pytest
 
 from service.catalog import EDITS, GENERATIONS, Catalog, cached_catalog, load_catalog
-from service.jobspec import ItemSpec, JobSpec, parse_job_csv, parse_job_json
-from service.problems import (
+from service.errors import (
     MAX_FIELD_ERRORS,
     PROBLEM_CONTENT_TYPE,
     FieldError,
@@ -26,6 +25,7 @@ from service.problems import (
     unsupported_media_type,
     validation_problem,
 )
+from service.jobs.spec import ItemSpec, JobSpec, parse_job_csv, parse_job_json
 
 CAT = cached_catalog()
 TODAY = dt.date(2026, 11, 21)

@@ -19,9 +19,11 @@ import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import batches, keys, metrics, pricing
+from service import metrics, pricing
 from service.catalog import cached_catalog
-from service.jobstore import JobStore
+from service.jobs.store import JobStore
+from service.lanes import batch as batches
+from service.redis import keys
 from service.settings import Settings
 
 RETENTION = dt.timedelta(hours=2)

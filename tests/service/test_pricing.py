@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from service.catalog import EDITS, GENERATIONS, Catalog, cached_catalog, load_catalog
-from service.jobspec import ItemSpec, parse_job_json
+from service.jobs.spec import ItemSpec, parse_job_json
 from service.pricing import (
     KINDS,
     TIERS,

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from service.ratelimit import SyncLimiter, parse_go_duration, retry_after_seconds
+from service.budgets.ratelimit import SyncLimiter, parse_go_duration, retry_after_seconds
 
 
 def _now() -> float:

@@ -34,7 +34,7 @@ from service.storage import (
     open_storage,
     request_key,
 )
-from service.storage_s3 import S3Storage, transfer_config
+from service.storage.s3 import S3Storage, transfer_config
 from tests.support.procs import free_port
 
 MiB = 1024 * 1024
@@ -554,7 +554,7 @@ def test_read_ref_reads_local_files(tmp_path: Path) -> None:
 
 
 def test_local_read_ref_can_be_confined(tmp_path: Path) -> None:
-    from service.storage_local import LocalStorage
+    from service.storage.local import LocalStorage
 
     allowed = tmp_path / "refs"
     allowed.mkdir()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import batches, queues
+from service import queues
 from service.context import Context
+from service.lanes import batch as batches
 from workers.base import task
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from service import batches, queues
+from service import queues
 from service.context import Context
+from service.lanes import batch as batches
 from workers.base import task
 
 
@@ -21,7 +22,7 @@ def cancel(ctx: Context, job_id: str) -> None:
 def sync_items(
     ctx: Context, job_id: str, start: int | None = None, end: int | None = None
 ) -> object:
-    from service import sync_lane
+    from service.lanes import sync as sync_lane
 
     if start is None or end is None:
         return sync_lane.fan_out(ctx, job_id)
@@ -30,6 +31,6 @@ def sync_items(
 
 @task(queues.WEBHOOK, time_limit=120)
 def webhook(ctx: Context, job_id: str) -> int | None:
-    from service.webhooks import send_job_finished
+    from service.webhooks.outbound import send_job_finished
 
     return send_job_finished(ctx, job_id)

@@ -12,8 +12,8 @@ import logging
 
 import httpx2
 
-from service.api.views import job_view
 from service.context import Context
+from service.jobs.views import job_view
 
 log = logging.getLogger("imagebatch.webhooks")
 

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
-from service.problems import FieldErrors, invalid, malformed
+from service.errors import FieldErrors, invalid, malformed
 
 Mode = Literal["batch", "sync", "auto"]
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import orjson
 
-from service import keys, pricing
-from service.batches import request_record
+from service import pricing
 from service.context import Context
-from service.jobspec import JobSpec
+from service.jobs.spec import JobSpec
+from service.lanes.batch import request_record
 from service.queues import PLAN, SYNC_ITEMS
+from service.redis import keys
 from service.storage import request_key
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600

@@ -33,11 +33,12 @@ import openai
 import orjson
 import pybase64
 
-from service import jobstore as js
-from service import keys, metrics, pricing
+from service import metrics, pricing
 from service.context import Context
-from service.jobspec import ItemSpec
+from service.jobs import store as js
+from service.jobs.spec import ItemSpec
 from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, SYNC_ITEMS, WEBHOOK
+from service.redis import keys
 from service.storage import (
     ObjectNotFound,
     ObjectTooLarge,
@@ -46,7 +47,7 @@ from service.storage import (
     manifest_key,
     request_key,
 )
-from service.upstream import no_retry
+from service.upstream.client import no_retry
 
 log = logging.getLogger("imagebatch.batches")
 
@@ -485,7 +486,7 @@ def sweep(ctx: Context) -> dict[str, int]:
                 continue
             counts = store.counts(job_id)
             if job.get("mode") == "sync" and job["status"] in (js.JOB_QUEUED, js.JOB_RUNNING):
-                from service import sync_lane  # the sync lane builds on this module
+                from service.lanes import sync as sync_lane  # the sync lane builds on this module
 
                 if counts.get("pending", 0) > 0:
                     enqueue_once(ctx, SYNC_ITEMS, job_id, job_id)  # its fan-out was lost

@@ -20,9 +20,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from service import jobstore as js
-from service import keys
-from service.budgets import (
+from service.budgets.spend import (
     CreateLimiter,
     QueueBudget,
     SpendBudget,
@@ -30,10 +28,12 @@ from service.budgets import (
     queue_limits,
     usd_to_nanousd,
 )
-from service.jobspec import JobSpec
+from service.errors import FieldError, Problem
+from service.jobs import store as js
+from service.jobs.spec import JobSpec
 from service.pricing import Estimate
-from service.problems import FieldError, Problem
 from service.queues import SUBMIT
+from service.redis import keys
 from service.tenants import Tenant, Tenants
 
 # Waiting chunks whose submit is enqueued when queue tokens come back: enough to fill the freed

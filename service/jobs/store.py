@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import redis
 
-from service import keys
+from service.redis import keys
 
 # Item statuses as stored (one letter keeps 50,000-item hashes small).
 PENDING, QUEUED, SUCCEEDED, FAILED, CANCELLED = "p", "q", "s", "f", "x"

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "simulator", help="run the offline OpenAI simulator (see `imagebatch simulator --help`)"
     )
-    from service import client_cli
+    from service.cli import client as client_cli
 
     client_cli.add_commands(sub)
     args = parser.parse_args(argv)

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from service.ratelimit import lua_now
+from service.budgets.ratelimit import lua_now
 
 if TYPE_CHECKING:
     from service.settings import Settings

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from service import jobstore as js
-from service.batches import manifest_line, request_pages
 from service.context import Context
+from service.jobs import store as js
+from service.lanes.batch import manifest_line, request_pages
 from service.pricing import KINDS
 from service.storage import manifest_key
 

@@ -35,9 +35,12 @@ from typing import Any
 import httpx2
 import openai
 
-from service import jobstore as js
-from service import keys, metrics, pricing
-from service.batches import (
+from service import metrics, pricing
+from service.budgets.ratelimit import SyncLimiter, WaitAbandoned, retry_after_seconds
+from service.budgets.spend import usd_to_nanousd
+from service.context import Context
+from service.jobs import store as js
+from service.lanes.batch import (
     BadReference,
     _RefResolver,
     enqueue_once,
@@ -46,10 +49,8 @@ from service.batches import (
     request_pages,
     store_images,
 )
-from service.budgets import usd_to_nanousd
-from service.context import Context
 from service.queues import FINALIZE, SYNC_ITEMS
-from service.ratelimit import SyncLimiter, WaitAbandoned, retry_after_seconds
+from service.redis import keys
 
 log = logging.getLogger("imagebatch.sync")
 

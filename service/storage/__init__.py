@@ -4,8 +4,8 @@ This module owns the storage interface (:class:`Storage`), its errors, the objec
 (:func:`image_key`, :func:`request_key`, :func:`manifest_key`) and :func:`open_storage`, which
 picks an adapter from ``settings.storage_location``:
 
-* ``s3://bucket/prefix`` -> :class:`service.storage_s3.S3Storage` (AWS, MinIO, R2, any endpoint)
-* ``file:///path``      -> :class:`service.storage_local.LocalStorage` (a directory)
+* ``s3://bucket/prefix`` -> :class:`service.storage.s3.S3Storage` (AWS, MinIO, R2, any endpoint)
+* ``file:///path``      -> :class:`service.storage.local.LocalStorage` (a directory)
 
 Keys are relative (``jobs/{job_id}/images/{item_id}.png``); the adapter applies its prefix or root.
 A key with ``..``/``.`` segments, a leading ``/``, a backslash, an empty segment or a NUL is
@@ -365,11 +365,11 @@ def open_storage(settings: Settings, *, s3_client: object | None = None) -> Stor
     location = settings.storage_location
     scheme = urllib.parse.urlsplit(location).scheme.lower()
     if scheme == "s3":
-        from service.storage_s3 import S3Storage
+        from service.storage.s3 import S3Storage
 
         return S3Storage.from_settings(settings, client=s3_client)
     if scheme == "file":
-        from service.storage_local import LocalStorage
+        from service.storage.local import LocalStorage
 
         return LocalStorage.from_settings(settings)
     raise ValueError(
