@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _support import ROOT, machine, start_instant_simulator, start_redis, wait_until
+from _support import ROOT, ended_chunk, machine, start_instant_simulator, start_redis
 
 sys.path.insert(0, str(ROOT))
 
 from service.context import Context, build_context
-from service.jobs import store as js
-from service.jobs.intake import accept_job
-from service.jobs.spec import parse_job_json
-from service.lanes import batch as batches
+from service.lanes.collect import collect_chunk
+from service.lanes.items import record_usage
 from service.settings import Settings
 
 IMAGES = 1000
@@ -59,36 +57,12 @@ def restore(ctx: Context, state: list[tuple[bytes, int, bytes]]) -> None:
     pipe.execute()
 
 
-def ended_batch(ctx: Context, n: int) -> tuple[str, int, Any]:
-    """A job of ``n`` items, planned, submitted and ended upstream, ready to collect."""
-    model = ctx.catalog.default_model
-    body = {
-        "model": model,
-        "defaults": {"size": "1024x1024", "quality": "low"},
-        "items": [{"id": f"sku-{i}", "prompt": f"Product photo {i}"} for i in range(n)],
-        "labels": {"campaign": "bench"},
-    }
-    job_id, _ = accept_job(
-        ctx, parse_job_json(orjson.dumps(body), ctx.catalog, max_items=n), "default"
-    )
-    (chunk,) = batches.plan_job(ctx, job_id)
-    assert batches.submit_chunk(ctx, job_id, chunk) == "submitted"
-
-    def ended() -> bool:
-        batches.sweep(ctx)
-        return (ctx.store.chunk(job_id, chunk) or {}).get("status") == js.CHUNK_COLLECTING
-
-    wait_until(ended, timeout=600, interval=0.5, message="the upstream batch to finish")
-    batch = ctx.openai.batches.retrieve((ctx.store.chunk(job_id, chunk) or {})["batch_id"])
-    return job_id, chunk, batch
-
-
 def collect(
     ctx: Context, job_id: str, chunk: int, n: int, account: bool, threads: int
 ) -> tuple[float, float]:
     """One collect of the chunk: (wall seconds, CPU seconds of this process, every thread)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    result = batches.collect_chunk(ctx, job_id, chunk, account=account, upload_threads=threads)
+    result = collect_chunk(ctx, job_id, chunk, account=account, upload_threads=threads)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert result is not None and result.succeeded == n, result
     spend = ctx.store.spend(job_id)
@@ -99,10 +73,8 @@ def collect(
 
 def first_usage(ctx: Context, file_id: str) -> dict[str, Any]:
     """The ``usage`` of the output file's first line, as upstream reported it."""
-    from service.storage import iter_chunk_lines
-
-    with ctx.openai.files.with_streaming_response.content(file_id) as resp:
-        for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)):
+    with ctx.upstream.file_lines(file_id) as lines:
+        for raw in lines:
             usage: dict[str, Any] = orjson.loads(raw)["response"]["body"]["usage"]
             return usage
     raise SystemExit("the output file is empty")
@@ -120,7 +92,8 @@ def per_item(
 
     Three rounds of each, alternating; the median round counts.
     """
-    job = ctx.store.job(job_id) or {}
+    job = ctx.store.job(job_id)
+    assert job is not None
     stored = [f"jobs/{job_id}/images/sku.png"]
     record = {"tokens": {}, "cost_nanousd": 0, "tier": "batch", "keys": stored, "chunk": chunk}
     on: list[float] = []
@@ -129,7 +102,7 @@ def per_item(
         restore(ctx, state)
         start = time.perf_counter()
         for index in range(n):
-            batches.record_usage(ctx, job, job_id, chunk, index, usage, stored, tier="batch")
+            record_usage(ctx, job, chunk, index, usage, stored, tier="batch")
         on.append((time.perf_counter() - start) / n * 1e6)
         restore(ctx, state)
         start = time.perf_counter()
@@ -159,7 +132,7 @@ def main() -> None:
         ctx = build_context(settings, enqueue=lambda *a: None)
         try:
             load_before = f"{os.getloadavg()[0]:.1f}"
-            job_id, chunk, batch = ended_batch(ctx, args.images)
+            job_id, chunk, batch = ended_chunk(ctx, args.images, {"campaign": "bench"})
             state = snapshot(ctx)
             runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
             restore(ctx, state)
@@ -174,7 +147,7 @@ def main() -> None:
             us_on, us_off = per_item(
                 ctx, state, job_id, chunk, first_usage(ctx, batch.output_file_id), args.images
             )
-            size = ctx.openai.files.retrieve(batch.output_file_id).bytes
+            size = ctx.upstream.file_size(batch.output_file_id)
             load_after = f"{os.getloadavg()[0]:.1f}"
         finally:
             ctx.redis.close()

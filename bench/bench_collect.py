@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 import psutil
-from _support import ROOT, machine, start_instant_simulator, start_redis, wait_until
+from _support import ROOT, ended_chunk, machine, start_instant_simulator, start_redis
 
 IMAGE_BYTES = 1_500_000
 
@@ -29,7 +29,7 @@ IMAGE_BYTES = 1_500_000
 def child(args: argparse.Namespace) -> None:
     """The worker side: collect one chunk, nothing else in the process."""
     from service.context import build_context
-    from service.lanes import batch as batches
+    from service.lanes.collect import collect_chunk
     from service.settings import Settings
 
     settings = Settings(
@@ -41,7 +41,7 @@ def child(args: argparse.Namespace) -> None:
     )
     ctx = build_context(settings, enqueue=lambda *a: None)
     start = time.perf_counter()
-    result = batches.collect_chunk(ctx, args.job, int(args.chunk), upload_threads=args.threads)
+    result = collect_chunk(ctx, args.job, int(args.chunk), upload_threads=args.threads)
     seconds = time.perf_counter() - start
     assert result is not None and result.succeeded == args.expect, result
     print(orjson.dumps({**result.__dict__, "seconds": seconds}).decode())
@@ -49,10 +49,6 @@ def child(args: argparse.Namespace) -> None:
 
 def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[str, float]:
     from service.context import build_context
-    from service.jobs import store as js
-    from service.jobs.intake import accept_job
-    from service.jobs.spec import parse_job_json
-    from service.lanes import batch as batches
     from service.settings import Settings
 
     storage = (tmp / f"storage-{n}").as_uri()
@@ -64,26 +60,10 @@ def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[st
         data_dir=tmp,
     )
     ctx = build_context(settings, enqueue=lambda *a: None)
-    body = {
-        "model": "gpt-image-2",
-        "defaults": {"size": "1024x1024", "quality": "low"},
-        "items": [{"id": f"sku-{i}", "prompt": f"Product photo {i}"} for i in range(n)],
-    }
-    job_id, _ = accept_job(
-        ctx, parse_job_json(orjson.dumps(body), ctx.catalog, max_items=n), "default"
-    )
-    (chunk,) = batches.plan_job(ctx, job_id)
-    batches.submit_chunk(ctx, job_id, chunk)
-
-    def ended() -> bool:
-        batches.sweep(ctx)
-        return (ctx.store.chunk(job_id, chunk) or {}).get("status") == js.CHUNK_COLLECTING
-
-    wait_until(ended, timeout=1800, interval=0.5, message="the upstream batch to finish")
-    batch = ctx.openai.batches.retrieve((ctx.store.chunk(job_id, chunk) or {})["batch_id"])
+    job_id, chunk, batch = ended_chunk(ctx, n)
 
     start = time.perf_counter()
-    with ctx.openai.files.with_streaming_response.content(batch.output_file_id) as resp:
+    with ctx.upstream.client.files.with_streaming_response.content(batch.output_file_id) as resp:
         resp.stream_to_file(tmp / "download.jsonl")
     # On disk, as collect's images are (each one is fsynced before it counts).
     fd = os.open(tmp / "download.jsonl", os.O_RDONLY)

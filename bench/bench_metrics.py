@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from service import metrics
 from service.catalog import cached_catalog
+from service.pricing import TIERS
 from service.queues import QUEUES
 from service.redis import keys
 
@@ -127,7 +128,7 @@ def populate(r: redis.Redis, now: float, rng: random.Random) -> dict[str, int]:
     pipe.execute()
 
     kinds = ("text_input", "image_input", "image_output")
-    for tier in metrics.TIERS:
+    for tier in TIERS:
         pipe.hset(
             keys.TOTAL_TOKENS,
             mapping={
@@ -156,25 +157,21 @@ def populate(r: redis.Redis, now: float, rng: random.Random) -> dict[str, int]:
         for status in ("200", "400", "429", "500"):
             metrics.count(
                 pipe,
-                "imagebatch_upstream_requests_total",
+                metrics.UPSTREAM_REQUESTS,
                 {"endpoint": endpoint, "status": status},
                 rng.randint(1, 10**6),
             )
         metrics.count(
             pipe,
-            "imagebatch_upstream_rate_limited_total",
+            metrics.UPSTREAM_RATE_LIMITED,
             {"endpoint": endpoint},
             rng.randint(1, 1000),
         )
     for status in ("succeeded", "failed", "rate_limited"):
-        metrics.count(
-            pipe, "imagebatch_sync_requests_total", {"status": status}, rng.randint(1, 10**5)
-        )
+        metrics.count(pipe, metrics.SYNC_REQUESTS, {"status": status}, rng.randint(1, 10**5))
     for status in ("succeeded", "partially_failed", "failed", "cancelled", "budget_exhausted"):
-        metrics.count(
-            pipe, "imagebatch_jobs_finished_total", {"status": status}, rng.randint(1, 10**4)
-        )
-    metrics.count(pipe, "imagebatch_collect_bytes_total", None, 7.3e12)
+        metrics.count(pipe, metrics.JOBS_FINISHED, {"status": status}, rng.randint(1, 10**4))
+    metrics.count(pipe, metrics.COLLECT_BYTES, None, 7.3e12)
     pipe.execute()
     for task in (
         "batches.plan",
@@ -187,11 +184,9 @@ def populate(r: redis.Redis, now: float, rng: random.Random) -> dict[str, int]:
         "webhooks.send",
     ):
         for _ in range(20):
-            metrics.observe(
-                r, "imagebatch_task_duration_seconds", rng.expovariate(1 / 5), {"task": task}
-            )
+            metrics.observe(r, metrics.TASK_DURATION, rng.expovariate(1 / 5), {"task": task})
     for _ in range(20):
-        metrics.observe(r, "imagebatch_budget_wait_seconds", rng.expovariate(1 / 300))
+        metrics.observe(r, metrics.BUDGET_WAIT, rng.expovariate(1 / 300))
 
     for c in range(ACTIVE_CHUNKS):
         job_id = f"run-{c % RUNNING:05d}"

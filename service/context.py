@@ -1,25 +1,32 @@
 """What a process needs to do its work, made once per process and passed down.
 
 The API builds one in its lifespan; a Celery worker builds one after it forks. Tests build one
-from ``Settings(...)`` directly.
+from ``Settings(...)`` directly. A Context holds the process's clients (Redis, storage,
+upstream), the catalog, how to enqueue a task by name, and the budget policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import redis
-from openai import OpenAI
 
+from service import metrics
+from service.budgets.policy import BudgetPolicy
 from service.catalog import Catalog, cached_catalog
 from service.jobs.store import JobStore
 from service.queues import Enqueuer, producer
+from service.redis import keys
+from service.redis.leases import mark_once
 from service.settings import Settings
 from service.storage import Storage, open_storage
-from service.upstream.client import make_client
+from service.tenants import load_tenants
+from service.upstream import Upstream
+from service.upstream.port import make_client
 
 
 @dataclass
@@ -29,36 +36,32 @@ class Context:
     storage: Storage
     catalog: Catalog
     enqueue: Callable[..., None]
-    budgets: Any = None  # service.lanes.BatchBudgets, set by build_context
-    _openai: OpenAI | None = field(default=None, repr=False)
+    budgets: BudgetPolicy = field(init=False, repr=False)
+    _upstream: Upstream | None = field(default=None, repr=False)
 
     @cached_property
     def store(self) -> JobStore:
         return JobStore(self.redis)
 
     @property
-    def openai(self) -> OpenAI:
-        if self._openai is None:
-            self._openai = make_client(self.settings, on_response=self._count_upstream)
-        return self._openai
+    def upstream(self) -> Upstream:
+        """The upstream port, made on first use (the API process may never need it)."""
+        if self._upstream is None:
+            self._upstream = Upstream(make_client(self.settings, on_response=self._count))
+        return self._upstream
 
-    def _count_upstream(self, endpoint: str, status: int) -> None:
-        from service import metrics
+    def enqueue_once(self, task: str, ref: str, *args: Any, ttl: float | None = None) -> bool:
+        """Enqueue unless the same task for ``ref`` was enqueued within ``ttl`` seconds."""
+        ttl = ttl or max(self.settings.poll_seconds * 3, 15)
+        if mark_once(self.redis, keys.enqueued(task, ref), ttl):
+            self.enqueue(task, *args)
+            return True
+        return False
 
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                metrics.count(
-                    pipe,
-                    "imagebatch_upstream_requests_total",
-                    {"endpoint": endpoint, "status": str(status)},
-                )
-                if status == 429:
-                    metrics.count(
-                        pipe, "imagebatch_upstream_rate_limited_total", {"endpoint": endpoint}
-                    )
-                pipe.execute()
-        except redis.RedisError:
-            pass  # a metric must never fail an upstream call
+    def _count(self, endpoint: str, status: int) -> None:
+        # A metric must never fail an upstream call.
+        with contextlib.suppress(redis.RedisError):
+            metrics.count_upstream(self.redis, endpoint, status)
 
 
 def redis_url(settings: Settings) -> str:
@@ -80,8 +83,7 @@ def build_context(settings: Settings, *, enqueue: Callable[..., Any] | None = No
         catalog=cached_catalog(str(settings.catalog_file) if settings.catalog_file else None),
         enqueue=enqueue or Enqueuer(producer(url)),
     )
-    from service.budgets.policy import BatchBudgets
-    from service.tenants import load_tenants
-
-    ctx.budgets = BatchBudgets(ctx, load_tenants(settings.tenants_file))
+    ctx.budgets = BudgetPolicy(
+        client, settings, ctx.store, ctx.enqueue, load_tenants(settings.tenants_file)
+    )
     return ctx

@@ -1,12 +1,15 @@
-"""Errors as RFC 9457 problem details (``application/problem+json``).
+"""Errors: the one base every imagebatch error derives from, and the refusals callers see.
 
-Every error the API returns is a :class:`Problem`: an exception that carries the HTTP status, a
-short title, a ``detail`` sentence naming the first thing that is wrong, and for validation the
-list of :class:`FieldError` s (field path, and for an item its index and id). The routes turn a
-raised ``Problem`` into a response with :meth:`Problem.to_dict` and :attr:`Problem.headers`.
+:class:`ImagebatchError` says whether retrying later can help (``transient``): tasks retry
+transient errors with backoff and fail fast on the rest; every layer that talks to the outside
+(upstream, storage) translates its vendor's exceptions into these, so no caller ever imports
+``openai`` or ``botocore`` to decide what to do.
 
-A job of 50,000 items that are all wrong must still answer small, so :class:`FieldErrors` keeps
-only the first :data:`MAX_FIELD_ERRORS` and counts the rest (``errors_omitted`` in the body).
+:class:`Problem` is a refusal of a caller's request, rendered as ``application/problem+json``
+(RFC 9457) by the API: it names the field and, for an item, its index and id. Intake raises it;
+the API turns it into the response. A job of 50,000 items that are all wrong must still answer
+small, so :class:`FieldErrors` keeps only the first :data:`MAX_FIELD_ERRORS` and counts the rest
+(``errors_omitted`` in the body).
 
 Status codes: 400 for a body that cannot be read at all (malformed JSON or CSV, not UTF-8), 422
 for a well-formed body whose content is wrong, 413 for a body over the size limit, 401, 404, 409
@@ -18,6 +21,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+
+class ImagebatchError(Exception):
+    """Base of imagebatch's own errors."""
+
+    #: Whether retrying later can help (a task retries these with backoff).
+    transient: bool = False
+
+
+class TransientError(ImagebatchError):
+    """Failed now, may work later: upstream or storage unavailable, throttled, timed out."""
+
+    transient = True
+
+
+class PermanentError(ImagebatchError):
+    """Retrying cannot help: a refusal, a missing object, a model upstream does not serve."""
+
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -78,7 +99,7 @@ class FieldError:
         return f"{where}: {self.message}"
 
 
-class Problem(Exception):
+class Problem(PermanentError):
     """An error response: raise it anywhere below a route, the route answers with it."""
 
     def __init__(

@@ -169,6 +169,11 @@ def nanousd_to_usd(nano: int) -> float:
     return nano / NANO_PER_USD
 
 
+def usd_to_nanousd(usd: float) -> int:
+    """USD to integer nano-USD, rounded to the nearest nano-dollar."""
+    return round(usd * NANO_PER_USD)
+
+
 # --------------------------------------------------------------------------------------------
 # Estimates
 

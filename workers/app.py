@@ -33,7 +33,15 @@ _ctx: Context | None = None
 
 # Tasks register on this app at import; :func:`configure` gives it the broker and settings
 # before a worker, beat or producer starts (settings are never read at import time).
-app = Celery("imagebatch", include=["workers.tasks.batches", "workers.tasks.jobs"])
+app = Celery(
+    "imagebatch",
+    include=[
+        "workers.tasks.batches",
+        "workers.tasks.jobs",
+        "workers.tasks.sync",
+        "workers.tasks.webhooks",
+    ],
+)
 
 
 def context() -> Context:

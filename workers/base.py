@@ -15,27 +15,22 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import openai
 import redis
 from celery import Task
 
 from service import metrics
+from service.errors import ImagebatchError
 from service.queues import ROUTES
-from service.storage import StorageError
-from service.webhooks.outbound import WebhookRetry
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-TRANSIENT: tuple[type[BaseException], ...] = (
-    openai.APIConnectionError,
-    openai.APITimeoutError,
-    openai.RateLimitError,
-    openai.InternalServerError,
-    StorageError,
-    WebhookRetry,
+# What a task retries: imagebatch's own errors that say so (upstream 429/5xx/connection,
+# storage hiccups, a webhook receiver that cannot take it now), and Redis going away.
+RETRIED: tuple[type[BaseException], ...] = (
+    ImagebatchError,
     redis.ConnectionError,
     redis.TimeoutError,
 )
@@ -49,9 +44,9 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
             start = time.monotonic()
             try:
                 return fn(ctx, *args)
-            except TRANSIENT as exc:
+            except RETRIED as exc:
                 if not getattr(exc, "transient", True):
-                    raise  # a missing or oversized object: retrying cannot help
+                    raise  # a refusal, a missing or oversized object: retrying cannot help
                 delay = min(2**self.request.retries, 60)
                 log.warning(
                     "%s%s: transient %s, retry %d in %ss",
@@ -66,7 +61,7 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
                 try:
                     metrics.observe(
                         ctx.redis,
-                        "imagebatch_task_duration_seconds",
+                        metrics.TASK_DURATION,
                         time.monotonic() - start,
                         {"task": name},
                     )

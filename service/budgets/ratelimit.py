@@ -6,7 +6,7 @@ it runs. Celery's own ``rate_limit`` is per worker process, so it cannot keep a 
 organization's limit; this can.
 
 How it paces: a generic cell rate algorithm (GCRA, a token bucket kept as one "theoretical arrival
-time" per dimension) in one Lua script. Each dimension (requests, images, tokens) has an emission
+time" per dimension) in one Lua script (``service/redis/scripts/ratelimit_acquire.lua``). Each dimension (requests, images, tokens) has an emission
 interval of ``60 s / limit``; a call is granted when every dimension has room, and then all of
 them are charged together, or none is. The burst allowance is small (``burst_seconds``, one
 second's worth by default) so the cluster sends evenly through the minute instead of spending the
@@ -42,100 +42,11 @@ from typing import Any
 
 import redis
 
-_PREFIX = "ib"
+from service.redis import keys, lua
 
-
-def _limiter_key(name: str) -> str:
-    # HASH per limiter: tat_r / tat_i / tat_t (µs, server clock) the theoretical arrival time of
-    # requests, images, tokens; hold (µs) nobody sends before it; lim_r / lim_t learned from
-    # upstream's headers, valid until lim_r_until / lim_t_until (µs). Expires when idle an hour.
-    return f"{_PREFIX}:ratelimit:{{{name}}}"
-
-
+# A limiter's key expires when it has been idle this long.
 _IDLE_EXPIRE_SECONDS = 3600
 
-
-def lua_now(arg: int) -> str:
-    """Lua that sets ``now`` in µs from ``ARGV[arg]`` ('' = the Redis server's TIME), shared by
-    every script that reads the clock, so all machines agree on one clock."""
-    return f"""
--- Redis < 7 replicates scripts verbatim unless told otherwise, and TIME is not replayable.
-if redis.replicate_commands then redis.replicate_commands() end
-local now
-if ARGV[{arg}] ~= '' then
-  now = tonumber(ARGV[{arg}])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-"""
-
-
-_NOW = lua_now(1)
-
-# KEYS limiter.  ARGV now, rpm, ipm, tpm, images, tokens, burst µs.
-# Returns '0' when granted (and charged), else the seconds to wait (nothing charged).
-_ACQUIRE = (
-    _NOW
-    + """
-local h = redis.call('HMGET', KEYS[1], 'tat_r', 'tat_i', 'tat_t', 'hold',
-                     'lim_r', 'lim_r_until', 'lim_t', 'lim_t_until')
-local function effective(configured, learned, valid_until)
-  if learned and valid_until and tonumber(valid_until) > now then
-    learned = tonumber(learned)
-    if configured == 0 or learned < configured then return learned end
-  end
-  return configured
-end
-local limits = {effective(tonumber(ARGV[2]), h[5], h[6]), tonumber(ARGV[3]),
-                effective(tonumber(ARGV[4]), h[7], h[8])}
-local costs = {1, tonumber(ARGV[5]), tonumber(ARGV[6])}
-local fields = {'tat_r', 'tat_i', 'tat_t'}
-local burst = tonumber(ARGV[7])
-local wait = 0
-local hold = tonumber(h[4] or '0')
-if hold > now then wait = hold - now end
-local updates = {}
-for i = 1, 3 do
-  if limits[i] > 0 and costs[i] > 0 then
-    local increment = 60000000 / limits[i] * costs[i]
-    local tat = tonumber(h[i] or '0')
-    if tat < now then tat = now end
-    local new_tat = tat + increment
-    -- Allowed once the schedule is no further ahead of now than the burst allowance; a call
-    -- costing more than the whole allowance goes when the dimension is idle.
-    local allow_at = new_tat - math.max(burst, increment)
-    if allow_at > now and allow_at - now > wait then wait = allow_at - now end
-    updates[#updates + 1] = fields[i]
-    updates[#updates + 1] = string.format('%.0f', new_tat)
-  end
-end
-if wait > 0 then return string.format('%.6f', wait / 1000000) end
-if #updates > 0 then
-  redis.call('HSET', KEYS[1], unpack(updates))
-  redis.call('EXPIRE', KEYS[1], ARGV[8])
-end
-return '0'
-"""
-)
-
-# KEYS limiter.  ARGV now, hold µs from now ('' = none), learned rpm, learned tpm ('' = none),
-# learned ttl µs, idle expiry s.  Returns the hold's end (µs) as a string.
-_ADJUST = (
-    _NOW
-    + """
-if ARGV[2] ~= '' then
-  local until_ = now + tonumber(ARGV[2])
-  local hold = tonumber(redis.call('HGET', KEYS[1], 'hold') or '0')
-  if until_ > hold then redis.call('HSET', KEYS[1], 'hold', string.format('%.0f', until_)) end
-end
-local valid_until = string.format('%.0f', now + tonumber(ARGV[5]))
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'lim_r', ARGV[3], 'lim_r_until', valid_until) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'lim_t', ARGV[4], 'lim_t_until', valid_until) end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-return redis.call('HGET', KEYS[1], 'hold') or '0'
-"""
-)
 
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {
@@ -245,12 +156,12 @@ class SyncLimiter:
         self._redis = redis_client
         self.rpm, self.ipm, self.tpm = max(0, rpm), max(0, ipm), max(0, tpm)
         self.name = name
-        self._key = _limiter_key(name)
+        self._key = keys.rate_limiter(name)
         self._burst_us = int(burst_seconds * 1_000_000)
         self._max_hold = max_hold_seconds
         self._learned_ttl_us = int(learned_ttl * 1_000_000)
-        self._acquire = redis_client.register_script(_ACQUIRE)
-        self._adjust = redis_client.register_script(_ADJUST)
+        self._acquire = lua.script(redis_client, "ratelimit_acquire")
+        self._adjust = lua.script(redis_client, "ratelimit_adjust")
 
     def acquire(self, images: int, tokens: int, now: float | None = None) -> float:
         """Take one request, ``images`` and ``tokens``: 0.0 = granted and charged; otherwise the

@@ -1,29 +1,47 @@
-"""Intake: a validated job becomes durable, then visible, then queued.
+"""Intake: the one way a job comes in, whoever submits it (the API, a schedule, the console).
 
-Order matters for "an accepted job is never lost": the request is written to storage first
-(``jobs/{id}/request.jsonl``), then the job and its items are recorded in Redis, then planning is
-enqueued; only then does the API answer ``202``. A crash before the Redis write leaves an orphan
-request file and no job (the caller got no 202 and retries); a crash after it leaves a job the
-sweep will plan even if the enqueue was lost.
+:func:`submit_body` validates a body (JSON or a CSV catalog) into a :class:`JobSpec`, then
+:func:`submit` estimates it, checks the tenant's budget, stores the request, records the job and
+enqueues its first step. Order matters for "an accepted job is never lost": the request is
+written to storage first (``jobs/{id}/request.jsonl``), then the job and its items are recorded in
+Redis, then planning is enqueued; only then does the caller get an answer. A crash before the
+Redis write leaves an orphan request file and no job (the caller got no answer and retries); a
+crash after it leaves a job the sweep will plan even if the enqueue was lost.
+
+An ``Idempotency-Key`` makes a submission safe to repeat: the same key from the same tenant within
+:data:`IDEMPOTENCY_TTL_SECONDS` returns the first job instead of making another.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
-
-import orjson
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from service import pricing
 from service.context import Context
-from service.jobs.spec import JobSpec
-from service.lanes.batch import request_record
+from service.errors import FieldError, Problem
+from service.jobs.model import JOB_QUEUED, Job
+from service.jobs.request import request_record
+from service.jobs.spec import JobSpec, parse_job_csv, parse_job_json
 from service.queues import PLAN, SYNC_ITEMS
 from service.redis import keys
 from service.storage import request_key
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+JSON_TYPES = ("application/json",)
+CSV_TYPE = "text/csv"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What became of a submission: the job, and whether this call created it."""
+
+    job: Job
+    created: bool
+    warnings: tuple[str, ...] = ()
 
 
 def new_job_id() -> str:
@@ -31,31 +49,74 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
 
 
-def accept_job(
+def parse_body(
+    ctx: Context, body: bytes, content_type: str | None, query: Mapping[str, str]
+) -> JobSpec:
+    """Validate a job body: JSON (a job), or ``text/csv`` (a catalog, job fields in ``query``)."""
+    ctype = (content_type or "application/json").split(";")[0].strip().lower()
+    limit = ctx.settings.max_items_per_job
+    if ctype == CSV_TYPE:
+        return parse_job_csv(body, dict(query), ctx.catalog, max_items=limit)
+    if ctype not in JSON_TYPES and not ctype.endswith("+json"):
+        raise Problem(
+            415,
+            "Unsupported media type",
+            f"send the job as application/json or text/csv, not {ctype}",
+        )
+    return parse_job_json(body, ctx.catalog, max_items=limit)
+
+
+def estimate(ctx: Context, spec: JobSpec) -> pricing.Estimate:
+    return pricing.estimate_job(spec.items, ctx.catalog)
+
+
+def submit_body(
     ctx: Context,
-    spec: JobSpec,
     tenant: str,
+    body: bytes,
+    content_type: str | None,
+    query: Mapping[str, str],
     idempotency_key: str | None = None,
-    *,
-    estimate: pricing.Estimate | None = None,
-) -> tuple[str, bool]:
-    """Store and queue a job. Returns (job id, created); created is False for a replayed key."""
+) -> Submission:
+    """Validate and submit a job body (see :func:`parse_body` and :func:`submit`)."""
+    return submit(ctx, parse_body(ctx, body, content_type, query), tenant, idempotency_key)
+
+
+def submit(
+    ctx: Context, spec: JobSpec, tenant: str, idempotency_key: str | None = None
+) -> Submission:
+    """Estimate, check the tenant's budget, store, record and enqueue a validated job."""
+    _check_idempotency_key(idempotency_key)
+    cost = estimate(ctx, spec)
+    lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
+    ctx.budgets.check_tenant(ctx.budgets.tenant(tenant), cost.nanousd(lane), lane)
+    job_id = new_job_id()
     if idempotency_key:
         idem = keys.idempotency(tenant, idempotency_key)
-        job_id = new_job_id()
         if not ctx.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
             existing = ctx.redis.get(idem)
-            if existing:
-                return existing.decode(), False
-    else:
-        job_id = new_job_id()
+            job = ctx.store.job(existing.decode()) if existing else None
+            if job is not None:
+                return Submission(job, created=False, warnings=spec.warnings)
+            ctx.redis.set(idem, job_id, ex=IDEMPOTENCY_TTL_SECONDS)
     try:
-        _store(ctx, spec, job_id, tenant, idempotency_key, estimate)
+        job = _store(ctx, spec, job_id, tenant, idempotency_key, cost, lane)
     except BaseException:
         if idempotency_key:
             ctx.redis.delete(keys.idempotency(tenant, idempotency_key))
         raise
-    return job_id, True
+    return Submission(job, created=True, warnings=spec.warnings)
+
+
+def _check_idempotency_key(key: str | None) -> None:
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS):
+        message = f"must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+        raise Problem(
+            422,
+            "Invalid request",
+            f"Idempotency-Key: {message}",
+            errors=[FieldError("Idempotency-Key", message)],
+        )
 
 
 def _store(
@@ -64,9 +125,9 @@ def _store(
     job_id: str,
     tenant: str,
     idempotency_key: str | None,
-    estimate: pricing.Estimate | None,
-) -> None:
-    estimate = estimate or pricing.estimate_job(spec.items, ctx.catalog)
+    cost: pricing.Estimate,
+    lane: str,
+) -> Job:
     with ctx.storage.writer(
         request_key(job_id),
         content_type="application/jsonl",
@@ -74,25 +135,24 @@ def _store(
     ) as out:
         for item in spec.items:
             out.write(request_record(item))
-    chosen = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
     now = time.time()
-    fields: dict[str, Any] = {
-        "id": job_id,
-        "tenant": tenant,
-        "status": "queued",
-        "mode": chosen,
-        "requested_mode": spec.mode,
-        "model": spec.model,
-        "created_at": now,
-        "updated_at": now,
-        "items": len(spec.items),
-        "images": sum(item.n for item in spec.items),
-        "labels": orjson.dumps(spec.labels).decode(),
-        "campaign": spec.labels.get("campaign", ""),
-        "estimate": orjson.dumps(estimate.to_dict()).decode(),
-        "max_cost_usd": spec.max_cost_usd,
-        "webhook_url": spec.webhook_url,
-        "idempotency_key": idempotency_key,
-    }
-    ctx.store.create_job(job_id, fields, (item.id for item in spec.items))
-    ctx.enqueue(SYNC_ITEMS if chosen == "sync" else PLAN, job_id)
+    job = Job(
+        id=job_id,
+        tenant=tenant,
+        status=JOB_QUEUED,
+        model=spec.model,
+        mode=lane,
+        requested_mode=spec.mode,
+        items=len(spec.items),
+        images=sum(item.n for item in spec.items),
+        created_at=now,
+        updated_at=now,
+        labels=dict(spec.labels),
+        estimate=cost.to_dict(),
+        max_cost_usd=spec.max_cost_usd,
+        webhook_url=spec.webhook_url,
+        idempotency_key=idempotency_key,
+    )
+    ctx.store.create_job(job, (item.id for item in spec.items))
+    ctx.enqueue(SYNC_ITEMS if lane == "sync" else PLAN, job_id)
+    return job

@@ -1,4 +1,8 @@
-"""How jobs and items look in the API: plain dicts built from job state and storage."""
+"""How jobs and items look to callers: plain dicts built from job state and storage.
+
+The API's responses, the webhook body and the CLI all show a job the way :func:`job_view` builds
+it; items come from Redis while a job runs and from its manifest once it has finished.
+"""
 
 from __future__ import annotations
 
@@ -9,59 +13,56 @@ from typing import Any
 import orjson
 
 from service.context import Context
-from service.jobs import store as js
-from service.lanes.batch import manifest_line, request_pages
-from service.pricing import KINDS
+from service.jobs.manifest import live_lines
+from service.jobs.model import Job
+from service.jobs.request import request_pages
+from service.pricing import KINDS, TIERS
 from service.storage import manifest_key
 
 
-def iso(ts: str | float | None) -> str | None:
-    if ts is None or ts == "":
+def iso(ts: float | None) -> str | None:
+    if ts is None:
         return None
-    return dt.datetime.fromtimestamp(float(ts), tz=dt.UTC).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def job_view(ctx: Context, job: dict[str, str]) -> dict[str, Any]:
-    job_id = job["id"]
-    store = ctx.store
-    counts = store.counts(job_id)
-    spend = store.spend(job_id)
+def job_view(ctx: Context, job: Job) -> dict[str, Any]:
+    counts = ctx.store.counts(job.id)
+    spend = ctx.store.spend(job.id)
     batches = []
     submitted = 0
-    for n in store.chunks(job_id):
-        chunk = store.chunk(job_id, n) or {}
-        if chunk.get("status") in js.UPSTREAM_CHUNK_STATES:
-            submitted += int(chunk.get("open", 0))
+    for chunk in ctx.store.job_chunks(job.id):
+        if chunk.upstream:
+            submitted += chunk.open
         batches.append(
             {
-                "chunk": n,
-                "status": chunk.get("status"),
-                "batch_id": chunk.get("batch_id") or None,
-                "upstream_status": chunk.get("upstream_status") or None,
-                "endpoint": chunk.get("endpoint"),
-                "lines": int(chunk.get("lines", 0)),
-                "attempt": int(chunk.get("attempt", 1)),
-                "completed": int(chunk.get("upstream_completed") or 0),
-                "failed": int(chunk.get("upstream_failed") or 0),
+                "chunk": chunk.number,
+                "status": chunk.status,
+                "batch_id": chunk.batch_id,
+                "upstream_status": chunk.upstream_status,
+                "endpoint": chunk.endpoint,
+                "lines": chunk.lines,
+                "attempt": chunk.attempt,
+                "completed": chunk.upstream_completed,
+                "failed": chunk.upstream_failed,
             }
         )
-    queued = counts.get("queued", 0)
-    cost = {tier: spend.get(f"cost:{tier}", 0) / 1e9 for tier in ("batch", "sync")}
+    cost = {tier: spend.get(f"cost:{tier}", 0) / 1e9 for tier in TIERS}
     return {
-        "id": job_id,
+        "id": job.id,
         "object": "job",
-        "status": job["status"],
-        "model": job["model"],
-        "mode": job.get("mode"),
-        "labels": orjson.loads(job.get("labels") or "{}"),
-        "created_at": iso(job.get("created_at")),
-        "updated_at": iso(job.get("updated_at")),
-        "finished_at": iso(job.get("finished_at")),
-        "items": int(job.get("items", 0)),
-        "images": int(job.get("images", 0)),
+        "status": job.status,
+        "model": job.model,
+        "mode": job.mode,
+        "labels": job.labels,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "finished_at": iso(job.finished_at),
+        "items": job.items,
+        "images": job.images,
         "counts": {
             "pending": counts.get("pending", 0),
-            "queued": queued - submitted,
+            "queued": counts.get("queued", 0) - submitted,
             "submitted": submitted,
             "succeeded": counts.get("succeeded", 0),
             "failed": counts.get("failed", 0),
@@ -70,14 +71,14 @@ def job_view(ctx: Context, job: dict[str, str]) -> dict[str, Any]:
         "images_stored": spend.get("images", 0),
         "tokens": {kind: spend.get(kind, 0) for kind in KINDS},
         "cost_usd": {**cost, "total": cost["batch"] + cost["sync"]},
-        "estimate": orjson.loads(job["estimate"]) if job.get("estimate") else None,
-        "max_cost_usd": float(job["max_cost_usd"]) if job.get("max_cost_usd") else None,
-        "reason": job.get("reason") or None,
+        "estimate": job.estimate,
+        "max_cost_usd": job.max_cost_usd,
+        "reason": job.reason,
         "upstream_batches": batches,
         "links": {
-            "self": f"/v1/jobs/{job_id}",
-            "items": f"/v1/jobs/{job_id}/items",
-            "manifest": f"/v1/jobs/{job_id}/manifest",
+            "self": f"/v1/jobs/{job.id}",
+            "items": f"/v1/jobs/{job.id}/items",
+            "manifest": f"/v1/jobs/{job.id}/manifest",
         },
     }
 
@@ -88,29 +89,22 @@ def _with_urls(ctx: Context, line: dict[str, Any]) -> dict[str, Any]:
 
 
 def items_page(
-    ctx: Context, job: dict[str, str], status: str | None, cursor: int, limit: int
+    ctx: Context, job: Job, status: str | None, cursor: int, limit: int
 ) -> tuple[list[dict[str, Any]], int | None]:
     """Items from index ``cursor`` on, optionally of one status; returns (items, next cursor)."""
-    job_id = job["id"]
-    if job["status"] in js.JOB_FINAL:
-        return _items_from_manifest(ctx, job_id, status, cursor, limit)
+    if job.is_final:
+        return _items_from_manifest(ctx, job.id, status, cursor, limit)
     out: list[dict[str, Any]] = []
-    total = int(job.get("items", 0))
-    for page in request_pages(ctx, job_id):
+    for page in request_pages(ctx.storage, job.id):
         if page[-1].index < cursor:
             continue
         page = [line for line in page if line.index >= cursor]
-        indexes = [line.index for line in page]
-        states = ctx.store.item_states(job_id, indexes)
-        usages = ctx.store.item_usage(job_id, indexes)
-        errors = ctx.store.item_errors(job_id, indexes)
-        for line, state, usage, error in zip(page, states, usages, errors, strict=True):
-            item = manifest_line(job, line, state, usage, error)
+        for line, item in live_lines(ctx, job.id, page):
             if status is None or item["status"] == status:
                 out.append(_with_urls(ctx, item))
                 if len(out) >= limit:
                     nxt = line.index + 1
-                    return out, (nxt if nxt < total else None)
+                    return out, (nxt if nxt < job.items else None)
     return out, None
 
 

@@ -3,6 +3,11 @@
 Job state lives in Redis; the request, images and manifest live in storage. While a job runs it
 keeps one small hash entry per item; when it finishes those are dropped and the manifest in
 storage is the record, so a finished job costs Redis a few small keys.
+
+No other module writes a key name: they call the functions here, and Lua scripts get their keys
+(or key prefixes) as arguments. The key strings are a contract with deployments upgraded in
+place: changing one orphans the data under the old name. Budget keys share a ``{hash tag}`` so a
+script touching several of them stays on one slot of a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ def job_errors(job_id: str) -> str:
 # HASH: the job's spend: "{kind}" -> tokens, "cost:{tier}" -> nano-USD, "images" -> count.
 def job_spend(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:spend"
+
+
+# HASH reference URI -> upstream file id: a job's reference images uploaded once (purpose vision).
+def job_refs(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:refs"
 
 
 # STRING counter: the job's last chunk number.
@@ -113,6 +123,73 @@ def enqueued(task: str, ref: str) -> str:
 
 
 SWEEP_LOCK = f"{PREFIX}:lock:sweep"
+
+
+# STRING lease (token, PX): a worker is sending this sync slice's items.
+def sync_slice_lease(job_id: str, start: int) -> str:
+    return f"{PREFIX}:job:{job_id}:sync:slice:{start}"
+
+
+# --- budgets (service.budgets) -----------------------------------------------------------------
+def queue_budget(model: str) -> tuple[str, str, str, str]:
+    """The enqueued-token budget of one model."""
+    base = f"{PREFIX}:qbudget:{{{model}}}"
+    return (
+        f"{base}:held",  # HASH reservation key -> input tokens held
+        f"{base}:total",  # STRING: sum of :held, kept beside it so a check is O(1)
+        f"{base}:effective",  # STRING: the shrunk limit; absent = configured; expires = recovery
+        f"{base}:waiter",  # STRING "tokens|key": the oldest refused reservation, expires
+    )
+
+
+# SET of models that ever held a queue reservation: what the gauges list.
+QUEUE_BUDGET_MODELS = f"{PREFIX}:qbudget:models"
+# ZSET member -> server time (µs) of each upstream batch creation in the last hour, and the
+# STRING counter that makes members unique.
+BATCH_CREATES = f"{PREFIX}:creates:{{window}}"
+BATCH_CREATES_SEQ = f"{PREFIX}:creates:{{window}}:seq"
+
+
+def job_spend_budget(job_id: str) -> tuple[str, str, str]:
+    """A job's max_cost_usd budget."""
+    base = f"{PREFIX}:jspend:{{{job_id}}}"
+    return (
+        base,  # HASH reserved, spent (nano-USD), cap (nano-USD; absent = none)
+        f"{base}:held",  # HASH reservation key -> reserved nano-USD
+        f"{base}:settled",  # HASH reservation key -> actual nano-USD: settles count once
+    )
+
+
+def _tenant_spend(tenant_id: str) -> str:
+    return f"{PREFIX}:tspend:{{{tenant_id}}}"
+
+
+# HASH reserved, spent (nano-USD) for one UTC day "YYYY-MM-DD"; expires 2 days after it ends.
+def tenant_spend_day(tenant_id: str, day: str) -> str:
+    return f"{_tenant_spend(tenant_id)}:day:{day}"
+
+
+# HASH reserved, spent (nano-USD) for one UTC month "YYYY-MM"; expires 7 days after it ends.
+def tenant_spend_month(tenant_id: str, month: str) -> str:
+    return f"{_tenant_spend(tenant_id)}:month:{month}"
+
+
+# HASH reservation key -> "nanousd|day|month": where the reservation was counted.
+def tenant_spend_held(tenant_id: str) -> str:
+    return f"{_tenant_spend(tenant_id)}:held"
+
+
+# STRING marker, EX 40 days: this reservation key has been settled.
+def tenant_spend_settled(tenant_id: str, key: str) -> str:
+    return f"{_tenant_spend(tenant_id)}:settled:{key}"
+
+
+# HASH per sync-lane limiter: tat_r / tat_i / tat_t (µs, server clock) the theoretical arrival
+# time of requests, images, tokens; hold (µs) nobody sends before it; lim_r / lim_t learned from
+# upstream's headers, valid until lim_r_until / lim_t_until (µs). Expires when idle an hour.
+def rate_limiter(name: str) -> str:
+    return f"{PREFIX}:ratelimit:{{{name}}}"
+
 
 # --- metrics (read by the API at scrape time) --------------------------------------------------
 # HASH "tenant|model|kind|tier" -> tokens; never expires.

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from service.storage import (
+from service.storage.port import (
     MAX_REF_BYTES,
     RESERVED_TOP,
     ObjectInfo,

@@ -40,7 +40,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from service.storage import (
+from service.storage.port import (
     MAX_REF_BYTES,
     ObjectInfo,
     ObjectNotFound,

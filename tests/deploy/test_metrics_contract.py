@@ -36,7 +36,7 @@ def test_every_metric_deploy_uses_is_exposed_with_its_type(redis_url: str, tmp_p
     )
     ctx = build_context(settings)
     try:
-        exposed = exposed_families(metrics.registry(ctx))
+        exposed = exposed_families(metrics.registry(ctx.redis, ctx.settings, ctx.budgets.gauges))
     finally:
         ctx.redis.close()
     missing = {name for name in METRICS if name not in exposed}
@@ -58,7 +58,7 @@ def test_tenant_budget_gauges_report_the_caps_of_the_tenants_file(
     try:
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in metrics.registry(ctx).collect()
+            for family in metrics.registry(ctx.redis, ctx.settings, ctx.budgets.gauges).collect()
             if family.name == "imagebatch_tenant_budget_usd"
             for s in family.samples
         }

@@ -14,10 +14,10 @@ import orjson
 import pytest
 
 from service.context import Context, build_context
-from service.jobs import store as js
-from service.jobs.intake import accept_job
+from service.jobs import intake
+from service.jobs import model as js
 from service.jobs.spec import parse_job_json
-from service.lanes import batch as batches
+from service.lanes import collect, finalize, items, plan, submit, sweep
 from service.settings import Settings
 from service.storage import image_key
 from tests.support.procs import wait_until
@@ -63,20 +63,18 @@ def ctx(
 
 def accept(ctx: Context, n: int, **extra: Any) -> str:
     spec = parse_job_json(orjson.dumps(job_body(n, **extra)), ctx.catalog, max_items=1000)
-    job_id, _ = accept_job(ctx, spec, "default")
+    job_id = intake.submit(ctx, spec, "default").job.id
     return job_id
 
 
 def run_until_collectable(ctx: Context, job_id: str) -> list[int]:
-    chunks = batches.plan_job(ctx, job_id)
+    chunks = plan.plan_job(ctx, job_id)
     for n in chunks:
-        assert batches.submit_chunk(ctx, job_id, n) == "submitted"
+        assert submit.submit_chunk(ctx, job_id, n) == "submitted"
 
     def ended() -> bool:
-        batches.sweep(ctx)
-        return all(
-            (ctx.store.chunk(job_id, n) or {}).get("status") == js.CHUNK_COLLECTING for n in chunks
-        )
+        sweep.sweep(ctx)
+        return all(ctx.store.chunk(job_id, n).status == js.CHUNK_COLLECTING for n in chunks)
 
     wait_until(ended, timeout=30, message="every upstream batch to end")
     return chunks
@@ -84,16 +82,13 @@ def run_until_collectable(ctx: Context, job_id: str) -> list[int]:
 
 def test_plan_respects_line_cap_and_one_endpoint_per_chunk(ctx: Context) -> None:
     job_id = accept(ctx, 25)
-    chunks = batches.plan_job(ctx, job_id)
-    sizes = [int((ctx.store.chunk(job_id, n) or {})["lines"]) for n in chunks]
+    chunks = plan.plan_job(ctx, job_id)
+    sizes = [ctx.store.chunk(job_id, n).lines for n in chunks]
     assert sizes == [10, 10, 5]
     assert ctx.store.counts(job_id)["queued"] == 25
     # Planning again (a redelivered task) moves nothing twice.
-    assert batches.plan_job(ctx, job_id) == []
-    assert (
-        sum(int((ctx.store.chunk(job_id, n) or {})["lines"]) for n in ctx.store.chunks(job_id))
-        == 25
-    )
+    assert plan.plan_job(ctx, job_id) == []
+    assert sum(ctx.store.chunk(job_id, n).lines for n in ctx.store.chunks(job_id)) == 25
 
 
 def test_collecting_the_same_output_twice_changes_nothing(
@@ -102,22 +97,22 @@ def test_collecting_the_same_output_twice_changes_nothing(
     job_id = accept(ctx, 12)
     chunks = run_until_collectable(ctx, job_id)
     for n in chunks:
-        batches.collect_chunk(ctx, job_id, n)
+        collect.collect_chunk(ctx, job_id, n)
     spend = ctx.store.spend(job_id)
     totals = ctx.redis.hgetall("ib:m:tokens")
     assert ctx.store.counts(job_id)["succeeded"] == 12
     # A redelivered collect of every chunk: same images, same spend, same totals.
     for n in chunks:
         ctx.store.update_chunk(job_id, n, status=js.CHUNK_COLLECTING)
-        again = batches.collect_chunk(ctx, job_id, n)
+        again = collect.collect_chunk(ctx, job_id, n)
         assert again is not None and again.succeeded == 0
     assert ctx.store.spend(job_id) == spend
     assert ctx.redis.hgetall("ib:m:tokens") == totals
     billed = sim.stats()["batches"]
-    batch_ids = [(ctx.store.chunk(job_id, n) or {})["batch_id"] for n in chunks]
+    batch_ids = [ctx.store.chunk(job_id, n).batch_id for n in chunks]
     assert spend["image_output"] == sum(billed[b]["tokens"]["image_output"] for b in batch_ids)
     assert spend["text_input"] == sum(billed[b]["tokens"]["text_input"] for b in batch_ids)
-    assert batches.finalize_job(ctx, job_id) == "succeeded"
+    assert finalize.finalize_job(ctx, job_id) == "succeeded"
     images = list((tmp_path / "storage" / "jobs" / job_id / "images").iterdir())
     assert len(images) == 12
     assert (tmp_path / "storage" / image_key(job_id, "sku-3", "png")).exists()
@@ -127,13 +122,13 @@ def test_a_retried_submit_adopts_the_batch_it_already_created(
     ctx: Context, sim: SimulatorHandle
 ) -> None:
     job_id = accept(ctx, 5)
-    (n,) = batches.plan_job(ctx, job_id)
-    assert batches.submit_chunk(ctx, job_id, n) == "submitted"
-    first = (ctx.store.chunk(job_id, n) or {})["batch_id"]
+    (n,) = plan.plan_job(ctx, job_id)
+    assert submit.submit_chunk(ctx, job_id, n) == "submitted"
+    first = ctx.store.chunk(job_id, n).batch_id
     # The worker died after creating the batch and before recording it.
     ctx.store.update_chunk(job_id, n, status=js.CHUNK_PLANNED, batch_id=None)
-    assert batches.submit_chunk(ctx, job_id, n) == "submitted"
-    assert (ctx.store.chunk(job_id, n) or {})["batch_id"] == first
+    assert submit.submit_chunk(ctx, job_id, n) == "submitted"
+    assert ctx.store.chunk(job_id, n).batch_id == first
     tagged = [
         b
         for b in sim.client().batches.list(limit=100)
@@ -144,9 +139,9 @@ def test_a_retried_submit_adopts_the_batch_it_already_created(
 
 def test_submit_of_a_submitted_chunk_does_nothing(ctx: Context) -> None:
     job_id = accept(ctx, 3)
-    (n,) = batches.plan_job(ctx, job_id)
-    assert batches.submit_chunk(ctx, job_id, n) == "submitted"
-    assert batches.submit_chunk(ctx, job_id, n) == "already"
+    (n,) = plan.plan_job(ctx, job_id)
+    assert submit.submit_chunk(ctx, job_id, n) == "submitted"
+    assert submit.submit_chunk(ctx, job_id, n) == "already"
 
 
 def test_error_lines_are_classified() -> None:
@@ -165,16 +160,14 @@ def test_error_lines_are_classified() -> None:
         },
         "error": None,
     }
-    assert batches.classify_error_line(moderation)["retryable"] is False
-    assert batches.classify_error_line(moderation)["moderation_details"]["categories"] == [
-        "violence"
-    ]
+    assert items.error_from_line(moderation)["retryable"] is False
+    assert items.error_from_line(moderation)["moderation_details"]["categories"] == ["violence"]
     expired = {
         "custom_id": "2",
         "response": None,
         "error": {"code": "batch_expired", "message": "late"},
     }
-    assert batches.classify_error_line(expired)["retryable"] is True
+    assert items.error_from_line(expired)["retryable"] is True
     server = {
         "custom_id": "3",
         "response": {
@@ -182,7 +175,7 @@ def test_error_lines_are_classified() -> None:
             "body": {"error": {"message": "oops", "type": "server_error"}},
         },
     }
-    assert batches.classify_error_line(server)["retryable"] is True
+    assert items.error_from_line(server)["retryable"] is True
 
 
 def test_token_limit_exceeded_upstream_puts_the_chunk_back_to_wait(
@@ -204,31 +197,32 @@ def test_token_limit_exceeded_upstream_puts_the_chunk_back_to_wait(
     ctx = build_context(settings, enqueue=Recorder())
     try:
         first, second = accept(ctx, 10, prefix="a"), accept(ctx, 10, prefix="b")
-        (n1,) = batches.plan_job(ctx, first)
-        (n2,) = batches.plan_job(ctx, second)
-        assert batches.submit_chunk(ctx, first, n1) == "submitted"
-        assert batches.submit_chunk(ctx, second, n2) == "submitted"
+        (n1,) = plan.plan_job(ctx, first)
+        (n2,) = plan.plan_job(ctx, second)
+        assert submit.submit_chunk(ctx, first, n1) == "submitted"
+        assert submit.submit_chunk(ctx, second, n2) == "submitted"
 
         def collecting(job_id: str, n: int) -> bool:
-            batches.sweep(ctx)
-            return (ctx.store.chunk(job_id, n) or {}).get("status") == js.CHUNK_COLLECTING
+            sweep.sweep(ctx)
+            return ctx.store.chunk(job_id, n).status == js.CHUNK_COLLECTING
 
         wait_until(lambda: collecting(second, n2), timeout=30, message="the second batch to fail")
-        batches.collect_chunk(ctx, second, n2)
-        chunk = ctx.store.chunk(second, n2) or {}
-        assert chunk["status"] == js.CHUNK_WAITING and chunk["last_error"] == "token_limit_exceeded"
+        collect.collect_chunk(ctx, second, n2)
+        chunk = ctx.store.chunk(second, n2)
+        assert chunk is not None and chunk.status == js.CHUNK_WAITING
+        assert chunk.last_error == "token_limit_exceeded"
         assert (
             ctx.store.counts(second)["failed"] == 0
         )  # nothing is lost: the items wait with their chunk
 
         wait_until(lambda: collecting(first, n1), timeout=30, message="the first batch to finish")
-        batches.collect_chunk(ctx, first, n1)
-        assert batches.submit_chunk(ctx, second, n2) == "submitted"  # what the sweep's retry does
+        collect.collect_chunk(ctx, first, n1)
+        assert submit.submit_chunk(ctx, second, n2) == "submitted"  # what the sweep's retry does
         wait_until(
             lambda: collecting(second, n2), timeout=30, message="the resubmitted batch to finish"
         )
-        batches.collect_chunk(ctx, second, n2)
-        assert batches.finalize_job(ctx, second) == "succeeded"
+        collect.collect_chunk(ctx, second, n2)
+        assert finalize.finalize_job(ctx, second) == "succeeded"
         tags = [
             b.metadata["imagebatch_chunk"]
             for b in sim.client().batches.list(limit=100)

@@ -13,17 +13,9 @@ from typing import TypeVar
 import pytest
 import redis
 
-from service.budgets.spend import (
-    NANO_PER_USD,
-    CreateLimiter,
-    QueueBudget,
-    SpendBudget,
-    TenantSpend,
-    queue_budget_gauges,
-    queue_limits,
-    tenant_spend_gauges,
-    usd_to_nanousd,
-)
+from service.budgets.queue import CreateLimiter, QueueBudget, queue_limits
+from service.budgets.spend import SpendBudget, TenantSpend
+from service.pricing import NANO_PER_USD, usd_to_nanousd
 from service.settings import Settings
 from service.tenants import Tenant
 from tests.support.procs import wait_until
@@ -227,7 +219,10 @@ def test_limits_per_model_from_settings_and_gauges(redis_client: redis.Redis) ->
     assert budget.reserve("gpt-image-1.5", "y", 50)
     assert not budget.reserve("gpt-image-1.5", "z", 1)
     assert budget.models() == ["gpt-image-1.5", MODEL]
-    assert queue_budget_gauges(budget) == [("gpt-image-1.5", 50, 50, 50), (MODEL, 900, 1000, 1000)]
+    assert [(m, *budget.usage(m)) for m in budget.models()] == [
+        ("gpt-image-1.5", 50, 50, 50),
+        (MODEL, 900, 1000, 1000),
+    ]
 
 
 # --- CreateLimiter -----------------------------------------------------------------------------
@@ -376,7 +371,7 @@ def test_tenant_without_caps_is_tracked_for_gauges(redis_client: redis.Redis) ->
     spend.settle(open_tenant, "a", 7, now)
     assert spend.reserve(capped, "b", usd_to_nanousd(2.5), now)
     assert spend.check(open_tenant, now) == (None, None)
-    snaps = {s.tenant: s for s in tenant_spend_gauges(spend, [open_tenant, capped], now)}
+    snaps = {t.id: spend.snapshot(t, now) for t in (open_tenant, capped)}
     assert (snaps["default"].day_spent, snaps["default"].month_spent) == (7, 7)
     assert snaps["acme"].day_reserved == usd_to_nanousd(2.5)
     assert snaps["acme"].day_remaining == usd_to_nanousd(7.5)

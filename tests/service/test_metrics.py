@@ -19,10 +19,11 @@ import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics, pricing
+from service import exposition, metrics, pricing
 from service.catalog import cached_catalog
+from service.jobs.model import Job
 from service.jobs.store import JobStore
-from service.lanes import batch as batches
+from service.lanes import items
 from service.redis import keys
 from service.settings import Settings
 
@@ -55,7 +56,7 @@ def ctx(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[S
 
 def scrape(ctx: SimpleNamespace) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Render /metrics as the API does and parse it: sample name -> sorted labels -> value."""
-    text, content_type = metrics.render(metrics.registry(ctx))
+    text, content_type = exposition.render(metrics.registry(ctx.redis, ctx.settings))
     assert content_type.startswith("text/plain")
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text.decode()):
@@ -69,14 +70,18 @@ def job_ids(samples: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> set
 
 
 def new_job(ctx: SimpleNamespace, job_id: str, *, tenant: str = "acme", campaign: str = "") -> None:
-    fields = {
-        "tenant": tenant,
-        "status": "running",
-        "model": ctx.catalog.default_model,
-        "campaign": campaign,
-        "created_at": time.time(),
-    }
-    ctx.store.create_job(job_id, fields, ["a", "b", "c"])
+    job = Job(
+        id=job_id,
+        tenant=tenant,
+        status="running",
+        model=ctx.catalog.default_model,
+        mode="batch",
+        items=3,
+        images=3,
+        created_at=time.time(),
+        labels={"campaign": campaign} if campaign else {},
+    )
+    ctx.store.create_job(job, ["a", "b", "c"])
 
 
 def finished(ctx: SimpleNamespace, job_id: str, ago: float) -> None:
@@ -131,12 +136,13 @@ def test_spend_recorded_by_collect_reads_back_per_job_and_in_the_totals(
     new_job(ctx, "job-b", tenant="globex")
     job_a, job_b = ctx.store.job("job-a"), ctx.store.job("job-b")
     for index in range(3):
-        assert batches.record_usage(
-            ctx, job_a, "job-a", 1, index, USAGE, [f"a{index}.png"], tier="batch"
+        counted, _ = items.record_usage(
+            ctx, job_a, 1, index, USAGE, [f"a{index}.png"], tier="batch"
         )
-    assert batches.record_usage(ctx, job_b, "job-b", 1, 0, USAGE, ["b.png"], tier="sync")
+        assert counted
+    assert items.record_usage(ctx, job_b, 1, 0, USAGE, ["b.png"], tier="sync")[0]
     # Recorded again (a redelivered collect): nothing moves.
-    assert not batches.record_usage(ctx, job_a, "job-a", 1, 0, USAGE, ["a0.png"], tier="batch")
+    assert not items.record_usage(ctx, job_a, 1, 0, USAGE, ["a0.png"], tier="batch")[0]
 
     model = ctx.catalog.get(ctx.catalog.default_model)
     tokens = pricing.usage_tokens(USAGE)
@@ -194,7 +200,7 @@ def test_unfinished_jobs_items_and_upstream_batches_are_summed(ctx: SimpleNamesp
     new_job(ctx, "j1")
     new_job(ctx, "j2")
     new_job(ctx, "j3")
-    ctx.store.update_job("j3", status="cancelling")
+    ctx.store.set_job_status_if("j3", ["running"], "cancelling")
     ctx.store.assign("j1", 1, [0, 1])  # two of j1's items go into chunk 1
     started = time.time() - 300
     for job_id, n, status in (
@@ -273,18 +279,18 @@ def test_render_writes_what_prometheus_client_writes(ctx: SimpleNamespace) -> No
     new_job(ctx, "job-a", campaign='a "quoted"\\ campaign\nwith a newline')
     job = ctx.store.job("job-a")
     for index in range(3):
-        batches.record_usage(ctx, job, "job-a", 1, index, USAGE, ["x.png"], tier="batch")
+        items.record_usage(ctx, job, 1, index, USAGE, ["x.png"], tier="batch")
     finished(ctx, "job-b", ago=60)
     big = {**USAGE, "output_tokens": 12_345_678}  # Go writes it as 1.2345678e+07
-    batches.record_usage(ctx, ctx.store.job("job-b"), "job-b", 1, 0, big, ["y.png"], tier="sync")
+    items.record_usage(ctx, ctx.store.job("job-b"), 1, 0, big, ["y.png"], tier="sync")
     metrics.count(ctx.redis, "imagebatch_jobs_finished_total", {"status": "succeeded"}, 3)
     for seconds in (0.02, 3.0, 700.0, 5000.0):
         metrics.observe(
             ctx.redis, "imagebatch_task_duration_seconds", seconds, {"task": "batches.collect"}
         )
     metrics.heartbeat(ctx.redis, 'celery@host "1"')
-    registry = metrics.registry(ctx)
-    text, _ = metrics.render(registry)
+    registry = metrics.registry(ctx.redis, ctx.settings)
+    text, _ = exposition.render(registry)
     assert text == generate_latest(registry)
     assert b"1.2345678e+07" in text
 
@@ -296,6 +302,5 @@ def test_a_scrape_without_redis_fails_instead_of_showing_zeros(ctx: SimpleNamesp
     from tests.support.procs import free_port
 
     client = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
-    down = SimpleNamespace(**{**vars(ctx), "redis": client})
     with pytest.raises(redis.ConnectionError):
-        metrics.render(metrics.registry(down))
+        exposition.render(metrics.registry(client, ctx.settings))

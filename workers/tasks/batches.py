@@ -1,4 +1,4 @@
-"""Tasks of the batch path: thin adapters over :mod:`service.batches`."""
+"""Tasks of the batch lane: thin adapters over :mod:`service.lanes`."""
 
 from __future__ import annotations
 
@@ -6,26 +6,29 @@ from typing import Any
 
 from service import queues
 from service.context import Context
-from service.lanes import batch as batches
+from service.lanes import collect as collecting
+from service.lanes import plan as planning
+from service.lanes import submit as submitting
+from service.lanes import sweep as sweeping
 from workers.base import task
 
 
 @task(queues.PLAN, time_limit=1800)
 def plan(ctx: Context, job_id: str) -> list[int]:
-    return batches.plan_job(ctx, job_id)
+    return planning.plan_job(ctx, job_id)
 
 
 @task(queues.SUBMIT, time_limit=1800)
-def submit(ctx: Context, job_id: str, n: int) -> str:
-    return batches.submit_chunk(ctx, job_id, int(n))
+def submit(ctx: Context, job_id: str, number: int) -> str:
+    return submitting.submit_chunk(ctx, job_id, int(number))
 
 
 @task(queues.SWEEP, time_limit=300)
 def sweep(ctx: Context) -> dict[str, int]:
-    return batches.sweep(ctx)
+    return sweeping.sweep(ctx)
 
 
 @task(queues.COLLECT_TASK, time_limit=4 * 3600)
-def collect(ctx: Context, job_id: str, n: int) -> dict[str, Any] | None:
-    result = batches.collect_chunk(ctx, job_id, int(n))
+def collect(ctx: Context, job_id: str, number: int) -> dict[str, Any] | None:
+    result = collecting.collect_chunk(ctx, job_id, int(number))
     return result.__dict__ if result else None

@@ -1,0 +1,194 @@
+"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.api.deps import ctx_of, own_job, read_body, tenant_of
+from service.errors import FieldError, Problem
+from service.jobs import intake, views
+from service.jobs.model import JOB_CANCELLING, JOB_LIVE, STATUS_NAMES
+from service.queues import CANCEL
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JOB_BODY_EXAMPLE = {
+    "model": "gpt-image-2",
+    "mode": "batch",
+    "defaults": {"size": "1024x1024", "quality": "low", "output_format": "png", "n": 1},
+    "items": [
+        {
+            "id": "sku-1001",
+            "prompt": "Studio photo of a red ceramic mug on white",
+            "quality": "medium",
+        },
+        {"id": "sku-1002", "prompt": "The same mug on a kitchen shelf"},
+    ],
+    "labels": {"campaign": "spring-sale", "team": "catalog"},
+    "max_cost_usd": 25.0,
+}
+JOB_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object"}, "example": JOB_BODY_EXAMPLE},
+            "text/csv": {
+                "schema": {"type": "string"},
+                "example": "id,color,title\nsku-1,red,mug\n",
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    openapi_extra=JOB_BODY_DOC,
+    summary="Submit a job (JSON items or template+rows, or a CSV catalog)",
+)
+async def submit(
+    request: Request, idempotency_key: Annotated[str | None, Header()] = None
+) -> JSONResponse:
+    tenant = tenant_of(request)
+    body = await read_body(request)
+    ctx = ctx_of(request)
+    done = intake.submit_body(
+        ctx,
+        tenant,
+        body,
+        request.headers.get("content-type"),
+        request.query_params,
+        idempotency_key,
+    )
+    view = views.job_view(ctx, done.job)
+    view["warnings"] = list(done.warnings)
+    headers = {"Location": f"/v1/jobs/{done.job.id}"}
+    if not done.created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view, status_code=202, headers=headers)
+
+
+@router.post(
+    "/estimate",
+    openapi_extra=JOB_BODY_DOC,
+    summary="Estimate tokens and USD (batch and sync) for a job body; creates nothing",
+)
+async def estimate(request: Request) -> dict[str, Any]:
+    tenant_of(request)
+    body = await read_body(request)
+    ctx = ctx_of(request)
+    spec = intake.parse_body(ctx, body, request.headers.get("content-type"), request.query_params)
+    return {**intake.estimate(ctx, spec).to_dict(), "warnings": list(spec.warnings)}
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    wanted = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep:
+            raise Problem(
+                422,
+                "Invalid request",
+                f"label: '{pair}' is not key=value",
+                errors=[FieldError("label", "expected key=value")],
+            )
+        wanted[k] = v
+    return wanted
+
+
+def _cursor(cursor: str | None) -> float | None:
+    try:
+        return float(cursor) if cursor else None
+    except ValueError:
+        raise Problem(
+            422,
+            "Invalid request",
+            "cursor: not a cursor from a previous page",
+            errors=[FieldError("cursor", "malformed")],
+        ) from None
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    request: Request,
+    status: str | None = None,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> dict[str, Any]:
+    tenant = tenant_of(request)
+    ctx = ctx_of(request)
+    wanted = _labels(label or [])
+    before = _cursor(cursor)
+    out: list[dict[str, Any]] = []
+    next_cursor = None
+    while len(out) < limit:
+        rows = ctx.store.list_jobs(tenant, before=before, limit=limit * 2)
+        if not rows:
+            break
+        for job_id, score in rows:
+            before = score
+            job = ctx.store.job(job_id)
+            if job is None or (status and job.status != status):
+                continue
+            if any(job.labels.get(k) != v for k, v in wanted.items()):
+                continue
+            out.append(views.job_view(ctx, job))
+            if len(out) >= limit:
+                next_cursor = repr(score)
+                break
+    return {"object": "list", "data": out, "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", summary="A job: status, counts, tokens, cost, estimate, upstream batches")
+def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    return views.job_view(ctx_of(request), own_job(request, job_id))
+
+
+@router.get("/{job_id}/items", summary="A job's items with state, error, storage keys and URLs")
+def get_items(
+    request: Request,
+    job_id: str,
+    status: str | None = None,
+    cursor: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    job = own_job(request, job_id)
+    valid = set(STATUS_NAMES.values())
+    if status is not None and status not in valid:
+        raise Problem(
+            422,
+            "Invalid request",
+            f"status: must be one of {', '.join(sorted(valid))}",
+            errors=[FieldError("status", "unknown item status")],
+        )
+    items, nxt = views.items_page(ctx_of(request), job, status, cursor, limit)
+    return {"object": "list", "data": items, "next_cursor": nxt}
+
+
+@router.get("/{job_id}/manifest", summary="The manifest (JSONL, streamed) of a finished job")
+def get_manifest(request: Request, job_id: str) -> StreamingResponse:
+    job = own_job(request, job_id)
+    if not job.is_final:
+        raise Problem(
+            409,
+            "Job not finished",
+            f"job '{job_id}' is {job.status}; the manifest is written when it finishes",
+        )
+    stream = views.stream_manifest(ctx_of(request), job_id)
+    return StreamingResponse(stream, media_type="application/jsonl")
+
+
+@router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job (finished images are kept)")
+def cancel(request: Request, job_id: str) -> JSONResponse:
+    job = own_job(request, job_id)
+    ctx = ctx_of(request)
+    if job.is_final:
+        raise Problem(409, "Job already finished", f"job '{job_id}' is already {job.status}")
+    ctx.store.set_job_status_if(job_id, JOB_LIVE, JOB_CANCELLING, reason="cancelled by the caller")
+    ctx.enqueue_once(CANCEL, job_id, job_id, ttl=5)
+    return JSONResponse(views.job_view(ctx, ctx.store.job(job_id) or job), status_code=202)

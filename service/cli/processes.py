@@ -1,0 +1,78 @@
+"""One process each, as a deployment runs them: ``imagebatch api | worker | beat | simulator``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from service.settings import get_settings
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_level=settings.log_level,
+        proxy_headers=True,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service import tokens
+    from workers.app import app, configure
+
+    settings = get_settings()
+    configure(settings)
+    tokens.encoding()  # loaded once here, shared by the forked pool processes
+    name = f"{args.name}@{socket.gethostname()}-{os.getpid()}"
+    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency)]
+    argv += ["--hostname", name, "--loglevel", settings.log_level.upper()]
+    argv += ["-O", "fair", "--without-gossip", "--without-mingle"]
+    if args.pool:
+        argv += ["--pool", args.pool]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from workers.app import app, configure
+
+    settings = get_settings()
+    configure(settings)
+    schedule = Path(settings.data_dir) / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "--schedule", str(schedule), "--loglevel", settings.log_level.upper()])
+    return 0
+
+
+def cmd_simulator(argv: list[str]) -> int:
+    from simulator.cli import main as sim_main
+
+    sim_main(argv)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("api", help="run the HTTP API")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument(
+        "--queues", default="control,collect,sync", help="comma list of control, collect, sync"
+    )
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--pool", help="Celery pool (prefork, threads, solo)")
+    p.add_argument("--name", default="worker")
+    sub.add_parser("beat", help="run Celery beat (the sweep)")
+    sub.add_parser(
+        "simulator", help="run the offline OpenAI simulator (see `imagebatch simulator --help`)"
+    )

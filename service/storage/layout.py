@@ -1,0 +1,54 @@
+"""The object layout: every key imagebatch writes, built here and nowhere else.
+
+Keys are relative to the storage prefix or root::
+
+    jobs/{job_id}/request.jsonl
+    jobs/{job_id}/images/{item_id}.{ext}        (n > 1: {item_id}-{k}.{ext})
+    jobs/{job_id}/manifest.jsonl
+"""
+
+from __future__ import annotations
+
+import re
+
+# Ids that go into keys: the same charset intake allows for item ids.
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_EXT_RE = re.compile(r"[a-z0-9]{1,8}")
+
+
+def job_prefix(job_id: str) -> str:
+    """Everything a job stored lives under this prefix."""
+    return f"jobs/{_checked_id('job_id', job_id)}/"
+
+
+def request_key(job_id: str) -> str:
+    """The job's request as accepted at intake, one item per line."""
+    return f"{job_prefix(job_id)}request.jsonl"
+
+
+def manifest_key(job_id: str) -> str:
+    """The finished job's record: one line per item (id, status, keys, usage, cost, error)."""
+    return f"{job_prefix(job_id)}manifest.jsonl"
+
+
+def image_key(job_id: str, item_id: str, ext: str, k: int | None = None) -> str:
+    """Where an item's image goes.
+
+    ``k`` is the image's 0-based index in the upstream response's ``data`` when the item asked
+    for ``n > 1`` images; pass None for ``n == 1``. Deterministic, so a redelivered collect
+    overwrites instead of duplicating.
+    """
+    item = _checked_id("item_id", item_id)
+    if not _EXT_RE.fullmatch(ext):
+        raise ValueError(f"image extension {ext!r} must be 1-8 lower-case letters or digits")
+    if k is None:
+        return f"{job_prefix(job_id)}images/{item}.{ext}"
+    if k < 0:
+        raise ValueError(f"image index k must be >= 0, got {k}")
+    return f"{job_prefix(job_id)}images/{item}-{k}.{ext}"
+
+
+def _checked_id(name: str, value: str) -> str:
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(f"{name} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ -")
+    return value

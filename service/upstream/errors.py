@@ -1,0 +1,89 @@
+"""Upstream's failures, translated: what the lanes and tasks decide on, without the ``openai`` SDK.
+
+Every call through :class:`service.upstream.port.Upstream` raises :class:`UpstreamError` (or its
+:class:`UpstreamRateLimited`) instead of the SDK's exceptions. ``transient`` says whether trying
+again later can help: connection errors, timeouts, 408, 409, 429 and 5xx are transient; any
+other answer (400 moderation, 401, 404 for an unknown batch, ...) is permanent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx2
+import openai
+
+from service.errors import ImagebatchError
+
+_TRANSIENT_STATUSES = {408, 409, 429}
+
+
+class UpstreamError(ImagebatchError):
+    """Upstream did not do what was asked. ``status`` is None when no answer came at all."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = dict(body or {})
+        self.headers: dict[str, str] = dict(headers or {})
+        self.request_id = request_id
+        self.transient = status is None or status >= 500 or status in _TRANSIENT_STATUSES
+
+    @property
+    def code(self) -> str:
+        """Upstream's error code (``moderation_blocked``, ...), else ``http_<status>``."""
+        if self.body.get("code"):
+            return str(self.body["code"])
+        return "connection_error" if self.status is None else f"http_{self.status}"
+
+    def item_error(self) -> dict[str, Any]:
+        """What an item records when its request failed this way."""
+        if self.status is None:
+            return {"code": "connection_error", "message": str(self)}
+        error: dict[str, Any] = {
+            "code": self.code,
+            "message": self.body.get("message") or str(self),
+            "type": self.body.get("type"),
+            "status_code": self.status,
+            "request_id": self.request_id,
+        }
+        if self.body.get("moderation_details"):
+            error["moderation_details"] = self.body["moderation_details"]
+        return error
+
+
+class UpstreamRateLimited(UpstreamError):
+    """A 429: the request never ran; wait (``retry-after``) and send it again."""
+
+
+def translate(exc: openai.OpenAIError | httpx2.HTTPError) -> UpstreamError:
+    """The SDK's (or the HTTP client's, mid-stream) exception as an :class:`UpstreamError`."""
+    if isinstance(exc, openai.APIStatusError):
+        cls = UpstreamRateLimited if exc.status_code == 429 else UpstreamError
+        return cls(
+            str(exc),
+            status=exc.status_code,
+            body=exc.body if isinstance(exc.body, dict) else None,
+            headers=exc.response.headers,
+            request_id=exc.request_id,
+        )
+    return UpstreamError(str(exc) or type(exc).__name__)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Run a block of SDK calls; their exceptions come out as :class:`UpstreamError`."""
+    try:
+        yield
+    except (openai.APIError, httpx2.HTTPError) as exc:
+        raise translate(exc) from exc

@@ -1,0 +1,132 @@
+"""Upstream: the OpenAI API as imagebatch uses it, made once per process, errors translated.
+
+:class:`Upstream` is the one place that builds the SDK client and the one place its exceptions
+are caught: every method raises :class:`~service.upstream.errors.UpstreamError` instead, with
+``transient`` set, so lanes and tasks decide what to do without importing ``openai``.
+
+Retries: the SDK owns retries of idempotent calls (retrieve, list, cancel, file upload and
+content) with its default policy (429, 5xx, connection errors; ``retry-after`` honoured; at
+most ``IMAGEBATCH_OPENAI_MAX_RETRIES``). Creating a batch is not idempotent upstream (no
+Idempotency-Key), so :meth:`Upstream.create_batch` never retries on its own: the submit path
+lists what already exists before it creates again. The sync lane's image calls do not retry
+either: the lane owns those retries, paced by the cluster-wide rate limiter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import IO, Any
+
+import httpx2
+from openai import DefaultHttpxClient, OpenAI
+from openai.types import Batch
+
+from service.settings import Settings
+from service.storage import iter_chunk_lines
+from service.upstream.errors import translated
+
+# Path segments that are upstream ids (batch_…, file-…, req_…), folded so labels stay bounded.
+_ID_SEGMENT = re.compile(r"^(batch_|file-|file_|req_|batch_req_)[A-Za-z0-9_-]+$")
+# The key the embedded simulator is started with when no OpenAI key is set.
+SIMULATOR_KEY = "sk-imagebatch-simulator"
+
+
+def endpoint_label(path: str) -> str:
+    """``/v1/batches/batch_abc/cancel`` → ``/v1/batches/{id}/cancel``: a bounded label."""
+    return "/".join("{id}" if _ID_SEGMENT.match(part) else part for part in path.split("/"))
+
+
+def make_client(
+    settings: Settings, on_response: Callable[[str, int], None] | None = None
+) -> OpenAI:
+    """The SDK client. ``on_response(endpoint, status)`` sees every upstream answer, retries
+    included (each attempt is a request upstream counts)."""
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else SIMULATOR_KEY
+    base_url = settings.openai_base_url or (
+        f"http://127.0.0.1:{settings.simulator_port}/v1"
+        if settings.openai_api_key is None
+        else None
+    )
+    http_client = None
+    if on_response is not None:
+
+        def hook(response: httpx2.Response) -> None:
+            on_response(endpoint_label(response.request.url.path), response.status_code)
+
+        http_client = DefaultHttpxClient(event_hooks={"response": [hook]})
+    return OpenAI(
+        http_client=http_client,
+        api_key=key,
+        base_url=base_url,
+        max_retries=settings.openai_max_retries,
+        timeout=settings.openai_timeout_seconds,
+    )
+
+
+class Upstream:
+    """The calls imagebatch makes upstream. One per process (see :mod:`service.context`)."""
+
+    def __init__(self, client: OpenAI):
+        self.client = client
+        self._once = client.with_options(max_retries=0)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.base_url)
+
+    # --- files -----------------------------------------------------------------------------
+    def upload(self, name: str, content: bytes | IO[bytes], purpose: str, mime: str = "") -> str:
+        """Upload a file (``batch`` input, ``vision`` reference image); returns its id."""
+        with translated():
+            file = (name, content, mime) if mime else (name, content)
+            return self.client.files.create(file=file, purpose=purpose).id  # type: ignore[arg-type]
+
+    @contextmanager
+    def file_lines(self, file_id: str) -> Iterator[Iterator[bytes]]:
+        """An upstream file's non-empty lines, streamed as bytes (never the whole file held)."""
+        with translated(), self.client.files.with_streaming_response.content(file_id) as resp:
+            yield (raw for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)) if raw.strip())
+
+    def file_size(self, file_id: str) -> int:
+        with translated():
+            return int(self.client.files.retrieve(file_id).bytes)
+
+    # --- batches ---------------------------------------------------------------------------
+    def create_batch(
+        self, input_file_id: str, endpoint: str, window: str, metadata: Mapping[str, str]
+    ) -> Batch:
+        """Create a batch, once: never retried here (a retry could create a second batch)."""
+        with translated():
+            return self._once.batches.create(
+                input_file_id=input_file_id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window=window,  # type: ignore[arg-type]
+                metadata=dict(metadata),
+            )
+
+    def batch(self, batch_id: str) -> Batch:
+        with translated():
+            return self.client.batches.retrieve(batch_id)
+
+    def cancel_batch(self, batch_id: str) -> None:
+        with translated():
+            self.client.batches.cancel(batch_id)
+
+    def recent_batches(self, limit: int = 100) -> Iterator[Batch]:
+        """Batches newest first, page after page as the caller reads on."""
+        with translated():
+            yield from self.client.batches.list(limit=limit)
+
+    # --- images (the sync lane) ------------------------------------------------------------
+    def image(
+        self, endpoint: str, body: Mapping[str, Any]
+    ) -> tuple[Mapping[str, str], dict[str, Any]]:
+        """One generation or JSON edit, sent once; returns (response headers, ImagesResponse)."""
+        with translated():
+            if endpoint.endswith("/edits"):
+                raw = self._once.post("/images/edits", body=dict(body), cast_to=httpx2.Response)
+                return raw.headers, raw.json()
+            resp = self._once.images.with_raw_response.generate(**body)
+            return resp.headers, resp.http_response.json()
