@@ -56,6 +56,7 @@ import orjson
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, invalid, malformed
+from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
 
 Mode = Literal["batch", "sync", "auto"]
 
@@ -239,7 +240,7 @@ def parse_job_json(
     except TypeError:
         raise malformed("The body must be bytes of JSON text.") from None
     if not isinstance(doc, dict):
-        raise invalid("", f"the body must be a JSON object (a job), not {_json_type(doc)}")
+        raise invalid("", f"the body must be a JSON object (a job), not {json_type(doc)}")
     return _JobBuilder(catalog, max_items=max_items, today=today).build(doc)
 
 
@@ -305,7 +306,7 @@ class _JobBuilder:
         errs = self.errors
         for key in doc:
             if key not in _TOP_FIELDS:
-                errs.add(_clip_key(key), _unknown_message(key, TOP_FIELDS, "the job"))
+                errs.add(clip_key(key), unknown_message(key, TOP_FIELDS, "the job"))
 
         self._check_model(doc.get("model"))
         mode = self._check_mode(doc.get("mode"))
@@ -343,7 +344,7 @@ class _JobBuilder:
         if raw is None:
             raw = self.catalog.default_model
         if not isinstance(raw, str):
-            self.errors.add("model", f"model must be a string, not {_json_type(raw)}")
+            self.errors.add("model", f"model must be a string, not {json_type(raw)}")
             return
         model = self.catalog.get(raw)
         if model is None:
@@ -352,7 +353,7 @@ class _JobBuilder:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             self.errors.add(
                 "model",
-                f"unknown model {_show(raw)}{hint}; known models: {', '.join(live[:8])}",
+                f"unknown model {show(raw)}{hint}; known models: {', '.join(live[:8])}",
             )
             return
         if model.is_shut_down(self.today):
@@ -371,7 +372,7 @@ class _JobBuilder:
         if raw is None:
             raw = "batch"
         if raw not in MODES or not isinstance(raw, str):
-            self.errors.add("mode", f"mode must be one of {', '.join(MODES)}, not {_show(raw)}")
+            self.errors.add("mode", f"mode must be one of {', '.join(MODES)}, not {show(raw)}")
             return "batch"
         if raw == "batch" and self.model is not None and not self.model.batch:
             self.errors.add(
@@ -386,18 +387,18 @@ class _JobBuilder:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
-            self.errors.add("labels", f"labels must be an object of strings, not {_json_type(raw)}")
+            self.errors.add("labels", f"labels must be an object of strings, not {json_type(raw)}")
             return {}
         if len(raw) > MAX_LABELS:
             self.errors.add("labels", f"at most {MAX_LABELS} labels, got {len(raw)}")
             return {}
         labels: dict[str, str] = {}
         for key, value in raw.items():
-            path = f"labels.{_clip_key(key)}"
+            path = f"labels.{clip_key(key)}"
             if not _LABEL_KEY_RE.match(key):
                 self.errors.add(path, f"a label key must match {LABEL_KEY_PATTERN}")
             elif not isinstance(value, str):
-                self.errors.add(path, f"a label value must be a string, not {_json_type(value)}")
+                self.errors.add(path, f"a label value must be a string, not {json_type(value)}")
             elif len(value) > MAX_LABEL_VALUE_CHARS:
                 self.errors.add(
                     path,
@@ -412,7 +413,7 @@ class _JobBuilder:
         if raw is None:
             return None
         if not _is_number(raw):
-            self.errors.add("max_cost_usd", f"max_cost_usd must be a number, not {_json_type(raw)}")
+            self.errors.add("max_cost_usd", f"max_cost_usd must be a number, not {json_type(raw)}")
             return None
         try:
             value = float(raw)
@@ -421,7 +422,7 @@ class _JobBuilder:
         if not (0 < value <= MAX_COST_USD):
             self.errors.add(
                 "max_cost_usd",
-                f"max_cost_usd must be more than 0 and at most {MAX_COST_USD:,.0f}, got {_show(raw)}",
+                f"max_cost_usd must be more than 0 and at most {MAX_COST_USD:,.0f}, got {show(raw)}",
             )
             return None
         return value
@@ -430,7 +431,7 @@ class _JobBuilder:
         if raw is None:
             return None
         if not isinstance(raw, str):
-            self.errors.add("webhook_url", f"webhook_url must be a string, not {_json_type(raw)}")
+            self.errors.add("webhook_url", f"webhook_url must be a string, not {json_type(raw)}")
             return None
         problem = _url_problem(raw)
         if problem:
@@ -443,7 +444,7 @@ class _JobBuilder:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
-            self.errors.add("defaults", f"defaults must be an object, not {_json_type(raw)}")
+            self.errors.add("defaults", f"defaults must be an object, not {json_type(raw)}")
             return {}
         defaults: dict[str, Any] = {}
         for key, value in raw.items():
@@ -451,8 +452,8 @@ class _JobBuilder:
                 if key in _ITEM_FIELDS:
                     message = f"'{key}' is set per item and cannot be a default"
                 else:
-                    message = _unknown_message(key, PARAM_FIELDS, "defaults")
-                self.errors.add(self.defaults_path(_clip_key(key)), message)
+                    message = unknown_message(key, PARAM_FIELDS, "defaults")
+                self.errors.add(self.defaults_path(clip_key(key)), message)
                 continue
             if value is None:
                 continue
@@ -487,39 +488,39 @@ class _JobBuilder:
         if name in ("n", "output_compression"):
             low, high = (1, MAX_N) if name == "n" else (0, 100)
             if not isinstance(value, int) or isinstance(value, bool):
-                return f"{name} must be a whole number from {low} to {high}, not {_show(value)}"
+                return f"{name} must be a whole number from {low} to {high}, not {show(value)}"
             if not low <= value <= high:
-                return f"{name} must be from {low} to {high}, got {_show(value)}"
+                return f"{name} must be from {low} to {high}, got {show(value)}"
             return None
         if not isinstance(value, str):
-            return f"{name} must be a string, not {_json_type(value)}"
+            return f"{name} must be a string, not {json_type(value)}"
         if name == "size":
             if len(value) > 16:
-                return f"size must be 'auto' or WIDTHxHEIGHT, not {_show(value)}"
+                return f"size must be 'auto' or WIDTHxHEIGHT, not {show(value)}"
             return model.size_problem(value) if model is not None else None
         if name == "quality":
             if model is not None and value not in model.qualities:
                 return (
-                    f"quality {_show(value)} is not offered by {model.id}; "
+                    f"quality {show(value)} is not offered by {model.id}; "
                     f"use one of {', '.join(model.qualities)}"
                 )
             return None
         if name == "output_format":
             if model is not None and value not in model.formats:
                 return (
-                    f"output_format {_show(value)} is not offered by {model.id}; "
+                    f"output_format {show(value)} is not offered by {model.id}; "
                     f"use one of {', '.join(model.formats)}"
                 )
             return None
         if name == "background":
             if value not in BACKGROUNDS:
-                return f"background must be one of {', '.join(BACKGROUNDS)}, not {_show(value)}"
+                return f"background must be one of {', '.join(BACKGROUNDS)}, not {show(value)}"
             if value == "transparent" and model is not None and not model.transparent_background:
                 return f"{model.id} cannot make transparent backgrounds"
             return None
         if name == "moderation":
             if value not in MODERATIONS:
-                return f"moderation must be one of {', '.join(MODERATIONS)}, not {_show(value)}"
+                return f"moderation must be one of {', '.join(MODERATIONS)}, not {show(value)}"
             return None
         raise AssertionError(f"no check for parameter {name}")  # PARAM_FIELDS and this disagree
 
@@ -543,7 +544,7 @@ class _JobBuilder:
 
     def _count_ok(self, path: str, raw: Any, what: str) -> bool:
         if not isinstance(raw, list):
-            self.errors.add(path, f"{path} must be an array of {what}, not {_json_type(raw)}")
+            self.errors.add(path, f"{path} must be an array of {what}, not {json_type(raw)}")
             return False
         if not raw:
             self.errors.add(path, "the job has no items")
@@ -566,7 +567,7 @@ class _JobBuilder:
         for index, raw in enumerate(raw_items):
             path = f"items[{index}]"
             if not isinstance(raw, dict):
-                errs.add(path, f"an item must be an object, not {_json_type(raw)}", index)
+                errs.add(path, f"an item must be an object, not {json_type(raw)}", index)
                 continue
             item_id = self._item_id(raw.get("id"), path, index, seen, "items")
             shown_id = item_id if item_id is not None else _shown_id(raw.get("id"), index)
@@ -588,8 +589,8 @@ class _JobBuilder:
                     if key == "model":
                         message = "model is set once for the whole job, not per item"
                     else:
-                        message = _unknown_message(key, ITEM_FIELDS, "an item")
-                    errs.add(f"{path}.{_clip_key(key)}", message, index, shown_id)
+                        message = unknown_message(key, ITEM_FIELDS, "an item")
+                    errs.add(f"{path}.{clip_key(key)}", message, index, shown_id)
                     ok = False
             if params is None:
                 params = defaults
@@ -622,15 +623,15 @@ class _JobBuilder:
                 raw = str(raw)
             if not isinstance(raw, str):
                 self.errors.add(
-                    f"{path}.id", f"id must be a string, not {_json_type(raw)}", index, None
+                    f"{path}.id", f"id must be a string, not {json_type(raw)}", index, None
                 )
                 return None
             if not _ID_RE.match(raw):
                 self.errors.add(
                     f"{path}.id",
-                    f"id {_show(raw)} must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
+                    f"id {show(raw)} must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
                     index,
-                    _clip(raw, 128),
+                    clip(raw, 128),
                 )
                 return None
             item_id = raw
@@ -652,7 +653,7 @@ class _JobBuilder:
             self.errors.add(path, "prompt is required", index, item_id)
             return None
         if not isinstance(raw, str):
-            self.errors.add(path, f"prompt must be a string, not {_json_type(raw)}", index, item_id)
+            self.errors.add(path, f"prompt must be a string, not {json_type(raw)}", index, item_id)
             return None
         if len(raw) > MAX_PROMPT_CHARS:
             self.errors.add(
@@ -718,7 +719,7 @@ class _JobBuilder:
         if not isinstance(raw, list):
             self.errors.add(
                 path,
-                f"images must be an array of 1 to {MAX_IMAGES} references, not {_json_type(raw)}",
+                f"images must be an array of 1 to {MAX_IMAGES} references, not {json_type(raw)}",
                 index,
                 item_id,
             )
@@ -742,7 +743,7 @@ class _JobBuilder:
     def _ref(self, raw: Any, path: str, index: int, item_id: str | None) -> str | None:
         if not isinstance(raw, str):
             self.errors.add(
-                path, f"an image reference must be a string, not {_json_type(raw)}", index, item_id
+                path, f"an image reference must be a string, not {json_type(raw)}", index, item_id
             )
             return None
         problem = _ref_problem(raw)
@@ -765,7 +766,7 @@ class _JobBuilder:
             errs.add("template", "template is required with rows (placeholders like {title})")
             parts = None
         elif not isinstance(template, str):
-            errs.add("template", f"template must be a string, not {_json_type(template)}")
+            errs.add("template", f"template must be a string, not {json_type(template)}")
             parts = None
         else:
             parts = _compile_template(template, errs)
@@ -786,8 +787,8 @@ class _JobBuilder:
             if missing:
                 errs.add(
                     "template",
-                    f"placeholder {{{_clip(missing[0], 64)}}} is not a column of the CSV; "
-                    f"its columns are: {_clip(', '.join(csv_rows.columns), 400)}",
+                    f"placeholder {{{clip(missing[0], 64)}}} is not a column of the CSV; "
+                    f"its columns are: {clip(', '.join(csv_rows.columns), 400)}",
                 )
                 return []
         seen: dict[str, int] = {}
@@ -796,7 +797,7 @@ class _JobBuilder:
             path = f"rows[{index}]"
             where = self._line(index)
             if not isinstance(row, dict):
-                errs.add(path, f"a row must be an object, not {_json_type(row)}", index)
+                errs.add(path, f"a row must be an object, not {json_type(row)}", index)
                 continue
             if csv_rows is not None and index in csv_rows.ragged:
                 continue  # already reported: wrong number of fields
@@ -847,7 +848,7 @@ class _JobBuilder:
             if value is None:
                 self.errors.add(
                     path,
-                    f"row {index} has no value for template placeholder {{{_clip(name, 64)}}}{where}",
+                    f"row {index} has no value for template placeholder {{{clip(name, 64)}}}{where}",
                     index,
                     item_id,
                 )
@@ -860,8 +861,8 @@ class _JobBuilder:
                 out.append(str(value))
             else:
                 self.errors.add(
-                    f"{path}.{_clip_key(name)}",
-                    f"a template value must be a string or number, not {_json_type(value)}",
+                    f"{path}.{clip_key(name)}",
+                    f"a template value must be a string or number, not {json_type(value)}",
                     index,
                     item_id,
                 )
@@ -928,7 +929,7 @@ def _csv_document(
     labels: dict[str, Any] = {}
     for key, value in params.items():
         if not isinstance(value, str):
-            errs.add(_clip_key(key), "query parameters are strings")
+            errs.add(clip_key(key), "query parameters are strings")
             continue
         if key.startswith("label."):
             labels[key[len("label.") :]] = value
@@ -941,23 +942,23 @@ def _csv_document(
             if isinstance(parsed, dict):
                 labels.update(parsed)
             else:
-                errs.add("labels", f"labels must be a JSON object, not {_json_type(parsed)}")
+                errs.add("labels", f"labels must be a JSON object, not {json_type(parsed)}")
         elif key in ("n", "output_compression"):
             try:
                 defaults[key] = int(value.strip())
             except ValueError:
-                errs.add(key, f"{key} must be a whole number, not {_show(value)}")
+                errs.add(key, f"{key} must be a whole number, not {show(value)}")
         elif key == "max_cost_usd":
             try:
                 doc[key] = float(value.strip())
             except ValueError:
-                errs.add(key, f"max_cost_usd must be a number, not {_show(value)}")
+                errs.add(key, f"max_cost_usd must be a number, not {show(value)}")
         elif key in _PARAMS:
             defaults[key] = value
         elif key in ("model", "mode", "webhook_url", "template"):
             doc[key] = value
         elif key not in ("id_column", "images_column", "mask_column", "delimiter"):
-            errs.add(_clip_key(key), _unknown_message(key, CSV_PARAMS, "a CSV job"))
+            errs.add(clip_key(key), unknown_message(key, CSV_PARAMS, "a CSV job"))
     if labels:
         doc["labels"] = labels
     if defaults:
@@ -988,7 +989,7 @@ def _csv_document(
         dupes = sorted({c for c in columns if c and columns.count(c) > 1})
         if dupes:
             errs.add(
-                "header", f"column '{_clip(dupes[0], 64)}' appears more than once in the header"
+                "header", f"column '{clip(dupes[0], 64)}' appears more than once in the header"
             )
         width = len(columns)
         rows: list[dict[str, str]] = []
@@ -1026,8 +1027,8 @@ def _csv_document(
             if chosen not in columns:
                 errs.add(
                     param,
-                    f"{param} '{_clip(chosen, 64)}' is not a column of the CSV; its columns are: "
-                    f"{_clip(', '.join(columns), 400)}",
+                    f"{param} '{clip(chosen, 64)}' is not a column of the CSV; its columns are: "
+                    f"{clip(', '.join(columns), 400)}",
                 )
                 return None
             return chosen
@@ -1093,7 +1094,7 @@ def _ref_problem(ref: str) -> str | None:
             return "an upstream file id looks like file-abc123"
         return None
     return (
-        f"{_show(ref)} is not an image reference: use s3://bucket/key, https://..., "
+        f"{show(ref)} is not an image reference: use s3://bucket/key, https://..., "
         f"data:image/...;base64,..., an upstream file id (file-...), or file:///path"
     )
 
@@ -1124,56 +1125,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"the number {_show(value)}"
-    if isinstance(value, str):
-        return f"the string {_show(value)}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A value as JSON, shortened: messages must stay small whatever the caller sent."""
-    if isinstance(value, str):
-        text = value if len(value) <= limit else value[:limit] + "…"
-        return "'" + text.encode("unicode_escape").decode("ascii") + "'"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
-        return "a very large number"
-    try:
-        text = orjson.dumps(value).decode()
-    except (TypeError, orjson.JSONEncodeError):
-        text = type(value).__name__
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _clip_key(key: str) -> str:
-    return _clip(str(key), 64)
-
-
 def _shown_id(raw: Any, index: int) -> str | None:
     """The id to name in an error when the item's id itself is not usable."""
     if raw is None:
         return str(index)
     if isinstance(raw, str):
-        return _clip(raw, 128)
+        return clip(raw, 128)
     if isinstance(raw, int) and not isinstance(raw, bool):
-        return _show(raw)
+        return show(raw)
     return None
-
-
-def _unknown_message(key: str, known: Iterable[str], where: str) -> str:
-    close = difflib.get_close_matches(str(key)[:64], list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown field {_show(key)} in {where}{hint}"
