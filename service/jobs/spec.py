@@ -50,13 +50,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, invalid, malformed
 from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
+from service.jobs.params import COMBO_PARAMS, combo_problem, param_problem, ref_problem, url_problem
 from service.jobs.schema import (
     ALPHA_FORMATS,
     BACKGROUNDS,
@@ -116,12 +116,9 @@ __all__ = [
 
 _ID_RE = re.compile(ITEM_ID_PATTERN + r"\Z")
 _LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN + r"\Z")
-_FILE_ID_RE = re.compile(r"file-[A-Za-z0-9_-]{1,200}\Z")
-_DATA_URL_RE = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,[A-Za-z0-9+/=\s]+\Z")
 _TEMPLATE_TOKEN_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 _PARAMS = frozenset(PARAM_FIELDS)
-_COMBO_PARAMS = frozenset(("background", "output_format", "output_compression"))
 _ITEM_FIELDS = frozenset(ITEM_FIELDS)
 _TOP_FIELDS = frozenset(TOP_FIELDS)
 _CSV_DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
@@ -345,7 +342,7 @@ class _JobBuilder:
         if not isinstance(raw, str):
             self.errors.add("webhook_url", f"webhook_url must be a string, not {json_type(raw)}")
             return None
-        problem = _url_problem(raw)
+        problem = url_problem(raw)
         if problem:
             self.errors.add("webhook_url", problem)
             return None
@@ -374,7 +371,7 @@ class _JobBuilder:
                 defaults[key] = value
             else:
                 self.errors.add(self.defaults_path(key), problem)
-        combo = self._combo_problem(defaults)
+        combo = combo_problem(defaults)
         if combo is not None:
             name, message = combo
             self.errors.add(self.defaults_path(name), message)
@@ -391,66 +388,9 @@ class _JobBuilder:
             try:
                 return self._param_cache[key]
             except KeyError:
-                verdict = self._param_cache[key] = self._param_problem_uncached(name, value)
+                verdict = self._param_cache[key] = param_problem(name, value, self.model)
                 return verdict
-        return self._param_problem_uncached(name, value)
-
-    def _param_problem_uncached(self, name: str, value: Any) -> str | None:
-        model = self.model
-        if name in ("n", "output_compression"):
-            low, high = (1, MAX_N) if name == "n" else (0, 100)
-            if not isinstance(value, int) or isinstance(value, bool):
-                return f"{name} must be a whole number from {low} to {high}, not {show(value)}"
-            if not low <= value <= high:
-                return f"{name} must be from {low} to {high}, got {show(value)}"
-            return None
-        if not isinstance(value, str):
-            return f"{name} must be a string, not {json_type(value)}"
-        if name == "size":
-            if len(value) > 16:
-                return f"size must be 'auto' or WIDTHxHEIGHT, not {show(value)}"
-            return model.size_problem(value) if model is not None else None
-        if name == "quality":
-            if model is not None and value not in model.qualities:
-                return (
-                    f"quality {show(value)} is not offered by {model.id}; "
-                    f"use one of {', '.join(model.qualities)}"
-                )
-            return None
-        if name == "output_format":
-            if model is not None and value not in model.formats:
-                return (
-                    f"output_format {show(value)} is not offered by {model.id}; "
-                    f"use one of {', '.join(model.formats)}"
-                )
-            return None
-        if name == "background":
-            if value not in BACKGROUNDS:
-                return f"background must be one of {', '.join(BACKGROUNDS)}, not {show(value)}"
-            if value == "transparent" and model is not None and not model.transparent_background:
-                return f"{model.id} cannot make transparent backgrounds"
-            return None
-        if name == "moderation":
-            if value not in MODERATIONS:
-                return f"moderation must be one of {', '.join(MODERATIONS)}, not {show(value)}"
-            return None
-        raise AssertionError(f"no check for parameter {name}")  # PARAM_FIELDS and this disagree
-
-    @staticmethod
-    def _combo_problem(params: Mapping[str, Any]) -> tuple[str, str] | None:
-        """A conflict between background, output_format and output_compression: (field, why)."""
-        fmt = params.get("output_format", DEFAULT_OUTPUT_FORMAT)
-        if params.get("background") == "transparent" and fmt not in ALPHA_FORMATS:
-            return (
-                "background",
-                f"a transparent background needs output_format png or webp, not '{fmt}'",
-            )
-        if "output_compression" in params and fmt not in COMPRESSIBLE_FORMATS:
-            return (
-                "output_compression",
-                f"output_compression applies to jpeg and webp only, not '{fmt}'",
-            )
-        return None
+        return param_problem(name, value, self.model)
 
     # -- items --------------------------------------------------------------------------------
 
@@ -506,12 +446,12 @@ class _JobBuilder:
                     ok = False
             if params is None:
                 params = defaults
-            elif not _COMBO_PARAMS.isdisjoint(raw):
-                combo = self._combo_problem(params)
+            elif not COMBO_PARAMS.isdisjoint(raw):
+                combo = combo_problem(params)
                 if combo is not None:
                     name, message = combo
                     # Blame what this item set: the defaults were checked on their own.
-                    blamed = name if name in raw else next(k for k in _COMBO_PARAMS if k in raw)
+                    blamed = name if name in raw else next(k for k in COMBO_PARAMS if k in raw)
                     errs.add(f"{path}.{blamed}", message, index, shown_id)
                     ok = False
             prompt = self._prompt(raw.get("prompt"), f"{path}.prompt", index, shown_id)
@@ -658,7 +598,7 @@ class _JobBuilder:
                 path, f"an image reference must be a string, not {json_type(raw)}", index, item_id
             )
             return None
-        problem = _ref_problem(raw)
+        problem = ref_problem(raw)
         if problem is not None:
             self.errors.add(path, problem, index, item_id)
             return None
@@ -980,57 +920,6 @@ def _csv_refs(cell: Any, path: str, index: int, item_id: str | None, errs: Field
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _ref_problem(ref: str) -> str | None:
-    """Why ``ref`` is not an image reference we can use, or None."""
-    if ref.startswith("s3://"):
-        bucket, _, key = ref[5:].partition("/")
-        if not bucket or not key:
-            return "an s3 reference must be s3://bucket/key"
-        return None
-    if ref.startswith("https://"):
-        return _url_problem(ref, schemes=("https",), max_chars=MAX_REF_URL_CHARS)
-    if ref.startswith("data:"):
-        if len(ref) > MAX_IMAGE_URL_CHARS:
-            return f"a data URL may be at most {MAX_IMAGE_URL_CHARS:,} characters"
-        if not _DATA_URL_RE.match(ref):
-            return "a data URL must be data:image/<type>;base64,<data>"
-        return None
-    if ref.startswith("file:///"):
-        if len(ref) <= len("file:///"):
-            return "a file reference must be file:///absolute/path"
-        return None
-    if ref.startswith("file-"):
-        if not _FILE_ID_RE.match(ref):
-            return "an upstream file id looks like file-abc123"
-        return None
-    return (
-        f"{show(ref)} is not an image reference: use s3://bucket/key, https://..., "
-        f"data:image/...;base64,..., an upstream file id (file-...), or file:///path"
-    )
-
-
-def _url_problem(
-    url: str,
-    schemes: tuple[str, ...] = ("http", "https"),
-    max_chars: int = MAX_WEBHOOK_URL_CHARS,
-) -> str | None:
-    if len(url) > max_chars:
-        return f"the URL may be at most {max_chars:,} characters"
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        return "the URL must not contain spaces or control characters"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        return f"the URL is malformed: {exc}"
-    if parts.scheme not in schemes:
-        return f"the URL must start with {' or '.join(s + '://' for s in schemes)}"
-    if not host:
-        return "the URL has no host"
-    return None
 
 
 def _is_number(value: Any) -> bool:
