@@ -83,6 +83,7 @@ from service.jobs.schema import (
     JobSpec,
     Mode,
 )
+from service.jobs.template import compile_template, render_template
 
 # The public face of job parsing: the entry points, and the types and limits callers use.
 __all__ = [
@@ -116,7 +117,6 @@ __all__ = [
 
 _ID_RE = re.compile(ITEM_ID_PATTERN + r"\Z")
 _LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN + r"\Z")
-_TEMPLATE_TOKEN_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 _PARAMS = frozenset(PARAM_FIELDS)
 _ITEM_FIELDS = frozenset(ITEM_FIELDS)
@@ -621,7 +621,7 @@ class _JobBuilder:
             errs.add("template", f"template must be a string, not {json_type(template)}")
             parts = None
         else:
-            parts = _compile_template(template, errs)
+            parts = compile_template(template, errs)
         if rows is None:
             errs.add("rows", "rows are required with a template")
             return []
@@ -664,7 +664,7 @@ class _JobBuilder:
                 continue
             item_id = self._item_id(raw_id, path, index, seen, "rows")
             shown_id = item_id if item_id is not None else _shown_id(raw_id, index)
-            prompt = self._render(parts, row, path, index, shown_id, where)
+            prompt = render_template(parts, row, path, index, shown_id, where, errs)
             if prompt is not None:
                 prompt = self._prompt(prompt, f"{path}.prompt", index, shown_id)
             images = row.get(images_key) if images_key else None
@@ -683,77 +683,6 @@ class _JobBuilder:
         if self.row_lines is None:
             return ""
         return f" (CSV line {self.row_lines[index]})"
-
-    def _render(
-        self,
-        parts: list[str],
-        row: dict[str, Any],
-        path: str,
-        index: int,
-        item_id: str | None,
-        where: str,
-    ) -> str | None:
-        out = [parts[0]]
-        for k in range(1, len(parts), 2):
-            name = parts[k]
-            value = row.get(name)
-            if value is None:
-                self.errors.add(
-                    path,
-                    f"row {index} has no value for template placeholder {{{clip(name, 64)}}}{where}",
-                    index,
-                    item_id,
-                )
-                return None
-            if isinstance(value, str):
-                out.append(value)
-            elif isinstance(value, bool):
-                out.append("true" if value else "false")
-            elif isinstance(value, (int, float)):
-                out.append(str(value))
-            else:
-                self.errors.add(
-                    f"{path}.{clip_key(name)}",
-                    f"a template value must be a string or number, not {json_type(value)}",
-                    index,
-                    item_id,
-                )
-                return None
-            out.append(parts[k + 1])
-        return "".join(out)
-
-
-def _compile_template(template: str, errs: FieldErrors) -> list[str] | None:
-    """Split a template into [literal, name, literal, name, ..., literal]; None if malformed."""
-    parts: list[str] = []
-    literal: list[str] = []
-    pos = 0
-    for m in _TEMPLATE_TOKEN_RE.finditer(template):
-        literal.append(template[pos : m.start()])
-        token = m.group(0)
-        pos = m.end()
-        if token == "{{":
-            literal.append("{")
-        elif token == "}}":
-            literal.append("}")
-        elif m.group(1) is not None:
-            name = m.group(1)
-            if not name:
-                errs.add("template", f"empty placeholder {{}} at position {m.start()}")
-                return None
-            parts.append("".join(literal))
-            parts.append(name)
-            literal = []
-        else:
-            errs.add(
-                "template",
-                f"unmatched '{token}' at position {m.start()}; write '{token}{token}' for a "
-                f"literal brace",
-            )
-            return None
-    literal.append(template[pos:])
-    parts.append("".join(literal))
-    return parts
 
 
 # --------------------------------------------------------------------------------------------
