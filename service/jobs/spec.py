@@ -41,20 +41,18 @@ Rules worth knowing:
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import difflib
-import io
 import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, invalid, malformed
+from service.jobs.csvform import MISSING, CsvRows, csv_document, csv_refs
 from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
 from service.jobs.params import COMBO_PARAMS, combo_problem, param_problem, ref_problem, url_problem
 from service.jobs.schema import (
@@ -121,9 +119,6 @@ _LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN + r"\Z")
 _PARAMS = frozenset(PARAM_FIELDS)
 _ITEM_FIELDS = frozenset(ITEM_FIELDS)
 _TOP_FIELDS = frozenset(TOP_FIELDS)
-_CSV_DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
-
-_MISSING: Any = object()
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +173,7 @@ def parse_job_csv(
     * ``delimiter``: ``,`` (default), ``;``, ``|`` or ``tab``.
     """
     builder = _JobBuilder(catalog, max_items=max_items, today=today, csv_form=True)
-    doc, rows = _csv_document(body, params, builder)
+    doc, rows = csv_document(body, params, builder.errors, max_items=max_items)
     return builder.build(doc, csv_rows=rows)
 
 
@@ -211,7 +206,7 @@ class _JobBuilder:
         # In the CSV form the defaults are query parameters and are named as such.
         return name if self.csv_form else f"defaults.{name}"
 
-    def build(self, doc: dict[str, Any], csv_rows: _CsvRows | None = None) -> JobSpec:
+    def build(self, doc: dict[str, Any], csv_rows: CsvRows | None = None) -> JobSpec:
         errs = self.errors
         for key in doc:
             if key not in _TOP_FIELDS:
@@ -611,7 +606,7 @@ class _JobBuilder:
         template: Any,
         rows: Any,
         defaults: dict[str, Any],
-        csv_rows: _CsvRows | None,
+        csv_rows: CsvRows | None,
     ) -> list[ItemSpec]:
         errs = self.errors
         if template is None:
@@ -670,9 +665,9 @@ class _JobBuilder:
             images = row.get(images_key) if images_key else None
             mask = row.get(mask_key) if mask_key else None
             if csv_rows is not None:
-                images = _csv_refs(images, f"{path}.{images_key}", index, shown_id, errs)
+                images = csv_refs(images, f"{path}.{images_key}", index, shown_id, errs)
                 mask = mask or None
-                if images is _MISSING:
+                if images is MISSING:
                     continue
             spec = self._finish(index, item_id, prompt, defaults, images, mask, path, shown_id)
             if spec is not None:
@@ -683,168 +678,6 @@ class _JobBuilder:
         if self.row_lines is None:
             return ""
         return f" (CSV line {self.row_lines[index]})"
-
-
-# --------------------------------------------------------------------------------------------
-# CSV
-
-
-@dataclass(slots=True)
-class _CsvRows:
-    columns: list[str]
-    rows: list[dict[str, str]]
-    lines: list[int]
-    ragged: set[int]  # rows whose field count differs from the header's (already reported)
-    id_key: str | None
-    images_key: str | None
-    mask_key: str | None
-
-
-def _csv_document(
-    body: bytes | bytearray | memoryview, params: Mapping[str, str], builder: _JobBuilder
-) -> tuple[dict[str, Any], _CsvRows]:
-    """The job fields from the query parameters, and the rows from the body."""
-    errs = builder.errors
-    doc: dict[str, Any] = {}
-    defaults: dict[str, Any] = {}
-    labels: dict[str, Any] = {}
-    for key, value in params.items():
-        if not isinstance(value, str):
-            errs.add(clip_key(key), "query parameters are strings")
-            continue
-        if key.startswith("label."):
-            labels[key[len("label.") :]] = value
-        elif key == "labels":
-            try:
-                parsed = orjson.loads(value)
-            except orjson.JSONDecodeError as exc:
-                errs.add("labels", f"labels must be a JSON object: {exc.msg}")
-                continue
-            if isinstance(parsed, dict):
-                labels.update(parsed)
-            else:
-                errs.add("labels", f"labels must be a JSON object, not {json_type(parsed)}")
-        elif key in ("n", "output_compression"):
-            try:
-                defaults[key] = int(value.strip())
-            except ValueError:
-                errs.add(key, f"{key} must be a whole number, not {show(value)}")
-        elif key == "max_cost_usd":
-            try:
-                doc[key] = float(value.strip())
-            except ValueError:
-                errs.add(key, f"max_cost_usd must be a number, not {show(value)}")
-        elif key in _PARAMS:
-            defaults[key] = value
-        elif key in ("model", "mode", "webhook_url", "template"):
-            doc[key] = value
-        elif key not in ("id_column", "images_column", "mask_column", "delimiter"):
-            errs.add(clip_key(key), unknown_message(key, CSV_PARAMS, "a CSV job"))
-    if labels:
-        doc["labels"] = labels
-    if defaults:
-        doc["defaults"] = defaults
-
-    delimiter = _CSV_DELIMITERS.get(params.get("delimiter", ","))
-    if delimiter is None:
-        errs.add("delimiter", "delimiter must be one of ',', ';', '|' or 'tab'")
-        delimiter = ","
-
-    try:
-        text = bytes(body).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise malformed(
-            f"The CSV is not UTF-8: byte 0x{exc.object[exc.start]:02x} at position {exc.start} "
-            f"cannot be decoded. Save the file as UTF-8."
-        ) from None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    try:
-        header = next(reader, None)
-        while header is not None and not any(h.strip() for h in header):
-            header = next(reader, None)  # blank lines before the header
-        if header is None:
-            errs.add("rows", "the CSV is empty: it needs a header row and one row per item")
-            errs.raise_if_any()
-            raise AssertionError("unreachable")
-        columns = [h.strip() for h in header]
-        dupes = sorted({c for c in columns if c and columns.count(c) > 1})
-        if dupes:
-            errs.add(
-                "header", f"column '{clip(dupes[0], 64)}' appears more than once in the header"
-            )
-        width = len(columns)
-        rows: list[dict[str, str]] = []
-        lines: list[int] = []
-        ragged: set[int] = set()
-        for record in reader:
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue  # blank line
-            index = len(rows)
-            if index >= builder.max_items:
-                errs.add(
-                    "rows",
-                    f"the CSV has more than {builder.max_items:,} rows; a job may hold at most "
-                    f"{builder.max_items:,} (split it into several jobs)",
-                )
-                errs.raise_if_any()
-            if len(record) != width:
-                errs.add(
-                    f"rows[{index}]",
-                    f"CSV line {reader.line_num} has {len(record)} fields; the header has {width}",
-                    index,
-                )
-                ragged.add(index)
-            rows.append(dict(zip(columns, record, strict=False)))
-            lines.append(reader.line_num)
-    except csv.Error as exc:
-        raise malformed(
-            f"The CSV could not be read at line {reader.line_num}: {exc}.",
-            extra={"line": reader.line_num},
-        ) from None
-
-    def column(param: str, fallbacks: Iterable[str]) -> str | None:
-        chosen = params.get(param)
-        if chosen is not None:
-            if chosen not in columns:
-                errs.add(
-                    param,
-                    f"{param} '{clip(chosen, 64)}' is not a column of the CSV; its columns are: "
-                    f"{clip(', '.join(columns), 400)}",
-                )
-                return None
-            return chosen
-        return next((c for c in fallbacks if c in columns), None)
-
-    id_key = column("id_column", ("id", "sku"))
-    images_key = column("images_column", ("images",))
-    mask_key = column("mask_column", ("mask",))
-    if "template" not in doc:
-        if "prompt" in columns:
-            doc["template"] = "{prompt}"
-        else:
-            errs.add(
-                "template",
-                "a CSV job needs ?template= with {column} placeholders, or a 'prompt' column",
-            )
-    csv_rows = _CsvRows(columns, rows, lines, ragged, id_key, images_key, mask_key)
-    return doc, csv_rows
-
-
-def _csv_refs(cell: Any, path: str, index: int, item_id: str | None, errs: FieldErrors) -> Any:
-    """Edit references from a CSV cell: None (empty), a list, or _MISSING when malformed."""
-    if cell is None or not cell.strip():
-        return None
-    cell = cell.strip()
-    if cell.startswith("["):
-        try:
-            refs = orjson.loads(cell)
-        except orjson.JSONDecodeError as exc:
-            errs.add(
-                path, f"a cell starting with '[' must be a JSON array: {exc.msg}", index, item_id
-            )
-            return _MISSING
-        return refs
-    return [cell]
 
 
 # --------------------------------------------------------------------------------------------
