@@ -1,0 +1,216 @@
+"""The CSV form of a job: a catalog file whose rows are the items, the job fields in the query.
+
+Owns reading the CSV document: the query parameters that carry the job fields (``model``,
+``mode``, the image parameters as defaults, ``labels`` and ``label.<key>``, ``max_cost_usd``,
+``webhook_url``, ``template``), the delimiter, the header and its columns, the rows (blank
+lines skipped, ragged rows reported), which columns hold ids and edit references, and the edit
+references of one cell. It produces a job document and rows that the builder validates as it
+validates a JSON job with ``template`` and ``rows``.
+
+Failure semantics: a body that cannot be read (not UTF-8, a CSV syntax error) raises a 400
+:class:`Problem` at once, naming the byte or line. Anything else wrong is added to the job's
+:class:`FieldErrors` to be raised with the rest of the job's errors, except an empty CSV or one
+with more rows than a job may hold, which raise the 422 at once with the errors found so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.errors import FieldErrors, malformed
+from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
+from service.jobs.schema import CSV_PARAMS, PARAM_FIELDS
+
+_CSV_DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
+
+# What csv_refs returns for a cell it has reported as malformed (None means an empty cell).
+MISSING: Any = object()
+
+
+@dataclass(slots=True)
+class CsvRows:
+    columns: list[str]
+    rows: list[dict[str, str]]
+    lines: list[int]
+    ragged: set[int]  # rows whose field count differs from the header's (already reported)
+    id_key: str | None
+    images_key: str | None
+    mask_key: str | None
+
+
+def csv_document(
+    body: bytes | bytearray | memoryview,
+    params: Mapping[str, str],
+    errs: FieldErrors,
+    *,
+    max_items: int,
+) -> tuple[dict[str, Any], CsvRows]:
+    """The job fields from the query parameters, and the rows from the body."""
+    doc = _query_fields(params, errs)
+
+    delimiter = _CSV_DELIMITERS.get(params.get("delimiter", ","))
+    if delimiter is None:
+        errs.add("delimiter", "delimiter must be one of ',', ';', '|' or 'tab'")
+        delimiter = ","
+
+    try:
+        text = bytes(body).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise malformed(
+            f"The CSV is not UTF-8: byte 0x{exc.object[exc.start]:02x} at position {exc.start} "
+            f"cannot be decoded. Save the file as UTF-8."
+        ) from None
+    columns, rows, lines, ragged = _read_rows(text, delimiter, errs, max_items)
+
+    id_key = _column(params, "id_column", ("id", "sku"), columns, errs)
+    images_key = _column(params, "images_column", ("images",), columns, errs)
+    mask_key = _column(params, "mask_column", ("mask",), columns, errs)
+    if "template" not in doc:
+        if "prompt" in columns:
+            doc["template"] = "{prompt}"
+        else:
+            errs.add(
+                "template",
+                "a CSV job needs ?template= with {column} placeholders, or a 'prompt' column",
+            )
+    csv_rows = CsvRows(columns, rows, lines, ragged, id_key, images_key, mask_key)
+    return doc, csv_rows
+
+
+def csv_refs(cell: Any, path: str, index: int, item_id: str | None, errs: FieldErrors) -> Any:
+    """Edit references from a CSV cell: None (empty), a list, or MISSING when malformed."""
+    if cell is None or not cell.strip():
+        return None
+    cell = cell.strip()
+    if cell.startswith("["):
+        try:
+            refs = orjson.loads(cell)
+        except orjson.JSONDecodeError as exc:
+            errs.add(
+                path, f"a cell starting with '[' must be a JSON array: {exc.msg}", index, item_id
+            )
+            return MISSING
+        return refs
+    return [cell]
+
+
+def _query_fields(params: Mapping[str, str], errs: FieldErrors) -> dict[str, Any]:
+    """The job document the query parameters describe (the rows come from the body)."""
+    doc: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    labels: dict[str, Any] = {}
+    for key, value in params.items():
+        if not isinstance(value, str):
+            errs.add(clip_key(key), "query parameters are strings")
+            continue
+        if key.startswith("label."):
+            labels[key[len("label.") :]] = value
+        elif key == "labels":
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                errs.add("labels", f"labels must be a JSON object: {exc.msg}")
+                continue
+            if isinstance(parsed, dict):
+                labels.update(parsed)
+            else:
+                errs.add("labels", f"labels must be a JSON object, not {json_type(parsed)}")
+        elif key in ("n", "output_compression"):
+            try:
+                defaults[key] = int(value.strip())
+            except ValueError:
+                errs.add(key, f"{key} must be a whole number, not {show(value)}")
+        elif key == "max_cost_usd":
+            try:
+                doc[key] = float(value.strip())
+            except ValueError:
+                errs.add(key, f"max_cost_usd must be a number, not {show(value)}")
+        elif key in PARAM_FIELDS:
+            defaults[key] = value
+        elif key in ("model", "mode", "webhook_url", "template"):
+            doc[key] = value
+        elif key not in ("id_column", "images_column", "mask_column", "delimiter"):
+            errs.add(clip_key(key), unknown_message(key, CSV_PARAMS, "a CSV job"))
+    if labels:
+        doc["labels"] = labels
+    if defaults:
+        doc["defaults"] = defaults
+    return doc
+
+
+def _read_rows(
+    text: str, delimiter: str, errs: FieldErrors, max_items: int
+) -> tuple[list[str], list[dict[str, str]], list[int], set[int]]:
+    """The header's columns, and the rows with their CSV line numbers and the ragged ones."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, None)
+        while header is not None and not any(h.strip() for h in header):
+            header = next(reader, None)  # blank lines before the header
+        if header is None:
+            errs.add("rows", "the CSV is empty: it needs a header row and one row per item")
+            errs.raise_if_any()
+            raise AssertionError("unreachable")
+        columns = [h.strip() for h in header]
+        dupes = sorted({c for c in columns if c and columns.count(c) > 1})
+        if dupes:
+            errs.add(
+                "header", f"column '{clip(dupes[0], 64)}' appears more than once in the header"
+            )
+        width = len(columns)
+        rows: list[dict[str, str]] = []
+        lines: list[int] = []
+        ragged: set[int] = set()
+        for record in reader:
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # blank line
+            index = len(rows)
+            if index >= max_items:
+                errs.add(
+                    "rows",
+                    f"the CSV has more than {max_items:,} rows; a job may hold at most "
+                    f"{max_items:,} (split it into several jobs)",
+                )
+                errs.raise_if_any()
+            if len(record) != width:
+                errs.add(
+                    f"rows[{index}]",
+                    f"CSV line {reader.line_num} has {len(record)} fields; the header has {width}",
+                    index,
+                )
+                ragged.add(index)
+            rows.append(dict(zip(columns, record, strict=False)))
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise malformed(
+            f"The CSV could not be read at line {reader.line_num}: {exc}.",
+            extra={"line": reader.line_num},
+        ) from None
+    return columns, rows, lines, ragged
+
+
+def _column(
+    params: Mapping[str, str],
+    param: str,
+    fallbacks: Iterable[str],
+    columns: list[str],
+    errs: FieldErrors,
+) -> str | None:
+    """The column ``param`` names, else the first of ``fallbacks`` the CSV has, else None."""
+    chosen = params.get(param)
+    if chosen is not None:
+        if chosen not in columns:
+            errs.add(
+                param,
+                f"{param} '{clip(chosen, 64)}' is not a column of the CSV; its columns are: "
+                f"{clip(', '.join(columns), 400)}",
+            )
+            return None
+        return chosen
+    return next((c for c in fallbacks if c in columns), None)

@@ -1,0 +1,165 @@
+"""The shape of a job: its field names, accepted values and limits, and what intake produces.
+
+Owns the vocabulary every part of job parsing checks against (the field lists, the enumerations,
+the upstream limits and our own) and the validated result: a :class:`JobSpec` holding one
+:class:`ItemSpec` per image request. The job body itself is described in
+:mod:`service.jobs.spec`, which parses it into these types.
+
+Failure semantics: nothing here validates. :meth:`ItemSpec.from_dict` reads back a job that was
+already accepted and trusts it; a damaged record raises as Python does (``KeyError``,
+``ValueError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from service.catalog import EDITS, Catalog
+
+Mode = Literal["batch", "sync", "auto"]
+
+MODES: tuple[str, ...] = ("batch", "sync", "auto")
+BACKGROUNDS: tuple[str, ...] = ("auto", "opaque", "transparent")
+MODERATIONS: tuple[str, ...] = ("auto", "low")
+# Formats that carry an alpha channel (a transparent background needs one; facts §3.1).
+ALPHA_FORMATS: tuple[str, ...] = ("png", "webp")
+# Formats that take output_compression (facts §3.1: jpeg and webp only).
+COMPRESSIBLE_FORMATS: tuple[str, ...] = ("jpeg", "webp")
+DEFAULT_OUTPUT_FORMAT = "png"
+
+# Upstream limits (facts §3.1, §1.1).
+MAX_PROMPT_CHARS = 32_000
+MAX_N = 10
+MAX_IMAGES = 16
+MAX_IMAGE_URL_CHARS = 20_971_520
+# Our own limits.
+MAX_LABELS = 16  # the upstream batch metadata holds 16 pairs too
+MAX_LABEL_VALUE_CHARS = 256
+MAX_WEBHOOK_URL_CHARS = 2048
+MAX_REF_URL_CHARS = 8192  # presigned URLs run long
+# Budgets are kept in integer nano-dollars in Redis (64-bit): 1e9 USD is 1e18 nano-USD < 2**63.
+MAX_COST_USD = 1e9
+ITEM_ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+LABEL_KEY_PATTERN = r"[a-z0-9_.-]{1,63}"
+
+# Image request parameters: settable in ``defaults`` and per item.
+PARAM_FIELDS: tuple[str, ...] = (
+    "size",
+    "quality",
+    "output_format",
+    "n",
+    "background",
+    "output_compression",
+    "moderation",
+)
+TOP_FIELDS: tuple[str, ...] = (
+    "model",
+    "mode",
+    "defaults",
+    "items",
+    "template",
+    "rows",
+    "labels",
+    "max_cost_usd",
+    "webhook_url",
+)
+ITEM_FIELDS: tuple[str, ...] = ("id", "prompt", "images", "mask", *PARAM_FIELDS)
+# Query parameters of the CSV form besides the job fields.
+CSV_PARAMS: tuple[str, ...] = (
+    "template",
+    "id_column",
+    "images_column",
+    "mask_column",
+    "delimiter",
+    "model",
+    "mode",
+    *PARAM_FIELDS,
+    "labels",
+    "max_cost_usd",
+    "webhook_url",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# What intake produces
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpec:
+    """One image request of a job: where it goes upstream and the exact body it sends."""
+
+    index: int  # position in the job (0-based)
+    id: str  # the caller's key; str(index) when the caller gave none
+    endpoint: str  # GENERATIONS or EDITS
+    # The upstream request body: model, prompt, the parameters that were set (by the job's
+    # defaults or the item), and for edits `images` / `mask` as the caller gave them.
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return str(self.body["model"])
+
+    @property
+    def prompt(self) -> str:
+        return str(self.body["prompt"])
+
+    @property
+    def n(self) -> int:
+        return int(self.body.get("n", 1))
+
+    @property
+    def output_format(self) -> str:
+        return str(self.body.get("output_format", DEFAULT_OUTPUT_FORMAT))
+
+    @property
+    def size(self) -> str | None:
+        return self.body.get("size")
+
+    @property
+    def quality(self) -> str | None:
+        return self.body.get("quality")
+
+    @property
+    def images(self) -> list[str]:
+        return list(self.body.get("images", ()))
+
+    @property
+    def is_edit(self) -> bool:
+        return self.endpoint == EDITS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The item as one line of ``request.jsonl``."""
+        return {"index": self.index, "id": self.id, "endpoint": self.endpoint, "body": self.body}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ItemSpec:
+        """The inverse of :meth:`to_dict` (reading back an accepted job; not a validator)."""
+        return cls(int(raw["index"]), str(raw["id"]), str(raw["endpoint"]), dict(raw["body"]))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job. ``items`` is a list: intake validates the whole job before accepting it."""
+
+    model: str
+    mode: Mode
+    labels: dict[str, str]
+    max_cost_usd: float | None
+    webhook_url: str | None
+    items: list[ItemSpec]
+    # Things the caller should know that do not stop the job (e.g. an upcoming shutdown).
+    warnings: tuple[str, ...] = field(default=())
+
+    def lane(self, catalog: Catalog, sync_max_items: int) -> Literal["batch", "sync"]:
+        """Where the job runs: ``auto`` is sync up to ``sync_max_items`` items, or whenever the
+        model has no Batch API support (intake refuses such a model only in ``batch`` mode)."""
+        if self.mode == "sync":
+            return "sync"
+        if self.mode == "batch":
+            return "batch"
+        model = catalog.get(self.model)
+        if len(self.items) <= sync_max_items or model is None or not model.batch:
+            return "sync"
+        return "batch"
