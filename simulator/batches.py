@@ -778,8 +778,10 @@ class BatchEngine:
         line_id = new_id("batch_req_", 32)
         custom_id = obj.get("custom_id")
         body = obj.get("body") or {}
+        injected = injected_failure(index, self.config.fail_rate)
+        error: APIError | None = None
         try:
-            if injected_failure(index, self.config.fail_rate):
+            if injected:
                 raise server_error(rid)
             inputs: tuple[Any, ...] = ()
             mask = None
@@ -789,6 +791,13 @@ class BatchEngine:
             self.maker.moderate(req.prompt, rid)
             payload = self.maker.response_parts(req)
         except APIError as exc:
+            error = exc
+        except Exception:
+            # One line's surprise (a bug, an image Pillow chokes on) fails that line with the
+            # 500 upstream would send, never the lines around it.
+            log.exception("batch %s line %d failed inside the simulator", rec.id, index)
+            error = server_error(rid)
+        if error is not None:
             _write_all(
                 ferr,
                 [
@@ -797,9 +806,9 @@ class BatchEngine:
                             "id": line_id,
                             "custom_id": custom_id,
                             "response": {
-                                "status_code": exc.status,
+                                "status_code": error.status,
                                 "request_id": rid,
-                                "body": exc.body(),
+                                "body": error.body(),
                             },
                             "error": None,
                         }
@@ -807,7 +816,7 @@ class BatchEngine:
                     + b"\n"
                 ],
             )
-            return _Outcome(ok=False, injected=exc.status >= 500)
+            return _Outcome(ok=False, injected=injected)
         head = (
             b'{"id":"'
             + line_id.encode()
