@@ -9,12 +9,17 @@ Every response carries ``x-request-id``; the sync image endpoints also carry the
 (:mod:`simulator.errors`): unknown routes answer 404 ``Invalid URL (METHOD /path)``, a wrong or
 missing key (when ``--api-key`` is set) 401, and an unexpected bug 500 ``server_error``.
 ``/_simulator/stats`` and ``/_simulator/reset`` are the admin view (no key needed).
+
+The models it serves are the catalog's, with ``--shutdown`` dates in place of the catalog's own
+(announced by ``GET /v1/models`` and enforced on every request); ``--batch-unsupported`` models
+fail batch validation (:mod:`simulator.batches`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
@@ -31,7 +36,7 @@ from starlette.responses import Response, StreamingResponse
 from service.catalog import EDITS, GENERATIONS, Catalog, Model, cached_catalog
 from service.tokens import encoding
 from simulator.batches import BatchEngine
-from simulator.config import SimulatorConfig
+from simulator.config import ConfigError, SimulatorConfig
 from simulator.errors import APIError, invalid, request_id, server_error
 from simulator.files import FileStore, Form, receive_multipart
 from simulator.generation import ImageMaker, InputImage, probe_image, resolve_edit_refs
@@ -115,6 +120,33 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def with_upstream_news(catalog: Catalog, config: SimulatorConfig) -> Catalog:
+    """The catalog with ``--shutdown`` dates in place of its own; a copy, the cached one untouched.
+
+    Raises :class:`ConfigError` when ``--shutdown`` or ``--batch-unsupported`` names a model the
+    catalog does not have: a typo would otherwise silently test nothing.
+    """
+    for flag, named in (
+        ("--shutdown", config.shutdown),
+        ("--batch-unsupported", config.batch_unsupported),
+    ):
+        unknown = sorted(set(named) - catalog.models.keys())
+        if unknown:
+            raise ConfigError(
+                f"{flag} names {', '.join(repr(m) for m in unknown)}, not in the catalog "
+                f"{catalog.source}"
+            )
+    if not config.shutdown:
+        return catalog
+    models = {
+        mid: dataclasses.replace(m, shutdown_date=config.shutdown[mid])
+        if mid in config.shutdown
+        else m
+        for mid, m in catalog.models.items()
+    }
+    return dataclasses.replace(catalog, models=models)
+
+
 class Simulator:
     """Everything one simulator process holds, made once and shared by the routes."""
 
@@ -122,8 +154,8 @@ class Simulator:
         self.config = config
         root = config.data_dir
         root.mkdir(parents=True, exist_ok=True)
-        self.catalog: Catalog = cached_catalog(
-            str(config.catalog_file) if config.catalog_file else None
+        self.catalog: Catalog = with_upstream_news(
+            cached_catalog(str(config.catalog_file) if config.catalog_file else None), config
         )
         self.renderer = Renderer(draw_prompt=not config.plain_images, pad_to=config.image_bytes)
         self.maker = ImageMaker(self.catalog, self.renderer, config.moderation_rules())

@@ -16,7 +16,7 @@ only if they hold a line, so a batch whose lines all failed ends ``completed`` w
 Validation error codes in ``errors.data[].code``: ``invalid_json_line``, ``missing_required_parameter``
 (custom_id, body), ``invalid_value`` (method), ``duplicate_custom_id``, ``url_mismatch``,
 ``model_mismatch``, ``model_not_found`` (unknown or shut down), ``unsupported_model`` (no batch
-support, or not for this endpoint), ``empty_file``, ``too_many_tasks`` (over the line cap),
+support: the catalog's ``batch = false`` or ``--batch-unsupported``; or not for this endpoint), ``empty_file``, ``too_many_tasks`` (over the line cap),
 ``file_too_large`` (over the byte cap), ``input_file_not_found``; and after validation, over the
 enqueued-token limit, ``token_limit_exceeded`` (``line`` null), as upstream does.
 
@@ -633,7 +633,10 @@ class BatchEngine:
             model = self.maker.model(model_id, endpoint)
         except APIError as exc:
             return (exc.code or "model_not_found", exc.message)
-        if not model.batch:
+        if not model.batch or model.id in self.config.batch_unsupported:
+            # Upstream's exact code and wording for this are not documented (facts §7.2); this
+            # is OpenAI's usual code for a model an endpoint does not take, and the message
+            # names the model, which is what a caller needs to learn per model.
             return (
                 "unsupported_model",
                 f"The model '{model_id}' is not supported by the Batch API.",
