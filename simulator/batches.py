@@ -219,8 +219,12 @@ class BatchEngine:
         stats: Stats,
         root: Path,
         clock: Callable[[], float] = time.time,
+        on_finished: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         self.config = config
+        # Told of each batch once it ends (completed, failed, expired or cancelled) and is saved:
+        # the webhook sender. It must return at once.
+        self.on_finished = on_finished
         self.files = files
         self.maker = maker
         self.stats = stats
@@ -443,6 +447,11 @@ class BatchEngine:
                 _err("internal_error", f"The simulator failed running this batch: {exc!r}")
             ]
             self._save(rec)
+        if rec.status in TERMINAL and self.on_finished is not None:
+            try:
+                self.on_finished(rec)
+            except Exception:  # a listener's bug must not touch the batch
+                log.exception("batch %s: on_finished failed", rec.id)
 
     # --- validating -----------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("max_batch_lines", int, "lines one batch input may hold"),
     ("max_batch_bytes", int, "bytes one batch input may hold"),
     ("batch_unsupported", str, "MODEL[,MODEL]: fail their batches as lacking Batch API support"),
+    ("webhook_url", str, "POST OpenAI's signed batch.* events here"),
+    ("webhook_secret", str, "whsec_... secret to sign the events with"),
     ("log_level", str, "debug, info, warning or error"),
 ]
 

@@ -6,7 +6,7 @@ The model catalog is the one the service reads (``IMAGEBATCH_CATALOG_FILE``), un
 ``--catalog-file`` / ``IMAGEBATCH_SIM_CATALOG_FILE`` names another, so the simulator and the
 service agree on which models exist and what they cost. ``--shutdown`` and
 ``--batch-unsupported`` then play upstream news on top of it (a shutdown date announced, batch
-support withdrawn).
+support withdrawn); ``--webhook-url`` with ``--webhook-secret`` makes it send OpenAI's batch events.
 
 List-valued settings are comma-separated in the environment (``IMAGEBATCH_SIM_SHUTDOWN=
 a=2026-01-01,b=2027-01-01``); a value that does not parse is a validation error naming the field.
@@ -14,11 +14,14 @@ a=2026-01-01,b=2027-01-01``); a value that does not parse is a validation error 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Upstream caps on one batch input file (facts §1.1, §2). Overridable for tests and operators
@@ -92,11 +95,17 @@ class SimulatorConfig(BaseSettings):
         description="MODEL=YYYY-MM-DD (comma list): the shutdown_date /v1/models announces for "
         "MODEL, which is refused from that day on; replaces the catalog's date.",
     )
+    webhook_url: str | None = Field(
+        None, description="Where to POST OpenAI's signed batch.* events; unset = none sent."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="The whsec_... secret the events are signed with (Standard Webhooks)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "webhook_url", "webhook_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
@@ -123,6 +132,35 @@ class SimulatorConfig(BaseSettings):
             except ValueError:
                 raise ValueError(f"'{part}' is not MODEL=YYYY-MM-DD") from None
         return dates
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"'{v}' is not an http(s) URL")
+        return v
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            raw = v.get_secret_value()
+            try:
+                ok = raw.startswith("whsec_") and bool(base64.b64decode(raw[6:], validate=True))
+            except (binascii.Error, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError("expected 'whsec_' followed by base64 (as OpenAI issues them)")
+        return v
+
+    @model_validator(mode="after")
+    def _webhook_pair(self) -> SimulatorConfig:
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            # OpenAI never sends an unsigned event, so neither does the simulator.
+            raise ValueError("--webhook-url and --webhook-secret are set together or not at all")
+        return self
 
     def moderation_rules(self) -> dict[str, str]:
         """Blocked word (lower case) -> the category it is reported under."""
