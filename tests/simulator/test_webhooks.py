@@ -123,17 +123,17 @@ def test_every_terminal_event_is_signed_retried_after_a_500_and_delivered(make_s
     hooks = receivers(secret, fail_first=1)
     flags = {"webhook_url": hooks.url, "webhook_secret": secret}
     fast = make_sim(**flags)
-    # Batches here sit in `validating` for a minute and expire after 2 s: one expires, one is
-    # cancelled before it starts.
-    slow = make_sim(validate_seconds=60, completion_window=2, **flags)
+    # Batches here sit in `validating` for a minute and expire after 3 s: one is cancelled as
+    # soon as it exists, the other expires.
+    slow = make_sim(validate_seconds=60, completion_window=3, **flags)
     fast_client, slow_client = fast.client(max_retries=0), slow.client(max_retries=0)
     hooks.clients = [fast_client, slow_client]
 
     completed = submit(fast_client, [gen_line("a")]).id
     failed = submit(fast_client, [gen_line("b", model="gpt-image-2.5-flare")]).id
-    expired = submit(slow_client, [gen_line("c")]).id
     cancelled = submit(slow_client, [gen_line("d")]).id
     slow_client.batches.cancel(cancelled)
+    expired = submit(slow_client, [gen_line("c")]).id
     expected = {
         completed: "batch.completed",
         failed: "batch.failed",
