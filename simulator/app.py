@@ -207,7 +207,7 @@ class Simulator:
                 await self._housekeeping
         await self.engine.stop()
         if self.webhooks:
-            await asyncio.to_thread(self.webhooks.stop)
+            await self.webhooks.stop()
         self.stats.save(force=True)
         self._started = False
 
