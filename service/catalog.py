@@ -27,6 +27,10 @@ _CUSTOM_MAX_EDGE = 3840
 _CUSTOM_MIN_PIXELS = 655_360
 _CUSTOM_MAX_PIXELS = 8_294_400
 
+# Whether OpenAI publishes a model's token counts (``token_table`` in the catalog). Models
+# without the key are "published": every model before the 2.5 family had a table or calculator.
+TOKEN_TABLES = ("published", "unpublished")
+
 
 class CatalogError(ValueError):
     """The catalog file itself is malformed."""
@@ -66,6 +70,12 @@ class Model:
     shutdown_date: dt.date | None = None
     replacements: tuple[str, ...] = ()
     snapshot_of: str | None = None
+    token_table: str = "published"
+
+    @property
+    def token_counts_published(self) -> bool:
+        """False when the model's token counts are a stand-in formula, not OpenAI's own."""
+        return self.token_table == "published"
 
     def is_shut_down(self, today: dt.date | None = None) -> bool:
         today = today or dt.date.today()
@@ -143,6 +153,9 @@ def _model(model_id: str, raw: dict[str, Any], all_raw: dict[str, dict[str, Any]
         shutdown = raw.get("shutdown_date")
         if isinstance(shutdown, str):
             shutdown = dt.date.fromisoformat(shutdown)
+        token_table = raw.get("token_table", "published")
+        if token_table not in TOKEN_TABLES:
+            raise ValueError(f"token_table must be one of {TOKEN_TABLES}, not {token_table!r}")
         return Model(
             id=model_id,
             created=int(raw["created"]),
@@ -164,6 +177,7 @@ def _model(model_id: str, raw: dict[str, Any], all_raw: dict[str, dict[str, Any]
             shutdown_date=shutdown,
             replacements=tuple(raw.get("replacements", ())),
             snapshot_of=raw.get("snapshot_of"),
+            token_table=token_table,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CatalogError(f"catalog model '{model_id}' is malformed: {exc!r}") from exc

@@ -9,14 +9,21 @@ Every response carries ``x-request-id``; the sync image endpoints also carry the
 (:mod:`simulator.errors`): unknown routes answer 404 ``Invalid URL (METHOD /path)``, a wrong or
 missing key (when ``--api-key`` is set) 401, and an unexpected bug 500 ``server_error``.
 ``/_simulator/stats`` and ``/_simulator/reset`` are the admin view (no key needed).
+
+The models it serves are the catalog's, with ``--shutdown`` dates in place of the catalog's own
+(announced by ``GET /v1/models`` and enforced on every request); ``--batch-unsupported`` models
+fail batch validation (:mod:`simulator.batches`); with ``--webhook-url`` every finished batch sends
+OpenAI's signed ``batch.*`` event (:mod:`simulator.webhooks`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +37,15 @@ from starlette.responses import Response, StreamingResponse
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model, cached_catalog
 from service.tokens import encoding
-from simulator.batches import BatchEngine
-from simulator.config import SimulatorConfig
+from simulator.batches import BatchEngine, BatchRecord
+from simulator.config import ConfigError, SimulatorConfig
 from simulator.errors import APIError, invalid, request_id, server_error
 from simulator.files import FileStore, Form, receive_multipart
 from simulator.generation import ImageMaker, InputImage, probe_image, resolve_edit_refs
 from simulator.images import Renderer
 from simulator.limits import RateLimiter, injected_failure
 from simulator.stats import Stats
+from simulator.webhooks import WebhookSender, disabled_snapshot
 
 log = logging.getLogger("simulator")
 
@@ -115,6 +123,33 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def with_upstream_news(catalog: Catalog, config: SimulatorConfig) -> Catalog:
+    """The catalog with ``--shutdown`` dates in place of its own; a copy, the cached one untouched.
+
+    Raises :class:`ConfigError` when ``--shutdown`` or ``--batch-unsupported`` names a model the
+    catalog does not have: a typo would otherwise silently test nothing.
+    """
+    for flag, named in (
+        ("--shutdown", config.shutdown),
+        ("--batch-unsupported", config.batch_unsupported),
+    ):
+        unknown = sorted(set(named) - catalog.models.keys())
+        if unknown:
+            raise ConfigError(
+                f"{flag} names {', '.join(repr(m) for m in unknown)}, not in the catalog "
+                f"{catalog.source}"
+            )
+    if not config.shutdown:
+        return catalog
+    models = {
+        mid: dataclasses.replace(m, shutdown_date=config.shutdown[mid])
+        if mid in config.shutdown
+        else m
+        for mid, m in catalog.models.items()
+    }
+    return dataclasses.replace(catalog, models=models)
+
+
 class Simulator:
     """Everything one simulator process holds, made once and shared by the routes."""
 
@@ -122,14 +157,26 @@ class Simulator:
         self.config = config
         root = config.data_dir
         root.mkdir(parents=True, exist_ok=True)
-        self.catalog: Catalog = cached_catalog(
-            str(config.catalog_file) if config.catalog_file else None
+        self.catalog: Catalog = with_upstream_news(
+            cached_catalog(str(config.catalog_file) if config.catalog_file else None), config
         )
         self.renderer = Renderer(draw_prompt=not config.plain_images, pad_to=config.image_bytes)
         self.maker = ImageMaker(self.catalog, self.renderer, config.moderation_rules())
         self.files = FileStore(root / "files")
         self.stats = Stats(root / "stats.json")
-        self.engine = BatchEngine(config, self.files, self.maker, self.stats, root / "batches")
+        self.webhooks: WebhookSender | None = None
+        if config.webhook_url and config.webhook_secret:
+            self.webhooks = WebhookSender(
+                config.webhook_url, config.webhook_secret.get_secret_value()
+            )
+        self.engine = BatchEngine(
+            config,
+            self.files,
+            self.maker,
+            self.stats,
+            root / "batches",
+            on_finished=self._batch_finished,
+        )
         self.limiter = RateLimiter(config.rpm, config.ipm, config.tpm)
         self._sync_index = 0
         self._started = False
@@ -147,6 +194,8 @@ class Simulator:
                 return
             # Load the o200k_base ranks now (~0.5 s), not inside the first request.
             await asyncio.to_thread(encoding)
+            if self.webhooks:
+                self.webhooks.start()
             self.engine.start()
             self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
             self._started = True
@@ -157,6 +206,8 @@ class Simulator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
         await self.engine.stop()
+        if self.webhooks:
+            await self.webhooks.stop()
         self.stats.save(force=True)
         self._started = False
 
@@ -173,8 +224,21 @@ class Simulator:
         self.files.get(file_id)
         return self.files.data_path(file_id)
 
+    def _batch_finished(self, rec: BatchRecord) -> None:
+        if self.webhooks is None:
+            return
+        ended = {
+            "completed": rec.completed_at,
+            "failed": rec.failed_at,
+            "expired": rec.expired_at,
+            "cancelled": rec.cancelled_at,
+        }[rec.status]
+        self.webhooks.send(f"batch.{rec.status}", rec.id, int(ended or time.time()))
+
     def stats_snapshot(self) -> dict[str, Any]:
-        return self.stats.snapshot(self.engine.records.values(), self.engine.enqueued())
+        snap = self.stats.snapshot(self.engine.records.values(), self.engine.enqueued())
+        snap["webhooks"] = self.webhooks.snapshot() if self.webhooks else disabled_snapshot()
+        return snap
 
     # --- sync images --------------------------------------------------------------------------
 
@@ -476,6 +540,8 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
     @app.post("/_simulator/reset")
     async def reset() -> Response:
         sim.stats.reset(sim.engine.records.values(), sim.engine.enqueued())
+        if sim.webhooks:
+            sim.webhooks.reset()
         sim.stats.save(force=True)
         return _json(sim.stats_snapshot())
 

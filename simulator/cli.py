@@ -1,8 +1,9 @@
 """``imagebatch simulator`` / ``python -m simulator``: run the OpenAI simulator under uvicorn.
 
 Every flag has an environment twin, ``IMAGEBATCH_SIM_<FLAG>`` (``--rate`` is
-``IMAGEBATCH_SIM_RATE``); a flag on the command line wins. Bad values exit with argparse's usage
-message, naming the flag.
+``IMAGEBATCH_SIM_RATE``; the repeatable ``--shutdown`` is one comma-separated
+``IMAGEBATCH_SIM_SHUTDOWN``); a flag on the command line wins. Bad values, and flags naming a model
+the catalog does not have, exit with argparse's usage message, naming the flag.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from simulator.config import SimulatorConfig
+from simulator.config import ConfigError, SimulatorConfig
 
 _FLAGS: list[tuple[str, type, str]] = [
     ("host", str, "interface to listen on"),
@@ -36,6 +37,9 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("api_key", str, "require this API key"),
     ("max_batch_lines", int, "lines one batch input may hold"),
     ("max_batch_bytes", int, "bytes one batch input may hold"),
+    ("batch_unsupported", str, "MODEL[,MODEL]: fail their batches as lacking Batch API support"),
+    ("webhook_url", str, "POST OpenAI's signed batch.* events here"),
+    ("webhook_secret", str, "whsec_... secret to sign the events with"),
     ("log_level", str, "debug, info, warning or error"),
 ]
 
@@ -50,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text
         )
+    parser.add_argument(
+        "--shutdown",
+        dest="shutdown",
+        action="append",
+        default=None,
+        metavar="MODEL=YYYY-MM-DD",
+        help="announce this shutdown date for MODEL and refuse it from then on (repeatable)",
+    )
     parser.add_argument(
         "--plain-images",
         dest="plain_images",
@@ -69,9 +81,8 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         return SimulatorConfig(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}"
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e.get("loc") else e["msg"]
             for e in exc.errors()
-            if e.get("loc")
         )
         parser.error(problems or str(exc))
         raise  # unreachable: parser.error exits
@@ -87,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except ConfigError as exc:
+        build_parser().error(str(exc))
     uvicorn.run(
         app,
         host=config.host,

@@ -4,21 +4,34 @@
 and passed to :func:`simulator.app.create_app`; nothing here reads the environment at import time.
 The model catalog is the one the service reads (``IMAGEBATCH_CATALOG_FILE``), unless
 ``--catalog-file`` / ``IMAGEBATCH_SIM_CATALOG_FILE`` names another, so the simulator and the
-service agree on which models exist and what they cost.
+service agree on which models exist and what they cost. ``--shutdown`` and
+``--batch-unsupported`` then play upstream news on top of it (a shutdown date announced, batch
+support withdrawn); ``--webhook-url`` with ``--webhook-secret`` makes it send OpenAI's batch events.
+
+List-valued settings are comma-separated in the environment (``IMAGEBATCH_SIM_SHUTDOWN=
+a=2026-01-01,b=2027-01-01``); a value that does not parse is a validation error naming the field.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime as dt
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Upstream caps on one batch input file (facts §1.1, §2). Overridable for tests and operators
 # who want to exercise the limits without building a 200 MB file.
 BATCH_MAX_LINES = 50_000
 BATCH_MAX_BYTES = 200 * 1000 * 1000
+
+
+class ConfigError(ValueError):
+    """Settings that are each valid but do not fit the catalog (a flag naming an unknown model)."""
 
 
 class SimulatorConfig(BaseSettings):
@@ -72,14 +85,82 @@ class SimulatorConfig(BaseSettings):
     max_batch_bytes: int = Field(
         BATCH_MAX_BYTES, gt=0, description="Bytes one batch input may hold."
     )
+    batch_unsupported: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(),
+        description="Models whose batches fail validation as upstream's do for a model without "
+        "Batch API support (comma list); adds to the catalog's `batch = false`.",
+    )
+    shutdown: Annotated[dict[str, dt.date], NoDecode] = Field(
+        default_factory=dict,
+        description="MODEL=YYYY-MM-DD (comma list): the shutdown_date /v1/models announces for "
+        "MODEL, which is refused from that day on; replaces the catalog's date.",
+    )
+    webhook_url: str | None = Field(
+        None, description="Where to POST OpenAI's signed batch.* events; unset = none sent."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="The whsec_... secret the events are signed with (Standard Webhooks)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "webhook_url", "webhook_secret", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, v: object) -> object:
+    def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("batch_unsupported", mode="before")
+    @classmethod
+    def _model_list(cls, v: object) -> object:
+        if isinstance(v, str | list | tuple):
+            return frozenset(_comma_parts(v))
+        return v
+
+    @field_validator("shutdown", mode="before")
+    @classmethod
+    def _shutdown_dates(cls, v: object) -> object:
+        if not isinstance(v, str | list | tuple):
+            return v
+        dates: dict[str, dt.date] = {}
+        for part in _comma_parts(v):
+            model, sep, day = part.partition("=")
+            try:
+                if not sep or not model.strip():
+                    raise ValueError
+                dates[model.strip()] = dt.date.fromisoformat(day.strip())
+            except ValueError:
+                raise ValueError(f"'{part}' is not MODEL=YYYY-MM-DD") from None
+        return dates
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"'{v}' is not an http(s) URL")
+        return v
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            raw = v.get_secret_value()
+            try:
+                ok = raw.startswith("whsec_") and bool(base64.b64decode(raw[6:], validate=True))
+            except (binascii.Error, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError("expected 'whsec_' followed by base64 (as OpenAI issues them)")
+        return v
+
+    @model_validator(mode="after")
+    def _webhook_pair(self) -> SimulatorConfig:
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            # OpenAI never sends an unsigned event, so neither does the simulator.
+            raise ValueError("--webhook-url and --webhook-secret are set together or not at all")
+        return self
 
     def moderation_rules(self) -> dict[str, str]:
         """Blocked word (lower case) -> the category it is reported under."""
@@ -90,3 +171,9 @@ class SimulatorConfig(BaseSettings):
             if word:
                 rules[word] = category.strip() or "other"
         return rules
+
+
+def _comma_parts(value: str | list[object] | tuple[object, ...]) -> list[str]:
+    """``"a, b"`` or ``["a", "b,c"]`` (a repeated flag) as ``["a", "b", "c"]``."""
+    items = [value] if isinstance(value, str) else [str(x) for x in value]
+    return [p.strip() for item in items for p in item.split(",") if p.strip()]

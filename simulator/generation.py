@@ -7,7 +7,9 @@ accepts and what it costs come only from the catalog (``service.catalog``) and t
 
 Failure semantics: :meth:`ImageMaker.parse` raises :class:`~simulator.errors.APIError` (400
 ``invalid_request_error`` naming the parameter, 404 ``model_not_found`` for unknown or shut-down
-models); :meth:`ImageMaker.moderate` raises the 400 ``moderation_blocked`` OpenAI sends; making
+models); reading a reference image (:func:`probe_image`) raises a 400 ``invalid_image_format`` for
+what is not a PNG, JPEG or WebP and ``invalid_image`` for one over :data:`MAX_INPUT_PIXELS`, from
+its header alone; :meth:`ImageMaker.moderate` raises the 400 ``moderation_blocked`` OpenAI sends; making
 images of a parsed request never fails.
 """
 
@@ -35,6 +37,9 @@ from simulator.images import Picture, Renderer
 MAX_PROMPT_CHARS = 32_000
 MAX_N = 10
 MAX_EDIT_IMAGES = 16
+# OpenAI publishes no pixel limit for input images (only 50 MB per file); Pillow's
+# decompression-bomb threshold (~89.5 MP, far above any real reference) stands in for it.
+MAX_INPUT_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # Parameters OpenAI accepts on each endpoint (SDK image_generate_params / image_edit_params and
 # the JSON edit body of the spec); anything else is refused as OpenAI does ("Unknown parameter").
@@ -112,14 +117,30 @@ class ImageRequest:
         }
 
 
+def _too_many_pixels(param: str, size: str) -> APIError:
+    return invalid(
+        f"Invalid image in '{param}': {size} is more than the {MAX_INPUT_PIXELS:,} pixels an input "
+        "image may have.",
+        param=param,
+        code="invalid_image",
+    )
+
+
 def probe_image(source: bytes | BinaryIO, param: str, digest: str | None = None) -> InputImage:
-    """Read an input image's header (never its pixels): size, alpha, and a content digest."""
+    """Read an input image's header (never its pixels): size, alpha, and a content digest.
+
+    An image over :data:`MAX_INPUT_PIXELS` (a decompression bomb) is refused from its header
+    alone with a 400 ``invalid_image``, so it costs the same as a small one.
+    """
     try:
         stream = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(stream) as img:
             fmt = img.format or ""
             width, height = img.size
             has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses outright at twice its limit, before we see the size.
+        raise _too_many_pixels(param, "the image") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise invalid(
             f"Invalid image in '{param}': the file is not a PNG, JPEG or WebP image.",
@@ -133,6 +154,9 @@ def probe_image(source: bytes | BinaryIO, param: str, digest: str | None = None)
             param=param,
             code="invalid_image_format",
         )
+    if width * height > MAX_INPUT_PIXELS:
+        # Between one and two times Pillow's limit it only warns: refuse here, pixels unread.
+        raise _too_many_pixels(param, f"{width}x{height}")
     if digest is None:
         if isinstance(source, bytes):
             digest = hashlib.sha256(source).hexdigest()

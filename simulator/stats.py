@@ -26,7 +26,17 @@ The JSON shape (every count is an integer)::
         }
       },
       "sync": {"tokens": {...}, "images": 0, "requests": 0, "rate_limited": 0, "server_errors_injected": 0},
-      "batch": {"tokens": {...}, "images": 0, "lines_completed": 0, "lines_failed": 0, "server_errors_injected": 0}
+      "batch": {"tokens": {...}, "images": 0, "lines_completed": 0, "lines_failed": 0, "server_errors_injected": 0},
+      "webhooks": {                          # added by simulator.app from simulator.webhooks
+        "enabled": true, "url": "http://…",  # false / null without --webhook-url
+        "events": 0,                         # batch.* events queued (one per finished batch)
+        "by_type": {"batch.completed": 0, "batch.failed": 0, "batch.expired": 0, "batch.cancelled": 0},
+        "attempts": 0,                       # POSTs made (first tries and retries)
+        "delivered": 0,                      # events a receiver took with a 2xx
+        "failed_attempts": 0,                # non-2xx, connection errors and timeouts
+        "abandoned": 0,                      # events given up after 72 h of failures
+        "pending": 0                         # events waiting for their next attempt, or in one
+      }
     }
 
 ``tokens`` are exactly the ``usage`` the simulator returned: a batch's ``tokens`` equal the sum of
