@@ -1,20 +1,26 @@
-"""deploy/k8s: the Deployments' commands, security and wiring, and autoscaling that matches
-the workers' queues and time limits.
+"""deploy/k8s: every object valid against its schema (KEDA's included), the Deployments'
+commands, security and wiring, and autoscaling that matches the workers' queues and time limits.
 
-The workers' Celery settings and task time limits are read from the real worker app in a
-subprocess, so the manifests are checked against what the code does, not against a copy.
+Schemas are vendored in tests/deploy/schemas (README.md there says from where and why not
+kubeconform) and checked with jsonschema, strict: an unknown field is an error. The workers'
+Celery settings and task time limits are read from the real worker app in a subprocess, so the
+manifests are checked against what the code does, not against a copy.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 from functools import cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 
 from tests.deploy.conftest import (
     BOTO3_ENV,
@@ -25,6 +31,7 @@ from tests.deploy.conftest import (
     setting_env_names,
 )
 
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 # The Celery queue groups, each on workers of its own.
 QUEUES = ("control", "collect", "sync")
 COMMANDS = {
@@ -144,6 +151,107 @@ def test_namespace_enforces_restricted_pod_security(
     for doc in deployments(objects).values():
         pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+
+@cache
+def validators() -> dict[tuple[str, str], Draft202012Validator]:
+    """(apiVersion, kind) -> a validator, every vendored schema resolvable from every other."""
+    schemas = [json.loads(path.read_text()) for path in sorted(SCHEMAS.glob("*/*.json"))]
+    registry: Registry = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema)) for schema in schemas
+    )
+    found = {}
+    for schema in schemas:
+        props = schema.get("properties", {})
+        if "apiVersion" in props and "kind" in props:
+            (api_version,) = props["apiVersion"]["enum"]
+            (kind,) = props["kind"]["enum"]
+            found[(api_version, kind)] = Draft202012Validator(schema, registry=registry)
+    return found
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    validator = validators().get((doc.get("apiVersion", ""), doc.get("kind", "")))
+    if validator is None:
+        return [f"no schema for {doc.get('apiVersion')} {doc.get('kind')} in {SCHEMAS}"]
+    return [
+        f"{e.json_path}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    ]
+
+
+def test_every_object_validates_against_its_schema_keda_included(
+    kustomization: dict[str, Any],
+) -> None:
+    problems = []
+    kinds = set()
+    for resource in kustomization["resources"]:
+        for doc in load_yaml_all(K8S / resource):
+            kinds.add(doc["kind"])
+            problems += [
+                f"{resource} {doc['kind']}/{doc['metadata']['name']}: {error}"
+                for error in schema_errors(doc)
+            ]
+    assert not problems, "\n".join(problems)
+    assert {"ScaledObject", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+
+
+def _first(objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> dict[str, Any]:
+    return copy.deepcopy(next(doc for (k, _), doc in objects.items() if k == kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "break_it", "expected"),
+    [
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=60),
+            "terminationGracePeriod",
+        ),
+        ("Deployment", lambda d: d["spec"].update(replicas="two"), "'two'"),
+        (
+            "PodDisruptionBudget",
+            lambda d: d["spec"].update(maxUnavailabe=1),
+            "maxUnavailabe",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"].update(minReplicas=1),
+            "minReplicas",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"]["triggers"][0]["metadata"].update(listname="collect"),
+            "listname",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"]["triggers"][0]["metadata"].update(listLength=2),
+            "2 is not of type 'string'",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"]["triggers"][0]["metadata"].pop("address"),
+            "is not valid under any of the given schemas",
+        ),
+        (
+            "HorizontalPodAutoscaler",
+            lambda d: d["spec"]["metrics"][0]["resource"]["target"].update(averageUtilisation=70),
+            "averageUtilisation",
+        ),
+    ],
+)
+def test_the_schema_check_rejects_a_broken_manifest(
+    objects: dict[tuple[str, str], dict[str, Any]], kind: str, break_it: Any, expected: str
+) -> None:
+    doc = _first(objects, kind)
+    assert schema_errors(doc) == []
+    break_it(doc)
+    errors = schema_errors(doc)
+    assert any(expected in e for e in errors), errors
 
 
 # --- autoscaling --------------------------------------------------------------------------------
