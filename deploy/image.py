@@ -315,11 +315,15 @@ def build(
     engine: Engine,
     tag: str = DEFAULT_TAG,
     *,
+    base: str | None = None,
     build_essential: bool = True,
     output: int | None = None,
 ) -> float:
-    """Build the image; return the seconds it took. ``output`` receives the engine's log."""
-    base = python_image(engine)
+    """Build the image on ``base`` (default: :func:`python_image`); return the seconds it took.
+
+    ``output`` receives the engine's log.
+    """
+    base = base or python_image(engine)
     cmd = build_command(engine, tag, base, build_essential)
     log(" ".join(cmd))
     start = time.monotonic()

@@ -170,7 +170,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if TIMINGS:
         terminalreporter.write_sep("-", "container test timings")
         for what, seconds in TIMINGS:
-            terminalreporter.write_line(f"{what:<44} {seconds:7.1f} s")
+            terminalreporter.write_line(f"{what:<58} {seconds:7.1f} s")
 
 
 def load_yaml(path: Path) -> Any:
