@@ -33,7 +33,15 @@ lint: $(STAMP) ## ruff check, ruff format --check and mypy
 bench: $(STAMP) ## run the benchmarks in bench/ and print their figures
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+IMAGE ?= imagebatch:local
+
+image: ## build deploy/Dockerfile with Podman or Docker, whichever is installed (IMAGE=imagebatch:local)
+	$(PYTHON) deploy/image.py --tag $(IMAGE)
+
+test-container: $(STAMP) ## build the image and run a job through containers made from it
+	$(BIN)/pytest -m container tests/deploy/test_container.py $(PYTEST_ARGS)
+
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) .imagebatch .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run test lint bench clean
+.PHONY: help install run test lint bench image test-container clean

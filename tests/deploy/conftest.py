@@ -4,6 +4,10 @@ The metric contract (:data:`METRICS`) is the list of series the service exposes 
 rules and dashboard may use; ``test_metrics_contract`` checks it against the real collector.
 promtool comes from Debian's ``prometheus`` package: missing, its tests skip locally and fail
 under CI (``CI`` set), where ``.ci/run`` installs it.
+
+Tests marked ``container`` build the image and run containers (minutes, not seconds): they are
+deselected unless the run selects them with ``-m container`` (``make test-container``, its own CI
+step), and the times they measured are printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -139,6 +143,34 @@ BOTO3_ENV = {
     "AWS_ENDPOINT_URL_S3",
     "AWS_CA_BUNDLE",
 }
+
+
+# (what, seconds) measured by the container tests, printed in the terminal summary.
+TIMINGS: list[tuple[str, float]] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "container: builds the image and runs containers from it (make test-container); "
+        "deselected unless -m selects it",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "container" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("container")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("container")]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if TIMINGS:
+        terminalreporter.write_sep("-", "container test timings")
+        for what, seconds in TIMINGS:
+            terminalreporter.write_line(f"{what:<58} {seconds:7.1f} s")
 
 
 def load_yaml(path: Path) -> Any:

@@ -1,7 +1,7 @@
 """deploy/Dockerfile: stages, a non-root runtime, the entry point, and a health check that works.
 
-No Docker engine runs here, so the Dockerfile is parsed; the HEALTHCHECK's command is run for
-real against an HTTP server standing in for the API.
+These checks parse the Dockerfile and run the HEALTHCHECK's command against an HTTP server
+standing in for the API, in seconds; test_container.py builds the image and runs it.
 """
 
 from __future__ import annotations

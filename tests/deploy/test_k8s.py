@@ -1,17 +1,45 @@
-"""deploy/k8s: the kustomization, the Deployments' commands, security and wiring."""
+"""deploy/k8s: every object valid against its schema (KEDA's included), the Deployments'
+commands, security and wiring, and autoscaling that matches the workers' queues and time limits.
+
+Schemas are vendored in tests/deploy/schemas (README.md there says from where and why not
+kubeconform) and checked with jsonschema, strict: an unknown field is an error. The workers'
+Celery settings and task time limits are read from the real worker app in a subprocess, so the
+manifests are checked against what the code does, not against a copy.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 
-from tests.deploy.conftest import BOTO3_ENV, K8S, load_yaml, load_yaml_all, setting_env_names
+from tests.deploy.conftest import (
+    BOTO3_ENV,
+    K8S,
+    REPO,
+    load_yaml,
+    load_yaml_all,
+    setting_env_names,
+)
 
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+# The Celery queue groups, each on workers of its own.
+QUEUES = ("control", "collect", "sync")
 COMMANDS = {
     "imagebatch-api": ["api"],
-    "imagebatch-worker": ["worker", "--queues", "control,collect"],
-    "imagebatch-worker-sync": ["worker", "--queues", "sync"],
+    **{
+        f"imagebatch-worker-{q}": ["worker", "--queues", q, "--concurrency", "2", "--name", q]
+        for q in QUEUES
+    },
     "imagebatch-beat": ["beat"],
 }
 
@@ -123,3 +151,235 @@ def test_namespace_enforces_restricted_pod_security(
     for doc in deployments(objects).values():
         pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+
+@cache
+def validators() -> dict[tuple[str, str], Draft202012Validator]:
+    """(apiVersion, kind) -> a validator, every vendored schema resolvable from every other."""
+    schemas = [json.loads(path.read_text()) for path in sorted(SCHEMAS.glob("*/*.json"))]
+    registry: Registry = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema)) for schema in schemas
+    )
+    found = {}
+    for schema in schemas:
+        props = schema.get("properties", {})
+        if "apiVersion" in props and "kind" in props:
+            (api_version,) = props["apiVersion"]["enum"]
+            (kind,) = props["kind"]["enum"]
+            found[(api_version, kind)] = Draft202012Validator(schema, registry=registry)
+    return found
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    validator = validators().get((doc.get("apiVersion", ""), doc.get("kind", "")))
+    if validator is None:
+        return [f"no schema for {doc.get('apiVersion')} {doc.get('kind')} in {SCHEMAS}"]
+    return [
+        f"{e.json_path}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    ]
+
+
+def test_every_object_validates_against_its_schema_keda_included(
+    kustomization: dict[str, Any],
+) -> None:
+    problems = []
+    kinds = set()
+    for resource in kustomization["resources"]:
+        for doc in load_yaml_all(K8S / resource):
+            kinds.add(doc["kind"])
+            problems += [
+                f"{resource} {doc['kind']}/{doc['metadata']['name']}: {error}"
+                for error in schema_errors(doc)
+            ]
+    assert not problems, "\n".join(problems)
+    assert {"ScaledObject", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+
+
+def _first(objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> dict[str, Any]:
+    return copy.deepcopy(next(doc for (k, _), doc in objects.items() if k == kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "break_it", "expected"),
+    [
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=60),
+            "terminationGracePeriod",
+        ),
+        ("Deployment", lambda d: d["spec"].update(replicas="two"), "'two'"),
+        (
+            "PodDisruptionBudget",
+            lambda d: d["spec"].update(maxUnavailabe=1),
+            "maxUnavailabe",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"].update(minReplicas=1),
+            "minReplicas",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"]["triggers"][0]["metadata"].update(listname="collect"),
+            "listname",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"]["triggers"][0]["metadata"].update(listLength=2),
+            "2 is not of type 'string'",
+        ),
+        (
+            "ScaledObject",
+            lambda d: d["spec"]["triggers"][0]["metadata"].pop("address"),
+            "is not valid under any of the given schemas",
+        ),
+        (
+            "HorizontalPodAutoscaler",
+            lambda d: d["spec"]["metrics"][0]["resource"]["target"].update(averageUtilisation=70),
+            "averageUtilisation",
+        ),
+    ],
+)
+def test_the_schema_check_rejects_a_broken_manifest(
+    objects: dict[tuple[str, str], dict[str, Any]], kind: str, break_it: Any, expected: str
+) -> None:
+    doc = _first(objects, kind)
+    assert schema_errors(doc) == []
+    break_it(doc)
+    errors = schema_errors(doc)
+    assert any(expected in e for e in errors), errors
+
+
+# --- autoscaling --------------------------------------------------------------------------------
+
+
+@cache
+def celery_facts() -> dict[str, Any]:
+    """The worker app's delivery settings and, per queue, its tasks' time limits.
+
+    Read in a subprocess: configuring the Celery app would change it for every other test here.
+    """
+    code = """
+import json
+from service.settings import Settings
+from workers.app import app, configure
+configure(Settings(redis_url="redis://127.0.0.1:1/0"))
+app.loader.import_default_modules()
+limits = {}
+for task in app.tasks.values():
+    if task.name.startswith("celery."):
+        continue
+    limits.setdefault(task.queue, {})[task.name] = [task.soft_time_limit, task.time_limit]
+print(json.dumps({
+    "prefetch_multiplier": app.conf.worker_prefetch_multiplier,
+    "acks_late": app.conf.task_acks_late,
+    "tasks_acks_late": all(t.acks_late for t in app.tasks.values() if not t.name.startswith("celery.")),
+    "limits": limits,
+}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    facts: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return facts
+
+
+def scaled_objects(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: doc for (kind, name), doc in objects.items() if kind == "ScaledObject"}
+
+
+def pod_labels(doc: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = doc["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_every_queue_the_workers_serve_has_its_own_scaled_worker_deployment(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    assert set(celery_facts()["limits"]) == set(QUEUES), "the tasks' queues changed"
+    deps = deployments(objects)
+    scaled = scaled_objects(objects)
+    config = objects[("ConfigMap", "imagebatch-config")]["data"]
+    redis = urlparse(config["IMAGEBATCH_REDIS_URL"])
+    for queue in QUEUES:
+        name = f"imagebatch-worker-{queue}"
+        so = scaled[name]["spec"]
+        assert so["scaleTargetRef"]["name"] == name
+        assert so["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+        # KEDA (through its HPA) owns the count; an applied replicas would reset it.
+        assert "replicas" not in deps[name]["spec"], name
+        assert 1 <= so["minReplicaCount"] < so["maxReplicaCount"], name
+        (trigger,) = so["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis"
+        assert meta["listName"] == queue, name
+        assert int(meta["listLength"]) >= 1
+        # The trigger reads the list in the Redis and database the service uses.
+        assert meta["address"] == f"{redis.hostname}:{redis.port}", name
+        assert meta["databaseIndex"] == redis.path.strip("/"), name
+
+
+def test_queue_length_is_honest_one_reserved_task_per_process() -> None:
+    facts = celery_facts()
+    # With late acks and a prefetch of one, a worker process reserves only the task it runs,
+    # so the list holds exactly the work nobody has started (issue 14's KEDA pitfall).
+    assert facts["prefetch_multiplier"] == 1
+    assert facts["acks_late"] is True and facts["tasks_acks_late"] is True
+
+
+def test_grace_periods_outlast_the_longest_task_on_each_queue(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    limits = celery_facts()["limits"]
+    deps = deployments(objects)
+    for queue in QUEUES:
+        grace = deps[f"imagebatch-worker-{queue}"]["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+        soft = max(s for s, _ in limits[queue].values())
+        hard = max(h for _, h in limits[queue].values())
+        # Above the hard limit: Celery's warm shutdown always gets to end a task itself.
+        assert grace > hard >= soft, (queue, grace, limits[queue])
+
+
+def test_every_scaled_deployment_has_a_disruption_budget(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    budgets = {name: doc for (kind, name), doc in objects.items() if kind == "PodDisruptionBudget"}
+    deps = deployments(objects)
+    for name in [f"imagebatch-worker-{q}" for q in QUEUES] + ["imagebatch-api"]:
+        spec = budgets[name]["spec"]
+        assert spec["selector"]["matchLabels"].items() <= pod_labels(deps[name]).items(), name
+        # Every other Deployment's pods fall outside it.
+        for other, doc in deps.items():
+            if other != name:
+                assert not spec["selector"]["matchLabels"].items() <= pod_labels(doc).items()
+        if name == "imagebatch-api":
+            assert spec["minAvailable"] == 1
+        else:
+            # One pod at a time, never none: a budget that allows no eviction blocks every drain.
+            assert spec["maxUnavailable"] == 1
+
+
+def test_the_api_scales_on_cpu_between_two_and_more(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    hpa = objects[("HorizontalPodAutoscaler", "imagebatch-api")]["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "imagebatch-api",
+    }
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    api = objects[("Deployment", "imagebatch-api")]
+    assert "replicas" not in api["spec"]
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    # Utilization is measured against the request: without one the HPA cannot act.
+    assert container["resources"]["requests"]["cpu"]
