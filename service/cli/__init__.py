@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="imagebatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("up", help="run the whole stack on embedded defaults")
+    p = sub.add_parser(
+        "up",
+        help="run the whole stack on embedded defaults",
+        description="Run the whole stack on embedded defaults: a Redis of its own, the simulator "
+        "when OPENAI_API_KEY is unset, local storage, the API, workers and beat. Ctrl-C stops it "
+        "all; the next `up` finds the jobs this one left.",
+    )
     p.add_argument(
         "--data-dir",
         help="where Redis, the simulator and local storage keep their data (default .imagebatch)",

@@ -33,7 +33,11 @@ def add_commands(sub: Any) -> None:
             help="API key (when tenants are configured)",
         )
 
-    p = sub.add_parser("submit", help="submit a job from a JSON body or a CSV catalog")
+    p = sub.add_parser(
+        "submit",
+        help="submit a job from a JSON body or a CSV catalog",
+        description="Submit a job from a JSON body or a CSV catalog; prints the job's id.",
+    )
     common(p)
     p.add_argument("file", type=Path, help="job.json, or catalog.csv with --template")
     p.add_argument("--template", help="CSV: prompt template with {column} placeholders")
@@ -48,13 +52,23 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--wait", action="store_true", help="wait with a progress bar until the job finishes"
     )
-    p = sub.add_parser("status", help="show a job (or wait for it)")
+    p = sub.add_parser(
+        "status",
+        help="show a job (or wait for it)",
+        description="Show a job: its status, item counts and cost so far.",
+    )
     common(p)
-    p.add_argument("job_id")
-    p.add_argument("--wait", action="store_true")
-    p = sub.add_parser("download", help="download a finished job's images and manifest")
+    p.add_argument("job_id", help="the job's id (job_…), as submit printed it")
+    p.add_argument(
+        "--wait", action="store_true", help="wait with a progress bar until the job finishes"
+    )
+    p = sub.add_parser(
+        "download",
+        help="download a finished job's images and manifest",
+        description="Download a finished job's images and its manifest into a folder of its own.",
+    )
     common(p)
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="the job's id (job_…)")
     p.add_argument(
         "--to", type=Path, default=Path("."), help="directory (a folder per job is made inside)"
     )

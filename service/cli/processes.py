@@ -62,17 +62,36 @@ def cmd_simulator(argv: list[str]) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("api", help="run the HTTP API")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p = sub.add_parser("worker", help="run a Celery worker")
+    p = sub.add_parser(
+        "api",
+        help="run the HTTP API",
+        description="Run the HTTP API under uvicorn. Settings come from IMAGEBATCH_* variables "
+        "(and .env); the flags below override two of them.",
+    )
+    p.add_argument("--host", help="interface to listen on (default IMAGEBATCH_API_HOST)")
+    p.add_argument("--port", type=int, help="port to listen on (default IMAGEBATCH_API_PORT)")
+    p = sub.add_parser(
+        "worker",
+        help="run a Celery worker",
+        description="Run a Celery worker that takes tasks from the given queues. Run as many as "
+        "you like, on as many machines, against the same Redis and storage.",
+    )
     p.add_argument(
         "--queues", default="control,collect,sync", help="comma list of control, collect, sync"
     )
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument(
+        "--concurrency", type=int, default=2, help="worker processes (or threads) (default 2)"
+    )
     p.add_argument("--pool", help="Celery pool (prefork, threads, solo)")
-    p.add_argument("--name", default="worker")
-    sub.add_parser("beat", help="run Celery beat (the sweep)")
+    p.add_argument(
+        "--name", default="worker", help="name in logs and heartbeats; host and pid are appended"
+    )
+    sub.add_parser(
+        "beat",
+        help="run Celery beat (the sweep)",
+        description="Run Celery beat: it enqueues the sweep every IMAGEBATCH_POLL_SECONDS. One "
+        "beat per deployment is enough.",
+    )
     sub.add_parser(
         "simulator", help="run the offline OpenAI simulator (see `imagebatch simulator --help`)"
     )
