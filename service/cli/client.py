@@ -127,47 +127,62 @@ def _summary(job: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        if args.command == "submit":
-            headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-            if args.file.suffix.lower() == ".csv":
-                params = dict(p.split("=", 1) for p in args.param)
-                if args.template:
-                    params["template"] = args.template
-                headers["Content-Type"] = "text/csv"
-                job = _check(
-                    client.post(
-                        "/v1/jobs", content=args.file.read_bytes(), params=params, headers=headers
-                    )
-                )
-            else:
-                headers["Content-Type"] = "application/json"
-                job = _check(
-                    client.post("/v1/jobs", content=args.file.read_bytes(), headers=headers)
-                )
-            print(job["id"])
-            if args.wait:
-                job = _wait(client, job)
-            _summary(job)
-            return 0 if job["status"] in {"succeeded", "queued", "running"} else 1
-        if args.command == "status":
-            job = _check(client.get(f"/v1/jobs/{args.job_id}"))
-            if args.wait:
-                job = _wait(client, job)
-            _summary(job)
-            return 0
-        if args.command == "download":
-            return _download(client, args.job_id, args.to)
+    try:
+        with _client(args) as client:
+            return _run(client, args)
+    except httpx2.TransportError as exc:
+        # Connection refused, DNS, timeouts: the user's fix is the address or the server.
+        console.print(
+            f"[red]cannot reach the API at {args.api}[/red]: {exc or type(exc).__name__}. "
+            "Is `imagebatch api` (or `imagebatch up`) running there? Set --api or IMAGEBATCH_API."
+        )
+        return 2
+
+
+def _read_job_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        console.print(f"[red]cannot read {path}[/red]: {exc.strerror or exc}")
+        raise SystemExit(2) from None
+
+
+def _run(client: httpx2.Client, args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        content = _read_job_file(args.file)
+        headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+        if args.file.suffix.lower() == ".csv":
+            params = dict(p.split("=", 1) for p in args.param)
+            if args.template:
+                params["template"] = args.template
+            headers["Content-Type"] = "text/csv"
+            job = _check(client.post("/v1/jobs", content=content, params=params, headers=headers))
+        else:
+            headers["Content-Type"] = "application/json"
+            job = _check(client.post("/v1/jobs", content=content, headers=headers))
+        print(job["id"])
+        if args.wait:
+            job = _wait(client, job)
+        _summary(job)
+        return 0 if job["status"] in {"succeeded", "queued", "running"} else 1
+    if args.command == "status":
+        job = _check(client.get(f"/v1/jobs/{args.job_id}"))
+        if args.wait:
+            job = _wait(client, job)
+        _summary(job)
+        return 0
+    if args.command == "download":
+        return _download(client, args.job_id, args.to)
     return 2
 
 
 def _download(client: httpx2.Client, job_id: str, to: Path) -> int:
     target = to / job_id
-    (target / "images").mkdir(parents=True, exist_ok=True)
     with client.stream("GET", f"/v1/jobs/{job_id}/manifest") as resp:
         if resp.status_code >= 400:
             resp.read()
             _check(resp)
+        (target / "images").mkdir(parents=True, exist_ok=True)
         with (target / "manifest.jsonl").open("wb") as fh:
             for chunk in resp.iter_bytes():
                 fh.write(chunk)
