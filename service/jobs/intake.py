@@ -9,7 +9,10 @@ Redis write leaves an orphan request file and no job (the caller got no answer a
 crash after it leaves a job the sweep will plan even if the enqueue was lost.
 
 An ``Idempotency-Key`` makes a submission safe to repeat: the same key from the same tenant within
-:data:`IDEMPOTENCY_TTL_SECONDS` returns the first job instead of making another.
+:data:`IDEMPOTENCY_TTL_SECONDS` returns the first job instead of making another. A repeat that
+arrives while the first is still being stored (a client that timed out and retried at once) is
+refused with 409 rather than given a second job; if the first submitter died mid-way, the key is
+free again after :data:`IDEMPOTENCY_PENDING_SECONDS`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 from service import pricing
 from service.context import Context
-from service.errors import FieldError, Problem
+from service.errors import FieldError, Problem, conflict
 from service.jobs.model import JOB_QUEUED, Job
 from service.jobs.request import request_record
 from service.jobs.spec import JobSpec, parse_job_csv, parse_job_json
@@ -30,6 +33,9 @@ from service.redis import keys
 from service.storage import request_key
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+# How long a key is held for a submission still storing its request: far longer than storing the
+# largest body takes, short enough that a crashed submitter does not block its client's retry long.
+IDEMPOTENCY_PENDING_SECONDS = 300
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 JSON_TYPES = ("application/json",)
 CSV_TYPE = "text/csv"
@@ -91,21 +97,43 @@ def submit(
     lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
     ctx.budgets.check_tenant(ctx.budgets.tenant(tenant), cost.nanousd(lane), lane)
     job_id = new_job_id()
-    if idempotency_key:
-        idem = keys.idempotency(tenant, idempotency_key)
-        if not ctx.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
-            existing = ctx.redis.get(idem)
-            job = ctx.store.job(existing.decode()) if existing else None
-            if job is not None:
-                return Submission(job, created=False, warnings=spec.warnings)
-            ctx.redis.set(idem, job_id, ex=IDEMPOTENCY_TTL_SECONDS)
+    idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None
+    if idem is not None:
+        existing = _claim_key(ctx, idem, job_id)
+        if existing is not None:
+            return Submission(existing, created=False, warnings=spec.warnings)
     try:
         job = _store(ctx, spec, job_id, tenant, idempotency_key, cost, lane)
     except BaseException:
-        if idempotency_key:
-            ctx.redis.delete(keys.idempotency(tenant, idempotency_key))
+        if idem is not None and _text(ctx.redis.get(idem)) == job_id:
+            ctx.redis.delete(idem)
         raise
+    if idem is not None:
+        ctx.redis.set(idem, job_id, ex=IDEMPOTENCY_TTL_SECONDS)
     return Submission(job, created=True, warnings=spec.warnings)
+
+
+def _claim_key(ctx: Context, idem: str, job_id: str) -> Job | None:
+    """Hold the Idempotency-Key for ``job_id``; or the job it already made (a repeat)."""
+    if ctx.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_PENDING_SECONDS):
+        return None
+    existing = _text(ctx.redis.get(idem))
+    job = ctx.store.job(existing) if existing else None
+    if job is not None:
+        return job
+    # Held, and no job yet: the first submission is still storing its request.
+    if existing is not None or not ctx.redis.set(
+        idem, job_id, nx=True, ex=IDEMPOTENCY_PENDING_SECONDS
+    ):
+        raise conflict(
+            "a job with this Idempotency-Key is still being submitted; retry in a few seconds "
+            "to get it"
+        )
+    return None
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _check_idempotency_key(key: str | None) -> None:
