@@ -25,7 +25,7 @@ class Recorder:
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         """The arguments of every task ``name`` enqueued so far."""
-        return [args for task, *args in self.sent if task == name for args in [tuple(args)]]
+        return [tuple(rest) for task, *rest in self.sent if task == name]
 
 
 def make_context(
