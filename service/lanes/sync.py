@@ -8,7 +8,8 @@ together stay under ``IMAGEBATCH_SYNC_RPM`` / ``_IMAGES_PER_MINUTE`` / ``_TPM``.
 Retries are owned here, not by the SDK (its retries are off for these calls, so the two never
 multiply): a 429 waits for ``retry-after`` (and holds the whole cluster) and does not count as an
 attempt; 5xx, 408, 409 and connection errors are retried up to ``IMAGEBATCH_MAX_ATTEMPTS``;
-moderation blocks and other 4xx are final.
+moderation blocks, other 4xx and a 429 for a request larger than upstream's whole per-minute
+limit (``x-should-retry: false``) are final.
 
 Money: before an item is sent its estimated sync cost is reserved against the job's
 ``max_cost_usd`` and the tenant's daily and monthly caps (the same budgets the batch path holds,
@@ -217,6 +218,9 @@ class _Sender:
                 headers, payload = ctx.upstream.image(line.endpoint, body)
             except UpstreamRateLimited as exc:
                 self.limiter.observe(exc.headers)
+                if not exc.transient:  # too large for upstream's limit: no wait will help
+                    last_error = exc.item_error()
+                    break
                 self.limiter.penalize(retry_after_seconds(exc.headers) or 1.0)
                 metrics.count(ctx.redis, metrics.SYNC_REQUESTS, {"status": "rate_limited"})
                 continue  # not an attempt: the request never ran

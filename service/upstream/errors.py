@@ -3,7 +3,9 @@
 Every call through :class:`service.upstream.port.Upstream` raises :class:`UpstreamError` (or its
 :class:`UpstreamRateLimited`) instead of the SDK's exceptions. ``transient`` says whether trying
 again later can help: connection errors, timeouts, 408, 409, 429 and 5xx are transient; any
-other answer (400 moderation, 401, 404 for an unknown batch, ...) is permanent.
+other answer (400 moderation, 401, 404 for an unknown batch, ...) is permanent. Upstream's
+``x-should-retry`` header overrides that, as it does for the SDK (facts §5.4): a 429 for a
+request larger than a whole minute's limit says ``false``, and no wait will make it fit.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ class UpstreamError(ImagebatchError):
         self.body: dict[str, Any] = dict(body or {})
         self.headers: dict[str, str] = dict(headers or {})
         self.request_id = request_id
-        self.transient = status is None or status >= 500 or status in _TRANSIENT_STATUSES
+        should_retry = {k.lower(): v for k, v in self.headers.items()}.get("x-should-retry")
+        if should_retry in ("true", "false"):
+            self.transient = should_retry == "true"
+        else:
+            self.transient = status is None or status >= 500 or status in _TRANSIENT_STATUSES
 
     @property
     def code(self) -> str:
@@ -63,7 +69,8 @@ class UpstreamError(ImagebatchError):
 
 
 class UpstreamRateLimited(UpstreamError):
-    """A 429: the request never ran; wait (``retry-after``) and send it again."""
+    """A 429: the request never ran; wait (``retry-after``) and send it again, unless it is not
+    ``transient`` (larger than upstream's whole limit: it can never run)."""
 
 
 def translate(exc: openai.OpenAIError | httpx2.HTTPError) -> UpstreamError:

@@ -6,6 +6,7 @@ so a test can run a slice twice (a redelivered task) or change the job between f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from service.lanes import sync
 from service.queues import FINALIZE, SYNC_ITEMS
 from service.redis import keys
 from tests.support.context import make_context, recorder
+from tests.support.procs import wait_until
 from tests.support.simulator import SimulatorHandle, start_simulator
 from tests.support.stack import job_body
 
@@ -180,3 +182,33 @@ def test_a_429_is_waited_out_and_not_counted_as_an_attempt(
     finally:
         ctx.redis.close()
         limited.stop()
+
+
+def test_a_request_upstream_will_never_accept_fails_instead_of_waiting_forever(
+    tmp_path: Path, redis_url: str, redis_client: Any
+) -> None:
+    # One image costs more tokens than upstream allows in a whole minute: its 429 says
+    # x-should-retry: false. Waiting cannot help; the item must fail with upstream's reason.
+    tiny = start_simulator(tmp_path / "sim", tpm=50, plain_images=True)
+    ctx = make_context(tmp_path, redis_url, tiny.url)
+    try:
+        job = accept(ctx, 1)
+        sync.fan_out(ctx, job.id)
+        outcome: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: outcome.update(sync.run_slice(ctx, job.id, 0, 1)), daemon=True
+        )
+        worker.start()
+        try:
+            wait_until(lambda: not worker.is_alive(), timeout=20, message="the slice to end")
+        finally:
+            # Let a hung slice give up (it abandons its wait once the job is not running).
+            ctx.store.set_job_status_if(job.id, [m.JOB_RUNNING], m.JOB_CANCELLING)
+            worker.join(30)
+        assert outcome == {"succeeded": 0, "failed": 1, "cancelled": 0}
+        (error,) = ctx.store.item_errors(job.id, [0])
+        assert error is not None and error["code"] == "rate_limit_exceeded"
+        assert "Request too large" in error["message"]
+    finally:
+        ctx.redis.close()
+        tiny.stop()

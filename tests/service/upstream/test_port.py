@@ -105,6 +105,20 @@ def test_a_429_is_rate_limited_and_carries_retry_after(tmp_path: Path) -> None:
         sim.stop()
 
 
+def test_a_request_larger_than_the_whole_limit_is_a_permanent_429(tmp_path: Path) -> None:
+    # One image costs more tokens than upstream allows in a minute: x-should-retry: false.
+    sim = start_simulator(tmp_path / "sim", tpm=50, plain_images=True)
+    try:
+        with pytest.raises(UpstreamRateLimited) as caught:
+            upstream(sim.url).image(GENERATIONS, body())
+        err = caught.value
+        assert err.status == 429 and not err.transient
+        assert err.headers["x-should-retry"] == "false"
+        assert "Request too large" in err.item_error()["message"]
+    finally:
+        sim.stop()
+
+
 def test_create_batch_is_sent_once_while_reads_are_retried() -> None:
     seen: list[tuple[str, int]] = []
     with receiving([500]) as server:
