@@ -1,0 +1,87 @@
+"""The Celery app as configured: every task the contract in service/queues.py names is registered,
+on its queue, delivered at least once (acks_late), with no result backend and a soft time limit
+before the hard one; the worker settings and the beat schedule are what ARCHITECTURE.md promises.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Task
+
+from service import queues
+from service.cli import processes
+from service.settings import Settings
+from workers.app import app, configure
+
+
+@pytest.fixture(scope="module")
+def tasks() -> dict[str, Task]:
+    app.loader.import_default_modules()  # the `include` list, as a worker imports it
+    return {name: t for name, t in app.tasks.items() if not name.startswith("celery.")}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(redis_url="redis://127.0.0.1:6390/4", data_dir=tmp_path, poll_seconds=7.5)
+
+
+def test_the_registered_tasks_are_exactly_the_contract(tasks: dict[str, Task]) -> None:
+    assert set(tasks) == set(queues.ROUTES)
+
+
+@pytest.mark.parametrize("name", sorted(queues.ROUTES))
+def test_each_task_is_at_least_once_on_its_queue_with_time_limits(
+    tasks: dict[str, Task], name: str, settings: Settings
+) -> None:
+    task: Any = tasks[name]
+    assert task.queue == queues.ROUTES[name]
+    # And where the configured router sends it (what .delay(), retries and beat use).
+    configure(settings)
+    assert app.amqp.router.route({}, name, args=(), kwargs={})["queue"].name == queues.ROUTES[name]
+    assert task.acks_late is True
+    assert task.ignore_result is True
+    assert task.soft_time_limit is not None and task.time_limit is not None
+    assert 0 < task.soft_time_limit < task.time_limit
+
+
+def test_every_queue_has_work_and_the_worker_takes_all_of_them_by_default() -> None:
+    assert set(queues.ROUTES.values()) == set(queues.QUEUES)
+    parser = argparse.ArgumentParser()
+    processes.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["worker"])
+    assert set(args.queues.split(",")) == set(queues.QUEUES)
+
+
+def test_configure_makes_delivery_at_least_once_one_message_at_a_time(
+    settings: Settings,
+) -> None:
+    conf = configure(settings).conf
+    assert conf.broker_url == settings.redis_url
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.task_ignore_result is True
+    assert conf.task_default_queue == queues.CONTROL
+    # A task waiting in a countdown must not be redelivered while it waits, nor a long collect.
+    assert conf.broker_transport_options["visibility_timeout"] >= 3600
+
+
+def test_beat_sweeps_every_poll_seconds_on_the_control_queue(settings: Settings) -> None:
+    conf = configure(settings).conf
+    (entry,) = conf.beat_schedule.values()
+    assert entry["task"] == queues.SWEEP
+    assert entry["schedule"] == 7.5
+    assert entry["options"]["queue"] == queues.CONTROL
+    # A sweep not taken within two periods is dropped: the next one does its work.
+    assert entry["options"]["expires"] == 15.0
+
+
+def test_the_apis_producer_routes_tasks_as_the_workers_expect(settings: Settings) -> None:
+    worker_routes = configure(settings).conf.task_routes
+    producer = queues.producer(settings.redis_url or "")
+    assert producer.conf.task_routes == worker_routes
+    assert worker_routes == {name: {"queue": q} for name, q in queues.ROUTES.items()}
