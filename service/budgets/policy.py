@@ -1,11 +1,13 @@
 """The budget policy: what the lanes reserve before work goes upstream, and give back after.
 
-A chunk goes upstream only when all of these hold it, taken in this order and given back in
-reverse when a later one refuses: the job's ``max_cost_usd`` (a chunk that would cross it is not
-submitted, and the job ends ``budget_exhausted``), the tenant's daily and monthly caps, the
-model's enqueued-token budget, and the cluster's batch creations per hour. A sync item holds the
-two money budgets the same way, keyed by item. Everything is keyed by the chunk or item so a
-redelivered task holds each budget once.
+A chunk goes upstream only when all of these hold it, taken in this order: the job's
+``max_cost_usd`` (a chunk that would cross it is not submitted, and the job ends
+``budget_exhausted``), the tenant's daily and monthly caps, the model's enqueued-token budget, and
+the cluster's batch creations per hour. When a money cap refuses, the money already held is given
+back and the chunk is cancelled. When the queue or the creation limit refuses, the chunk waits:
+its money holds stay (a retry finds them held under the same keys), and queue tokens taken before
+a refused creation are given back. A sync item holds the two money budgets the same way, keyed by
+item. Everything is keyed by the chunk or item so a redelivered task holds each budget once.
 
 A chunk refused by the queue budget waits; when a chunk gives its tokens back, the oldest waiting
 chunks (:data:`WAKE_ON_RELEASE` of them) have their submit enqueued at once, so the queue refills
