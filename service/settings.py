@@ -75,6 +75,22 @@ class Settings(BaseSettings):
         None,
         description="Model catalog (capabilities, token tables, prices); unset = the shipped one.",
     )
+    models_refresh_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How often upstream's model list (shutdown dates) is read; also at API start.",
+    )
+    batch_unsupported_ttl: dt.timedelta = Field(
+        dt.timedelta(hours=24),
+        description="How long a model upstream refused in a batch stays on the sync lane before "
+        "batches are tried again.",
+    )
+    openai_webhook_secret: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OPENAI_WEBHOOK_SECRET", "IMAGEBATCH_OPENAI_WEBHOOK_SECRET"),
+        description="The `whsec_...` secret of your OpenAI webhook endpoint; unset = "
+        "`POST /v1/webhooks/openai` is off and batches are found by the sweep alone.",
+    )
 
     # --- intake ------------------------------------------------------------------------------
     max_items_per_job: int = Field(100_000, description="Items one job may hold.")

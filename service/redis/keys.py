@@ -100,6 +100,12 @@ def idempotency(tenant: str, key: str) -> str:
     return f"{PREFIX}:idem:{tenant}:{key}"
 
 
+# STRING "job_id:chunk", EX a week: which chunk an upstream batch belongs to, set when submit
+# records the batch id; how an inbound OpenAI webhook (it names only the batch) finds the chunk.
+def batch_chunk(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
 # --- leases and markers (SET NX EX) -----------------------------------------------------------
 def plan_lock(job_id: str) -> str:
     return f"{PREFIX}:lock:plan:{job_id}"
@@ -204,3 +210,28 @@ COUNTERS = f"{PREFIX}:m:counters"
 HISTOGRAMS = f"{PREFIX}:m:hist"
 # HASH worker name -> unix time of its last heartbeat.
 HEARTBEATS = f"{PREFIX}:m:heartbeats"
+
+
+# --- models (service.models) -------------------------------------------------------------------
+# STRING JSON {"fetched_at": unix, "models": {id: "YYYY-MM-DD" | null}}: upstream's model list as
+# last read (GET /v1/models), image models and others alike. No expiry: when upstream cannot be
+# read this last known list stands.
+UPSTREAM_MODELS = f"{PREFIX}:models:upstream"
+
+
+# STRING JSON {"since", "batch_id", "message"}, EX IMAGEBATCH_BATCH_UNSUPPORTED_TTL: upstream
+# refused a batch of this model because the model does not support the Batch API.
+def batch_unsupported(model: str) -> str:
+    return f"{PREFIX}:models:batch-unsupported:{model}"
+
+
+# HASH "size|quality" -> "average|samples": output image tokens per image observed in `usage`, a
+# decaying average, for models whose token counts OpenAI does not publish.
+def learned_tokens(model: str) -> str:
+    return f"{PREFIX}:models:tokens:{model}"
+
+
+# --- inbound webhooks (service.upstream.webhooks) ------------------------------------------------
+# STRING marker, SET NX, EX 4 days (longer than OpenAI's 72 h of retries): a webhook-id taken.
+def openai_webhook_seen(webhook_id: str) -> str:
+    return f"{PREFIX}:webhook-in:{webhook_id}"

@@ -17,7 +17,7 @@ from typing import Any
 import httpx2
 import openai
 
-from service.errors import ImagebatchError
+from service.errors import ImagebatchError, PermanentError
 
 _TRANSIENT_STATUSES = {408, 409, 429}
 
@@ -71,6 +71,10 @@ class UpstreamError(ImagebatchError):
 class UpstreamRateLimited(UpstreamError):
     """A 429: the request never ran; wait (``retry-after``) and send it again, unless it is not
     ``transient`` (larger than upstream's whole limit: it can never run)."""
+
+
+class BadWebhookSignature(PermanentError):
+    """An inbound webhook whose signature, timestamp or signing headers do not check out."""
 
 
 def translate(exc: openai.OpenAIError | httpx2.HTTPError) -> UpstreamError:

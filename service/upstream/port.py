@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import httpx2
-from openai import DefaultHttpxClient, OpenAI
+from openai import DefaultHttpxClient, InvalidWebhookSignatureError, OpenAI
 from openai.types import Batch
 
 from service.settings import Settings
 from service.storage import iter_chunk_lines
-from service.upstream.errors import translated
+from service.upstream.errors import BadWebhookSignature, translated
 
 # Path segments that are upstream ids (batch_…, file-…, req_…), folded so labels stay bounded.
 _ID_SEGMENT = re.compile(r"^(batch_|file-|file_|req_|batch_req_)[A-Za-z0-9_-]+$")
@@ -118,6 +118,27 @@ class Upstream:
         """Batches newest first, page after page as the caller reads on."""
         with translated():
             yield from self.client.batches.list(limit=limit)
+
+    # --- models ----------------------------------------------------------------------------
+    def models(self, *, timeout: float = 30.0, max_retries: int | None = None) -> dict[str, Any]:
+        """Every model upstream offers, id -> its announced ``shutdown_date`` ("YYYY-MM-DD") or
+        None. Upstream lists all its models, not only image ones."""
+        client = self.client.with_options(timeout=timeout)
+        if max_retries is not None:
+            client = client.with_options(max_retries=max_retries)
+        with translated():
+            return {m.id: m.shutdown_date for m in client.models.list()}
+
+    # --- webhooks (OpenAI -> us) -----------------------------------------------------------
+    def verify_webhook(self, body: bytes, headers: Mapping[str, str], secret: str) -> None:
+        """Check a webhook's Standard Webhooks signature and timestamp (300 s either way) with the
+        SDK's own verifier; raises :class:`BadWebhookSignature` saying what was wrong."""
+        try:
+            self.client.webhooks.verify_signature(body, headers, secret=secret)
+        except InvalidWebhookSignatureError as exc:
+            raise BadWebhookSignature(str(exc)) from None
+        except (ValueError, UnicodeDecodeError) as exc:  # a header missing, a body not UTF-8
+            raise BadWebhookSignature(str(exc)) from None
 
     # --- images (the sync lane) ------------------------------------------------------------
     def image(
