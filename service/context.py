@@ -2,12 +2,14 @@
 
 The API builds one in its lifespan; a Celery worker builds one after it forks. Tests build one
 from ``Settings(...)`` directly. A Context holds the process's clients (Redis, storage,
-upstream), the catalog, how to enqueue a task by name, and the budget policy.
+upstream), the catalog, how to enqueue a task by name, the budget policy, and the clock whose
+date model lifecycle decisions use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +21,7 @@ from service import metrics
 from service.budgets.policy import BudgetPolicy
 from service.catalog import Catalog, cached_catalog
 from service.jobs.store import JobStore
+from service.models.lifecycle import ModelView, load_view, utc_today
 from service.queues import Enqueuer, producer
 from service.redis import keys
 from service.redis.leases import mark_once
@@ -38,6 +41,8 @@ class Context:
     enqueue: Callable[..., None]
     budgets: BudgetPolicy = field(init=False, repr=False)
     _upstream: Upstream | None = field(default=None, repr=False)
+    # Today's date (UTC) for model lifecycle decisions; tests pass their own.
+    clock: Callable[[], dt.date] = field(default=utc_today, repr=False)
 
     @cached_property
     def store(self) -> JobStore:
@@ -49,6 +54,10 @@ class Context:
         if self._upstream is None:
             self._upstream = Upstream(make_client(self.settings, on_response=self._count))
         return self._upstream
+
+    def models(self) -> ModelView:
+        """The catalog merged with upstream's lifecycle and learned batch support, as of now."""
+        return load_view(self.redis, self.catalog, self.clock())
 
     def enqueue_once(self, task: str, ref: str, *args: Any, ttl: float | None = None) -> bool:
         """Enqueue unless the same task for ``ref`` was enqueued within ``ttl`` seconds."""

@@ -18,6 +18,12 @@ Estimates (:func:`estimate_item`, :func:`estimate_job`) use the catalog's token 
   mask is not counted as an input image. Edits also add a few text tokens per image upstream
   (~16-32, facts §4.2) that the estimate leaves out.
 
+For a model whose token counts OpenAI does not publish (``token_table = "unpublished"``), a job
+estimate uses the output tokens learned from observed ``usage`` per (size, quality) where there
+are any (:mod:`service.models.capability`), and says which it used: the estimate's
+``token_counts.source`` is ``published``, ``learned``, ``partly_learned`` or ``unpublished`` (the
+catalog's stand-in formula, a guess).
+
 Actual spend always comes from ``usage`` (:func:`usage_tokens`). Errors: a usage value that is
 not a whole number raises ``ValueError`` (the caller decides what a corrupt upstream line means);
 an item whose model is not in the catalog raises ``KeyError`` (intake never lets one through).
@@ -32,6 +38,7 @@ from typing import Any
 
 from service.catalog import Catalog, Model
 from service.jobs.spec import ItemSpec
+from service.models.capability import Learned
 from service.tokens import encoding, input_image_tokens, output_image_tokens
 
 KINDS: tuple[str, ...] = ("text_input", "image_input", "image_output", "text_output")
@@ -206,6 +213,25 @@ def estimate_item(item: ItemSpec, catalog: Catalog) -> Tokens:
     )
 
 
+def _learned_output_tokens(
+    model: Model, item: ItemSpec, learned: Mapping[tuple[str, str], Learned] | None
+) -> Learned | None:
+    """What was learned for the item's (size, quality), for a model without published counts."""
+    if model.token_counts_published or not learned:
+        return None
+    width, height = model.resolve_size(item.size)
+    return learned.get((f"{width}x{height}", model.resolve_quality(item.quality)))
+
+
+# What an estimate's output tokens rest on (``token_counts.source``).
+PUBLISHED, LEARNED, PARTLY_LEARNED, UNPUBLISHED = (
+    "published",
+    "learned",
+    "partly_learned",
+    "unpublished",
+)
+
+
 @dataclass
 class Estimate:
     """The expected tokens and price of a set of items, at both tiers."""
@@ -218,6 +244,9 @@ class Estimate:
     nanousd_batch: int = 0
     nanousd_sync: int = 0
     by_model: dict[str, Tokens] = field(default_factory=dict)
+    # What the output tokens rest on, and how many observed items back the learned part.
+    token_source: str = PUBLISHED
+    learned_samples: int = 0
 
     def nanousd(self, tier: str) -> int:
         if tier == "batch":
@@ -232,15 +261,26 @@ class Estimate:
             "images": self.images,
             "tokens": self.tokens.as_dict(),
             "usd": {"batch": self.usd_batch, "sync": self.usd_sync},
+            "token_counts": {"source": self.token_source, "samples": self.learned_samples},
         }
 
 
-def estimate_job(items: Iterable[ItemSpec], catalog: Catalog) -> Estimate:
-    """The estimate of a whole job (or any set of items, of one or several models)."""
+def estimate_job(
+    items: Iterable[ItemSpec],
+    catalog: Catalog,
+    learned: Mapping[str, Mapping[tuple[str, str], Learned]] | None = None,
+) -> Estimate:
+    """The estimate of a whole job (or any set of items, of one or several models).
+
+    ``learned`` is model -> (size, quality) -> output tokens learned from ``usage``; it is used
+    only for models whose token counts are not published.
+    """
     encode = encoding().encode_ordinary
     overhead = catalog.prompt_overhead_tokens
     # Jobs repeat a handful of (model, size, quality) combinations; prompts sometimes repeat.
     output_cache: dict[tuple[str, str | None, str | None], int] = {}
+    # For models without published counts: what each (model, size, quality) was learned as.
+    sources: dict[tuple[str, str | None, str | None], Learned | None] = {}
     input_cache: dict[str, int] = {}
     prompt_cache: dict[str, int] = {}
     by_model: dict[str, Tokens] = {}
@@ -264,7 +304,10 @@ def estimate_job(items: Iterable[ItemSpec], catalog: Catalog) -> Estimate:
         key = (model_id, body.get("size"), body.get("quality"))
         out = output_cache.get(key)
         if out is None:
-            out = output_cache[key] = _output_tokens(model, item)
+            seen = _learned_output_tokens(model, item, (learned or {}).get(model_id))
+            out = output_cache[key] = seen.tokens if seen else _output_tokens(model, item)
+            if not model.token_counts_published:
+                sources[key] = seen
         n = body.get("n", 1)
         acc.image_output += out * n
         images += n
@@ -289,4 +332,15 @@ def estimate_job(items: Iterable[ItemSpec], catalog: Catalog) -> Estimate:
         nanousd_batch=nano["batch"],
         nanousd_sync=nano["sync"],
         by_model=by_model,
+        token_source=_token_source(sources.values()),
+        learned_samples=sum(seen.samples for seen in sources.values() if seen),
     )
+
+
+def _token_source(seen: Iterable[Learned | None]) -> str:
+    found = [s is not None for s in seen]
+    if not found:
+        return PUBLISHED
+    if all(found):
+        return LEARNED
+    return PARTLY_LEARNED if any(found) else UNPUBLISHED

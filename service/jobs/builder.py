@@ -42,6 +42,7 @@ from service.jobs.schema import (
     Mode,
 )
 from service.jobs.template import compile_template, render_template
+from service.models.lifecycle import ModelView, catalog_state
 
 _ID_RE = re.compile(ITEM_ID_PATTERN + r"\Z")
 _LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN + r"\Z")
@@ -55,9 +56,18 @@ class JobBuilder:
     """Validates one job; collects every error and raises them together."""
 
     def __init__(
-        self, catalog: Catalog, *, max_items: int, today: dt.date | None, csv_form: bool = False
+        self,
+        catalog: Catalog,
+        *,
+        max_items: int,
+        today: dt.date | None,
+        csv_form: bool = False,
+        models: ModelView | None = None,
     ) -> None:
         self.catalog = catalog
+        # The catalog merged with upstream's lifecycle and learned batch support; None = the
+        # catalog alone (its own shutdown dates against ``today``).
+        self.models = models
         self.max_items = max_items
         self.today = today
         self.csv_form = csv_form
@@ -122,7 +132,12 @@ class JobBuilder:
             return
         model = self.catalog.get(raw)
         if model is None:
-            live = [m.id for m in self.catalog.models.values() if not m.is_shut_down(self.today)]
+            if self.models is not None:
+                live = self.models.live_ids()
+            else:
+                live = [
+                    m.id for m in self.catalog.models.values() if not m.is_shut_down(self.today)
+                ]
             close = difflib.get_close_matches(raw, live, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             self.errors.add(
@@ -130,15 +145,14 @@ class JobBuilder:
                 f"unknown model {show(raw)}{hint}; known models: {', '.join(live[:8])}",
             )
             return
-        if model.is_shut_down(self.today):
-            self.errors.add("model", model.shutdown_message())
+        state = self.models.get(model.id) if self.models is not None else None
+        state = state or catalog_state(model, self.today)
+        refusal, warning = state.refusal(), state.warning()
+        if refusal:
+            self.errors.add("model", refusal)
             return
-        if model.shutdown_date is not None:
-            names = " or ".join(f"'{r}'" for r in model.replacements) or "another model"
-            self.warnings.append(
-                f"model '{model.id}' shuts down on {model.shutdown_date.isoformat()}; "
-                f"move to {names} before then"
-            )
+        if warning:
+            self.warnings.append(warning)
         self.model = model
         self.model_id = model.id
 
@@ -154,6 +168,16 @@ class JobBuilder:
                 f"model '{self.model.id}' does not support the Batch API; "
                 f"use mode 'sync' (full price) for this model, or a model with batch support",
             )
+        elif raw == "batch" and self.model is not None and self.models is not None:
+            state = self.models.get(self.model.id)
+            if state is not None and state.batch_refusal is not None:
+                # Learned, and expiring: the job is taken, its items fail unless upstream
+                # takes batches of the model again by the time they are submitted.
+                self.warnings.append(
+                    f"upstream refused batches of model '{self.model.id}' recently (it may not "
+                    f"support the Batch API); this job's items will fail with "
+                    f"model_not_batch_capable unless that changes: use mode 'auto' or 'sync'"
+                )
         mode: Mode = raw  # type: ignore[assignment]
         return mode
 

@@ -28,6 +28,7 @@ from service.errors import FieldError, Problem, conflict
 from service.jobs.model import JOB_QUEUED, Job
 from service.jobs.request import request_record
 from service.jobs.spec import JobSpec, parse_job_csv, parse_job_json
+from service.models import capability
 from service.queues import PLAN, SYNC_ITEMS
 from service.redis import keys
 from service.storage import request_key
@@ -61,19 +62,27 @@ def parse_body(
     """Validate a job body: JSON (a job), or ``text/csv`` (a catalog, job fields in ``query``)."""
     ctype = (content_type or "application/json").split(";")[0].strip().lower()
     limit = ctx.settings.max_items_per_job
-    if ctype == CSV_TYPE:
-        return parse_job_csv(body, dict(query), ctx.catalog, max_items=limit)
-    if ctype not in JSON_TYPES and not ctype.endswith("+json"):
+    if ctype != CSV_TYPE and ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise Problem(
             415,
             "Unsupported media type",
             f"send the job as application/json or text/csv, not {ctype}",
         )
-    return parse_job_json(body, ctx.catalog, max_items=limit)
+    # The model is checked against upstream's lifecycle and what was learned, not the catalog
+    # alone: a model upstream shut down or stopped offering is refused here.
+    models = ctx.models()
+    if ctype == CSV_TYPE:
+        return parse_job_csv(body, dict(query), ctx.catalog, max_items=limit, models=models)
+    return parse_job_json(body, ctx.catalog, max_items=limit, models=models)
 
 
 def estimate(ctx: Context, spec: JobSpec) -> pricing.Estimate:
-    return pricing.estimate_job(spec.items, ctx.catalog)
+    """The job's estimate; output tokens learned from ``usage`` where OpenAI publishes none."""
+    model = ctx.catalog.get(spec.model)
+    learned = None
+    if model is not None and not model.token_counts_published:
+        learned = {model.id: capability.learned_tokens(ctx.redis, model.id)}
+    return pricing.estimate_job(spec.items, ctx.catalog, learned)
 
 
 def submit_body(
@@ -94,7 +103,8 @@ def submit(
     """Estimate, check the tenant's budget, store, record and enqueue a validated job."""
     _check_idempotency_key(idempotency_key)
     cost = estimate(ctx, spec)
-    lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
+    capable = capability.batch_capable(ctx.redis, ctx.catalog, spec.model)
+    lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items, capable)
     ctx.budgets.check_tenant(ctx.budgets.tenant(tenant), cost.nanousd(lane), lane)
     job_id = new_job_id()
     idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None

@@ -152,14 +152,21 @@ class JobSpec:
     # Things the caller should know that do not stop the job (e.g. an upcoming shutdown).
     warnings: tuple[str, ...] = field(default=())
 
-    def lane(self, catalog: Catalog, sync_max_items: int) -> Literal["batch", "sync"]:
+    def lane(
+        self, catalog: Catalog, sync_max_items: int, batch_capable: bool | None = None
+    ) -> Literal["batch", "sync"]:
         """Where the job runs: ``auto`` is sync up to ``sync_max_items`` items, or whenever the
-        model has no Batch API support (intake refuses such a model only in ``batch`` mode)."""
+        model has no Batch API support (intake refuses such a model only in ``batch`` mode).
+
+        ``batch_capable`` is what is known of the model now (the catalog, and a refusal learned
+        from upstream: :mod:`service.models.capability`); None = the catalog's word alone."""
         if self.mode == "sync":
             return "sync"
         if self.mode == "batch":
             return "batch"
         model = catalog.get(self.model)
-        if len(self.items) <= sync_max_items or model is None or not model.batch:
+        if batch_capable is None:
+            batch_capable = model is not None and model.batch
+        if len(self.items) <= sync_max_items or model is None or not batch_capable:
             return "sync"
         return "batch"

@@ -83,6 +83,7 @@ from service.jobs.schema import (
     JobSpec,
     Mode,
 )
+from service.models.lifecycle import ModelView
 
 # The public face of job parsing: the entry points, and the types and limits callers use.
 __all__ = [
@@ -125,8 +126,12 @@ def parse_job_json(
     *,
     max_items: int,
     today: dt.date | None = None,
+    models: ModelView | None = None,
 ) -> JobSpec:
-    """Parse and validate a JSON job body. Raises :class:`Problem` (400 or 422)."""
+    """Parse and validate a JSON job body. Raises :class:`Problem` (400 or 422).
+
+    ``models`` is the lifecycle view (upstream's shutdowns, learned batch support); without it
+    the catalog's own dates are checked against ``today``."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -139,7 +144,7 @@ def parse_job_json(
         raise malformed("The body must be bytes of JSON text.") from None
     if not isinstance(doc, dict):
         raise invalid("", f"the body must be a JSON object (a job), not {json_type(doc)}")
-    return JobBuilder(catalog, max_items=max_items, today=today).build(doc)
+    return JobBuilder(catalog, max_items=max_items, today=today, models=models).build(doc)
 
 
 def parse_job_csv(
@@ -149,6 +154,7 @@ def parse_job_csv(
     *,
     max_items: int,
     today: dt.date | None = None,
+    models: ModelView | None = None,
 ) -> JobSpec:
     """Parse and validate a CSV catalog: one row per item. Raises :class:`Problem` (400 or 422).
 
@@ -166,6 +172,6 @@ def parse_job_csv(
       present). A cell holds one reference, or a JSON array of them; an empty cell means none.
     * ``delimiter``: ``,`` (default), ``;``, ``|`` or ``tab``.
     """
-    builder = JobBuilder(catalog, max_items=max_items, today=today, csv_form=True)
+    builder = JobBuilder(catalog, max_items=max_items, today=today, csv_form=True, models=models)
     doc, rows = csv_document(body, params, builder.errors, max_items=max_items)
     return builder.build(doc, csv_rows=rows)

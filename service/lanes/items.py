@@ -20,6 +20,7 @@ from service.context import Context
 from service.jobs.model import CANCELLED, FAILED, PENDING, Job
 from service.jobs.request import RequestLine
 from service.jobs.store import SPEND, TOTAL_COST, TOTAL_IMAGES, TOTAL_TOKENS
+from service.models import capability
 from service.redis import keys
 from service.storage import ObjectNotFound, ObjectTooLarge, image_key
 
@@ -115,11 +116,15 @@ def record_usage(
     stored: list[str],
     *,
     tier: str,
+    size: str | None = None,
+    quality: str | None = None,
 ) -> tuple[bool, int]:
     """Price an item's usage and add it to the job, tenant, model and campaign, exactly once.
 
     Returns (counted now, the item's cost in nano-USD); counted is False when the item had been
-    counted before (a repeated collect), and nothing was added.
+    counted before (a repeated collect), and nothing was added. For a model whose token counts
+    are not published, the ``size`` and ``quality`` the image came out at (from the response)
+    and its output tokens teach the estimates (once, with the count).
     """
     model = ctx.catalog.get(job.model)
     if model is None:
@@ -145,7 +150,12 @@ def record_usage(
         "keys": stored,
         "chunk": chunk,
     }
-    return ctx.store.record_success(job.id, index, record, increments), nanousd
+    counted = ctx.store.record_success(job.id, index, record, increments)
+    if counted and not model.token_counts_published and size and quality:
+        capability.observe_tokens(
+            ctx.redis, model.id, size, quality, tokens.image_output, len(stored)
+        )
+    return counted, nanousd
 
 
 def record_failure(

@@ -256,6 +256,14 @@ class _Sender:
         stored, size = store_images(ctx, job, line.id, body, fmt)
         metrics.count(ctx.redis, metrics.COLLECT_BYTES, None, size)
         _, nanousd = record_usage(
-            ctx, job, SYNC_CHUNK, line.index, body.get("usage") or {}, stored, tier="sync"
+            ctx,
+            job,
+            SYNC_CHUNK,
+            line.index,
+            body.get("usage") or {},
+            stored,
+            tier="sync",
+            size=body.get("size"),
+            quality=body.get("quality"),
         )
         ctx.budgets.settle_spend(job, item_spend_key(job.id, line.index), nanousd)
