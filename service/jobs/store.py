@@ -33,6 +33,9 @@ from service.jobs.model import (
 from service.redis import keys, lua
 
 _BATCH = 2000  # items per Redis round trip or Lua call
+# How long a batch id -> chunk entry is kept: the completion window (24 h), OpenAI's 72 h of
+# webhook retries after it ends, and slack.
+BATCH_INDEX_SECONDS = 7 * 86400
 # Targets of record_success's increments.
 SPEND, TOTAL_TOKENS, TOTAL_COST, TOTAL_IMAGES = 1, 2, 3, 4
 
@@ -61,6 +64,7 @@ class JobStore:
         self._success = lua.script(client, "item_succeeded")
         self._failure = lua.script(client, "item_failed")
         self._cancel = lua.script(client, "items_cancel")
+        self._move = lua.script(client, "items_move")
 
     # --- jobs -------------------------------------------------------------------------------
     def create_job(self, job: Job, item_ids: Iterable[str]) -> None:
@@ -311,6 +315,43 @@ class JobStore:
                 )
             )
         return moved
+
+    def move(self, job_id: str, source: int, target: int, indexes: Sequence[int]) -> list[int]:
+        """Move items still queued in chunk ``source`` into chunk ``target`` (which exists);
+        returns the indexes moved. Each item moves once however often this runs."""
+        moved: list[int] = []
+        for start in range(0, len(indexes), _BATCH):
+            part = indexes[start : start + _BATCH]
+            moved += [
+                int(i)
+                for i in self._move(
+                    keys=[
+                        keys.job_items(job_id),
+                        keys.chunk_items(job_id, target),
+                        keys.chunk(job_id, target),
+                        keys.chunk(job_id, source),
+                    ],
+                    args=[source, target, *part],
+                )
+            ]
+        return moved
+
+    def switch_to_sync(self, job_id: str) -> None:
+        """From now on the job runs on the sync lane (its model cannot be batched)."""
+        self.r.hset(keys.job(job_id), mapping={"mode": "sync", "updated_at": str(time.time())})
+
+    def record_batch(self, job_id: str, number: int, batch_id: str) -> None:
+        """The chunk's upstream batch exists: record its id on the chunk, and index the batch
+        so an inbound webhook (which names only the batch) finds the chunk."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.chunk(job_id, number), "batch_id", batch_id)
+        pipe.set(keys.batch_chunk(batch_id), f"{job_id}:{number}", ex=BATCH_INDEX_SECONDS)
+        pipe.execute()
+
+    def chunk_of_batch(self, batch_id: str) -> tuple[str, int] | None:
+        """The chunk an upstream batch was created for, if it is one of ours and recent."""
+        raw = self.r.get(keys.batch_chunk(batch_id))
+        return split_ref(raw) if raw else None
 
     def chunk(self, job_id: str, number: int) -> Chunk | None:
         raw = self.r.hgetall(keys.chunk(job_id, number))

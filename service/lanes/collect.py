@@ -5,7 +5,8 @@ are decoded and stored by a small thread pool, at most ``2 * threads`` lines in 
 whatever the file's size. Then the error file; then the lines that came back in neither file
 (they never ran). Moderation blocks are final; expired, cancelled and transient lines go back to
 pending for another chunk, up to ``IMAGEBATCH_MAX_ATTEMPTS``. A batch that failed as a whole for
-upstream's enqueued-token limit goes back to waiting, its budget shrunk.
+upstream's enqueued-token limit goes back to waiting, its budget shrunk; one that failed because
+its model does not support the Batch API is rerouted (:mod:`service.lanes.reroute`).
 
 At least once: a lease (``SET NX PX``, renewed as lines arrive) keeps two collectors off one
 chunk, and the sweep hands a chunk whose lease lapsed to another worker; every image is written
@@ -35,6 +36,7 @@ from service.jobs.model import (
     Job,
 )
 from service.jobs.request import PAGE
+from service.lanes import reroute
 from service.lanes.finalize import after_chunk
 from service.lanes.items import (
     error_from_line,
@@ -101,6 +103,8 @@ def _collect(
     batch = ctx.upstream.batch(batch_id)
     if batch.status == "failed" and _back_to_waiting(ctx, job, chunk, batch):
         return result  # budget pressure: the chunk goes back to waiting as it is
+    if batch.status == "failed" and reroute.refused_batch(ctx, job, chunk, batch):
+        return result  # the model cannot be batched: its items went to the sync lane or failed
     if batch.status != "failed":
         if batch.output_file_id:
             _collect_output(ctx, job, chunk, batch.output_file_id, lease, result, threads, account)
@@ -297,6 +301,14 @@ def _store_line(
         record = {"tokens": {}, "cost_nanousd": 0, "tier": "batch", "keys": stored, "chunk": number}
         return ctx.store.record_success(job.id, index, record, []), size
     counted, _ = record_usage(
-        ctx, job, number, index, body.get("usage") or {}, stored, tier="batch"
+        ctx,
+        job,
+        number,
+        index,
+        body.get("usage") or {},
+        stored,
+        tier="batch",
+        size=body.get("size"),
+        quality=body.get("quality"),
     )
     return counted, size

@@ -30,7 +30,8 @@ from service.jobs.model import (
     Job,
 )
 from service.jobs.request import RequestLine, request_pages
-from service.queues import SUBMIT
+from service.models import capability
+from service.queues import SUBMIT, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease
 
@@ -71,6 +72,13 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
     job = ctx.store.job(job_id)
     if not job or job.status not in JOB_LIVE or job.mode == "sync":
         return []  # a sync job's items go to the images endpoints, never into a batch
+    if job.requested_mode == "auto" and not capability.batch_capable(
+        ctx.redis, ctx.catalog, job.model
+    ):
+        # Upstream refused batches of the model lately: the sync lane's fan-out takes the job.
+        ctx.store.switch_to_sync(job.id)
+        ctx.enqueue(SYNC_ITEMS, job.id)
+        return []
     with Lease(ctx.redis, keys.plan_lock(job_id), LOCK_SECONDS).held() as got:
         return _plan(ctx, job) if got else []
 

@@ -31,6 +31,8 @@ from service.jobs.request import request_lines
 from service.lanes.finalize import after_chunk
 from service.lanes.items import BadReference, RefResolver, fail_bad_reference
 from service.lanes.plan import LOCK_SECONDS, upstream_line
+from service.lanes.reroute import reroute_chunk
+from service.models import capability
 from service.queues import FINALIZE
 from service.redis import keys
 from service.redis.leases import Lease
@@ -45,7 +47,7 @@ _CLOCK_SLACK_SECONDS = 300
 
 def submit_chunk(ctx: Context, job_id: str, number: int) -> str:
     """Returns what happened: ``submitted``, ``already``, ``waiting`` (budget), ``empty``,
-    ``cancelled`` or ``skipped``."""
+    ``cancelled``, ``rerouted`` (the model cannot be batched now) or ``skipped``."""
     store = ctx.store
     chunk, job = store.chunk(job_id, number), store.job(job_id)
     if chunk is None or job is None:
@@ -68,6 +70,10 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int) -> str:
     chunk = store.chunk(job_id, number)
     if chunk is None or chunk.status not in (CHUNK_PLANNED, CHUNK_WAITING):
         return "already"
+    if not capability.batch_capable(ctx.redis, ctx.catalog, chunk.model or job.model):
+        # Upstream refused batches of this model lately: no batch is created for it.
+        reroute_chunk(ctx, job, chunk, (CHUNK_PLANNED, CHUNK_WAITING))
+        return "rerouted"
     if not ctx.budgets.reserve_chunk(job, chunk):
         store.set_chunk_status_if(
             job_id, number, [CHUNK_PLANNED], CHUNK_WAITING, waiting_since=time.time()
@@ -132,7 +138,7 @@ def _find_or_create_batch(ctx: Context, chunk: Chunk, input_file_id: str) -> Bat
         # A previous attempt may have created the batch and died before recording it.
         found = _find_batch(ctx, tag, chunk.create_started)
         if found is not None:
-            ctx.store.update_chunk(chunk.job_id, chunk.number, batch_id=found.id)
+            ctx.store.record_batch(chunk.job_id, chunk.number, found.id)
             return found
     ctx.store.update_chunk(chunk.job_id, chunk.number, create_started=time.time())
     batch = ctx.upstream.create_batch(
@@ -141,7 +147,7 @@ def _find_or_create_batch(ctx: Context, chunk: Chunk, input_file_id: str) -> Bat
         ctx.settings.completion_window,
         {"imagebatch_job": chunk.job_id, "imagebatch_chunk": tag},
     )
-    ctx.store.update_chunk(chunk.job_id, chunk.number, batch_id=batch.id)
+    ctx.store.record_batch(chunk.job_id, chunk.number, batch.id)
     return batch
 
 
