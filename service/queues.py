@@ -23,6 +23,8 @@ FINALIZE = "jobs.finalize"
 CANCEL = "jobs.cancel"
 WEBHOOK = "jobs.webhook"
 SYNC_ITEMS = "sync.items"
+POLL = "batches.poll"
+MODELS_REFRESH = "models.refresh"
 
 ROUTES: dict[str, str] = {
     PLAN: CONTROL,
@@ -33,6 +35,8 @@ ROUTES: dict[str, str] = {
     WEBHOOK: CONTROL,
     COLLECT_TASK: COLLECT,
     SYNC_ITEMS: SYNC,
+    POLL: CONTROL,
+    MODELS_REFRESH: CONTROL,
 }
 
 

@@ -35,15 +35,17 @@ def own_job(request: Request, job_id: str) -> Job:
     return job
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, refused with 413 as soon as it is over ``IMAGEBATCH_MAX_BODY_BYTES``."""
-    limit = ctx_of(request).settings.max_body_bytes
+async def read_body(request: Request, limit: int | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is over ``limit`` (default
+    ``IMAGEBATCH_MAX_BODY_BYTES``)."""
+    setting = "" if limit else " (IMAGEBATCH_MAX_BODY_BYTES)"
+    limit = limit or ctx_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise Problem(
             413,
             "Request body too large",
-            f"the body is {int(declared):,} bytes; the limit is {limit:,} (IMAGEBATCH_MAX_BODY_BYTES)",
+            f"the body is {int(declared):,} bytes; the limit is {limit:,}{setting}",
         )
     chunks, size = [], 0
     async for part in request.stream():
@@ -52,7 +54,7 @@ async def read_body(request: Request) -> bytes:
             raise Problem(
                 413,
                 "Request body too large",
-                f"the body is over the limit of {limit:,} bytes (IMAGEBATCH_MAX_BODY_BYTES)",
+                f"the body is over the limit of {limit:,} bytes{setting}",
             )
         chunks.append(part)
     return b"".join(chunks)

@@ -4,7 +4,8 @@ Every ``IMAGEBATCH_POLL_SECONDS`` it polls each active upstream batch once (an e
 queued for collect), hands a collect whose lease lapsed to another worker, re-enqueues the
 submit of every waiting chunk, and for every unfinished job re-sends whatever was lost: a plan
 for pending items, a sync job's fan-out or stalled slices, a finalize when nothing is left.
-Nothing waits in a Celery countdown.
+Nothing waits in a Celery countdown. OpenAI's batch webhooks (:func:`poll_now`) poll a batch the
+moment it ends; the sweep remains the safety net for events that never come.
 
 At least once: a lock keeps overlapping sweeps from doubling upstream calls; every task it sends
 is idempotent, and enqueue markers keep it from queueing the same task twice while one waits.
@@ -16,10 +17,17 @@ import logging
 import time
 
 from service.context import Context
-from service.jobs.model import CHUNK_COLLECTING, CHUNK_SUBMITTED, JOB_LIVE, Chunk
+from service.errors import TransientError
+from service.jobs.model import (
+    CHUNK_COLLECTING,
+    CHUNK_NOT_SUBMITTED,
+    CHUNK_SUBMITTED,
+    JOB_LIVE,
+    Chunk,
+)
 from service.lanes import sync
 from service.lanes.finalize import unfinished
-from service.queues import COLLECT_TASK, FINALIZE, PLAN, SUBMIT, SYNC_ITEMS
+from service.queues import COLLECT_TASK, FINALIZE, PLAN, POLL, SUBMIT, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import mark_once, unmark
 from service.upstream import UpstreamError
@@ -84,6 +92,40 @@ def poll(ctx: Context, chunk: Chunk, batch_id: str) -> bool:
         ctx.enqueue_once(COLLECT_TASK, chunk.ref, chunk.job_id, chunk.number)
         return True
     return False
+
+
+def batch_event(ctx: Context, batch_id: str) -> str:
+    """An OpenAI webhook named ``batch_id``: queue an immediate poll of its chunk. ``unknown``
+    for a batch that is not ours (the project's other batches) or long gone."""
+    found = ctx.store.chunk_of_batch(batch_id)
+    if found is None:
+        return "unknown"
+    job_id, number = found
+    ctx.enqueue(POLL, job_id, number, batch_id)
+    return "polling"
+
+
+def poll_now(ctx: Context, job_id: str, number: int, batch_id: str) -> str:
+    """OpenAI's webhook says the chunk's batch ended: poll it now rather than at the next sweep.
+
+    Returns ``ended`` (collect queued), ``stale`` (the chunk has moved on: another attempt's
+    batch, or already collected) or ``unknown``. Raises :class:`TransientError` (the task
+    retries within seconds) while submit has not yet marked the chunk submitted, or while
+    upstream does not yet show the batch ended: the event may outrun both.
+    """
+    chunk = ctx.store.chunk(job_id, number)
+    if chunk is None or chunk.batch_id != batch_id:
+        return "unknown"
+    if chunk.status in CHUNK_NOT_SUBMITTED:
+        raise TransientError(f"batch {batch_id}: its submit has not finished recording it")
+    if chunk.status != CHUNK_SUBMITTED:
+        return "stale"
+    if poll(ctx, chunk, batch_id):
+        return "ended"
+    current = ctx.store.chunk(job_id, number)
+    if current is not None and current.status == CHUNK_SUBMITTED:
+        raise TransientError(f"batch {batch_id}: upstream does not show it ended yet")
+    return "stale"
 
 
 def _job(ctx: Context, job_id: str, seen: dict[str, int]) -> None:

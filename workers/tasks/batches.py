@@ -32,3 +32,8 @@ def sweep(ctx: Context) -> dict[str, int]:
 def collect(ctx: Context, job_id: str, number: int) -> dict[str, Any] | None:
     result = collecting.collect_chunk(ctx, job_id, int(number))
     return result.__dict__ if result else None
+
+
+@task(queues.POLL, time_limit=120)
+def poll(ctx: Context, job_id: str, number: int, batch_id: str) -> str:
+    return sweeping.poll_now(ctx, job_id, int(number), batch_id)
