@@ -34,7 +34,9 @@ from prometheus_client.core import (
     Metric,
 )
 
+from service.catalog import cached_catalog
 from service.exposition import CounterTable
+from service.models.lifecycle import ModelView, load_view, utc_today
 from service.pricing import KINDS, TIERS
 from service.queues import QUEUES
 from service.redis import keys, lua
@@ -48,6 +50,13 @@ SYNC_REQUESTS = "imagebatch_sync_requests_total"
 JOBS_FINISHED = "imagebatch_jobs_finished_total"
 TASK_DURATION = "imagebatch_task_duration_seconds"
 BUDGET_WAIT = "imagebatch_budget_wait_seconds"
+# OpenAI's batch webhooks (POST /v1/webhooks/openai): every delivery is received; then verified,
+# or rejected (why: "signature" bad, stale or missing; "disabled": no secret set; "too_large");
+# a verified one whose webhook-id was already taken is also a duplicate.
+OPENAI_WEBHOOKS_RECEIVED = "imagebatch_openai_webhooks_received_total"
+OPENAI_WEBHOOKS_VERIFIED = "imagebatch_openai_webhooks_verified_total"
+OPENAI_WEBHOOKS_REJECTED = "imagebatch_openai_webhooks_rejected_total"
+OPENAI_WEBHOOKS_DUPLICATE = "imagebatch_openai_webhooks_duplicate_total"
 
 # name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -59,6 +68,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     COLLECT_BYTES: ("Image bytes collected into storage.", ()),
     SYNC_REQUESTS: ("Sync-lane image requests by outcome.", ("status",)),
     JOBS_FINISHED: ("Jobs finished, by final status.", ("status",)),
+    OPENAI_WEBHOOKS_RECEIVED: ("Deliveries to POST /v1/webhooks/openai.", ()),
+    OPENAI_WEBHOOKS_VERIFIED: ("OpenAI webhook deliveries whose signature checked out.", ()),
+    OPENAI_WEBHOOKS_REJECTED: ("OpenAI webhook deliveries refused, by reason.", ("reason",)),
+    OPENAI_WEBHOOKS_DUPLICATE: ("Verified OpenAI webhook deliveries already taken.", ()),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     TASK_DURATION: ("Task run time.", ("task",)),
@@ -89,6 +102,7 @@ BATCH_QUEUE_TOKENS_LIMIT = "imagebatch_batch_queue_tokens_limit"
 TENANT_SPEND = "imagebatch_tenant_spend_usd"
 TENANT_BUDGET = "imagebatch_tenant_budget_usd"
 BUDGET_OLDEST_WAIT = "imagebatch_budget_oldest_wait_seconds"
+MODEL_SHUTDOWN = "imagebatch_model_shutdown_timestamp_seconds"
 
 # Worker heartbeats older than this are dropped at scrape time.
 HEARTBEAT_RETENTION_SECONDS = 3600.0
@@ -195,8 +209,10 @@ class RedisCollector:
         r: redis.Redis,
         settings: Settings,
         budget_gauges: Callable[[], BudgetGauges] | None = None,
+        models: Callable[[], ModelView] | None = None,
     ):
         self.r, self.settings, self.budget_gauges = r, settings, budget_gauges
+        self.models = models or self._models
         self._per_job_script = lua.script(r, "scrape_per_job")
         self._hashes_script = lua.script(r, "scrape_hashes")
         self._active_script = lua.script(r, "scrape_active")
@@ -215,6 +231,18 @@ class RedisCollector:
         yield from self._shared()
         if self.budget_gauges is not None:
             yield from self._budgets(self.budget_gauges())
+        yield _gauge(
+            MODEL_SHUTDOWN,
+            "Unix time a model shuts down (00:00 UTC of its day), from the catalog or upstream, "
+            "whichever is earlier.",
+            self.models().shutdown_timestamps(),
+            "model",
+        )
+
+    def _models(self) -> ModelView:
+        settings = self.settings
+        catalog = cached_catalog(str(settings.catalog_file) if settings.catalog_file else None)
+        return load_view(self.r, catalog, utc_today())
 
     def _per_job(self) -> Iterator[Metric]:
         r, settings = self.r, self.settings
@@ -414,8 +442,12 @@ def _window_seconds(window: str) -> float:
 
 
 def registry(
-    r: redis.Redis, settings: Settings, budget_gauges: Callable[[], BudgetGauges] | None = None
+    r: redis.Redis,
+    settings: Settings,
+    budget_gauges: Callable[[], BudgetGauges] | None = None,
+    models: Callable[[], ModelView] | None = None,
 ) -> CollectorRegistry:
+    """``models`` gives the lifecycle view (a process's own clock); default: today, UTC."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RedisCollector(r, settings, budget_gauges))
+    reg.register(RedisCollector(r, settings, budget_gauges, models))
     return reg

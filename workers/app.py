@@ -1,8 +1,8 @@
 """The Celery app: broker, queues, routing, beat schedule, and the per-process context.
 
 Delivery is at least once (``acks_late``, ``reject_on_worker_lost``): a worker killed mid-task
-has its message redelivered, and every task is safe to run twice. The beat schedule holds only
-the sweep; nothing waits in a countdown, so the Redis visibility timeout never redelivers a
+has its message redelivered, and every task is safe to run twice. The beat schedule holds the
+sweep and the refresh of upstream's model list; nothing waits in a countdown, so the Redis visibility timeout never redelivers a
 long-waiting task.
 """
 
@@ -38,6 +38,7 @@ app = Celery(
     include=[
         "workers.tasks.batches",
         "workers.tasks.jobs",
+        "workers.tasks.models",
         "workers.tasks.sync",
         "workers.tasks.webhooks",
     ],
@@ -125,6 +126,12 @@ def configure(settings: Settings) -> Celery:
                 "task": queues.SWEEP,
                 "schedule": settings.poll_seconds,
                 "options": {"queue": queues.CONTROL, "expires": max(settings.poll_seconds * 2, 5)},
+            },
+            # Upstream's model list: shutdown dates and models no longer offered.
+            "models-refresh": {
+                "task": queues.MODELS_REFRESH,
+                "schedule": settings.models_refresh_seconds,
+                "options": {"queue": queues.CONTROL, "expires": settings.models_refresh_seconds},
             },
         },
     )

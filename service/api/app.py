@@ -7,6 +7,7 @@ never runs the lanes itself. Routes live in :mod:`service.api.routes`, one modul
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,12 +16,16 @@ from fastapi import FastAPI
 
 from service import metrics, tokens
 from service.api import problems
-from service.api.routes import jobs, objects
+from service.api.routes import jobs, models, objects, webhooks
 from service.api.routes import service as service_routes
 from service.context import Context, build_context
+from service.models import lifecycle
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("imagebatch.api")
+
+# How long the API waits for upstream's model list at start before serving on what it has.
+STARTUP_REFRESH_SECONDS = 5.0
 
 
 def create_app(settings: Settings | None = None, *, context: Context | None = None) -> FastAPI:
@@ -36,8 +41,18 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
                 "no tenants configured (IMAGEBATCH_TENANTS_FILE unset): the API is open, "
                 "every job belongs to tenant 'default'"
             )
-        app.state.metrics = metrics.registry(ctx.redis, ctx.settings, ctx.budgets.gauges)
+        app.state.metrics = metrics.registry(
+            ctx.redis, ctx.settings, ctx.budgets.gauges, models=ctx.models
+        )
         tokens.encoding()  # load the tokenizer now, not on the first request
+        # Upstream's model list before the first job: briefly, once (beat refreshes it later).
+        await asyncio.to_thread(
+            lifecycle.refresh,
+            ctx.redis,
+            ctx.upstream,
+            timeout=STARTUP_REFRESH_SECONDS,
+            max_retries=0,
+        )
         yield
         ctx.redis.close()
 
@@ -48,6 +63,12 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         lifespan=lifespan,
     )
     problems.install(app)
-    for router in (jobs.router, objects.router, service_routes.router):
+    for router in (
+        jobs.router,
+        objects.router,
+        service_routes.router,
+        models.router,
+        webhooks.router,
+    ):
         app.include_router(router)
     return app
