@@ -17,7 +17,7 @@ def test_every_setting_is_documented() -> None:
     for name in Settings.model_fields:
         env = (
             name.upper()
-            if name in ("openai_api_key", "openai_base_url")
+            if name in ("openai_api_key", "openai_base_url", "openai_webhook_secret")
             else f"IMAGEBATCH_{name.upper()}"
         )
         if f"`{env}`" not in README:
