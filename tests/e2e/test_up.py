@@ -90,6 +90,12 @@ def test_up_runs_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
         with Image.open(images / "sku-1001.png") as img:
             assert img.size == (1024, 1024)
         assert job["cost_usd"]["batch"] > 0
+        # The simulator told the API of the finished batch with a signed webhook.
+        hooks = httpx2.get(f"http://127.0.0.1:{sim_port}/_simulator/stats").json()["webhooks"]
+        assert hooks["enabled"] and hooks["delivered"] >= 1, hooks
+        metrics = httpx2.get(f"{api}/metrics").text
+        verified = re.search(r"^imagebatch_openai_webhooks_verified_total (\S+)$", metrics, re.M)
+        assert verified and float(verified.group(1)) >= 1
 
         children = psutil.Process(up.pid).children(recursive=True)
         assert (
