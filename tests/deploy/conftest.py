@@ -66,6 +66,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "imagebatch_sync_requests_total": ("counter", ("status",)),
     "imagebatch_budget_wait_seconds": ("histogram", ()),
     "imagebatch_budget_oldest_wait_seconds": ("gauge", ()),
+    "imagebatch_model_shutdown_timestamp_seconds": ("gauge", ("model",)),
 }
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = ("job", "instance")

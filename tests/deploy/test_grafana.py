@@ -86,6 +86,7 @@ imagebatch_budget_wait_seconds_bucket{le="+Inf"}                                
 imagebatch_budget_wait_seconds_sum                                                                   0+90x180
 imagebatch_budget_wait_seconds_count                                                                 0+2x180
 imagebatch_budget_oldest_wait_seconds                                                                120x180
+imagebatch_model_shutdown_timestamp_seconds{model="gpt-image-1.5"}                                   5184000x180
 """
 SYNTHETIC_SERIES: list[tuple[str, str]] = [
     (series, values)

@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "ImagebatchNoWorkerHeartbeat",
     "ImagebatchWorkerHeartbeatAbsent",
     "ImagebatchQueueBacklog",
+    "ImagebatchModelShutdownSoon",  # a model used this week shuts down within 90 days
 }
 SEVERITIES = {"critical", "warning"}
 
