@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import FastAPI
 
 from service import metrics, tokens
@@ -26,6 +27,21 @@ log = logging.getLogger("imagebatch.api")
 
 # How long the API waits for upstream's model list at start before serving on what it has.
 STARTUP_REFRESH_SECONDS = 5.0
+
+
+async def _read_upstream_models(ctx: Context) -> None:
+    """Upstream's model list before the first job: briefly, once (beat refreshes it later).
+    Never stops the API from starting: it serves on the last list, or the catalog alone."""
+    try:
+        await asyncio.to_thread(
+            lifecycle.refresh,
+            ctx.redis,
+            ctx.upstream,
+            timeout=STARTUP_REFRESH_SECONDS,
+            max_retries=0,
+        )
+    except redis.RedisError as exc:
+        log.warning("could not keep upstream's model list in Redis at start: %s", exc)
 
 
 def create_app(settings: Settings | None = None, *, context: Context | None = None) -> FastAPI:
@@ -45,14 +61,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
             ctx.redis, ctx.settings, ctx.budgets.gauges, models=ctx.models
         )
         tokens.encoding()  # load the tokenizer now, not on the first request
-        # Upstream's model list before the first job: briefly, once (beat refreshes it later).
-        await asyncio.to_thread(
-            lifecycle.refresh,
-            ctx.redis,
-            ctx.upstream,
-            timeout=STARTUP_REFRESH_SECONDS,
-            max_retries=0,
-        )
+        await _read_upstream_models(ctx)
         yield
         ctx.redis.close()
 

@@ -36,7 +36,7 @@ def info(request: Request) -> dict[str, Any]:
         "storage": ctx.storage.description,
         "auth": "open (tenant 'default')" if tenants_of(request).open else "bearer keys per tenant",
         "default_model": ctx.catalog.default_model,
-        "models": sorted(m.id for m in ctx.catalog.models.values() if not m.is_shut_down()),
+        "models": sorted(ctx.models().live_ids()),
         "limits": {
             "max_items_per_job": settings.max_items_per_job,
             "max_body_bytes": settings.max_body_bytes,
