@@ -8,12 +8,14 @@ the environment at import time.
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
+from base64 import b64decode
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -150,6 +152,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+
+    @field_validator("openai_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        # A whsec_ secret whose key is not base64 would refuse every delivery as forged.
+        raw = v.get_secret_value() if v is not None else ""
+        if raw.startswith("whsec_"):
+            try:
+                b64decode(raw.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(
+                    "expected 'whsec_' followed by base64, as OpenAI shows it"
+                ) from None
+        return None if v is not None and not raw else v
 
     @property
     def storage_location(self) -> str:
