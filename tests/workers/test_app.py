@@ -72,12 +72,20 @@ def test_configure_makes_delivery_at_least_once_one_message_at_a_time(
 
 def test_beat_sweeps_every_poll_seconds_on_the_control_queue(settings: Settings) -> None:
     conf = configure(settings).conf
-    (entry,) = conf.beat_schedule.values()
+    entry = conf.beat_schedule["sweep"]
     assert entry["task"] == queues.SWEEP
     assert entry["schedule"] == 7.5
     assert entry["options"]["queue"] == queues.CONTROL
     # A sweep not taken within two periods is dropped: the next one does its work.
     assert entry["options"]["expires"] == 15.0
+
+
+def test_beat_reads_upstreams_model_list_every_refresh_period(settings: Settings) -> None:
+    conf = configure(settings.model_copy(update={"models_refresh_seconds": 900.0})).conf
+    assert set(conf.beat_schedule) == {"sweep", "models-refresh"}
+    entry = conf.beat_schedule["models-refresh"]
+    assert entry["task"] == queues.MODELS_REFRESH and entry["schedule"] == 900.0
+    assert entry["options"] == {"queue": queues.CONTROL, "expires": 900.0}
 
 
 def test_the_apis_producer_routes_tasks_as_the_workers_expect(settings: Settings) -> None:
