@@ -50,4 +50,4 @@ test-container: $(STAMP) ## build the image and run a job through containers mad
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) .imagebatch .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run test lint bench image test-container clean
+.PHONY: help install run test test-clock-ahead lint bench image test-container clean
