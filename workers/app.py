@@ -24,6 +24,7 @@ from celery.signals import (
 
 from service import queues
 from service.context import Context, build_context, redis_url
+from service.redis.leases import pause
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("imagebatch.workers")
@@ -88,7 +89,7 @@ def _start_heartbeat(**_: Any) -> None:
                 metrics.heartbeat(client, name)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
-            if _heartbeat_stop.wait(HEARTBEAT_SECONDS):
+            if pause(_heartbeat_stop, HEARTBEAT_SECONDS, step=1.0):
                 return
 
     threading.Thread(target=beat, name="imagebatch-heartbeat", daemon=True).start()

@@ -33,7 +33,12 @@ def readme_job_body() -> bytes:
 
 
 def start_up(data_dir: Path, api_port: int, sim_port: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEBATCH_", "OPENAI_"))}
+    # The stack configures itself; only the machine's choice of redis-server binary is kept.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("IMAGEBATCH_", "OPENAI_")) or k == "IMAGEBATCH_REDIS_SERVER"
+    }
     log = (data_dir.parent / "up.log").open("ab")
     return subprocess.Popen(
         [
