@@ -15,7 +15,13 @@ from __future__ import annotations
 import urllib.parse
 
 from service.settings import Settings
-from service.storage.layout import image_key, job_prefix, manifest_key, request_key
+from service.storage.layout import (
+    image_key,
+    job_prefix,
+    manifest_key,
+    request_key,
+    request_version_key,
+)
 from service.storage.local import LocalStorage
 from service.storage.port import (
     MAX_REF_BYTES,
@@ -41,6 +47,7 @@ __all__ = [
     "manifest_key",
     "open_storage",
     "request_key",
+    "request_version_key",
 ]
 
 

@@ -3,6 +3,7 @@
 Keys are relative to the storage prefix or root::
 
     jobs/{job_id}/request.jsonl
+    jobs/{job_id}/request.v{n}.jsonl            (the request before retry n changed it)
     jobs/{job_id}/images/{item_id}.{ext}        (n > 1: {item_id}-{k}.{ext})
     jobs/{job_id}/manifest.jsonl
 """
@@ -24,6 +25,14 @@ def job_prefix(job_id: str) -> str:
 def request_key(job_id: str) -> str:
     """The job's request as accepted at intake, one item per line."""
     return f"{job_prefix(job_id)}request.jsonl"
+
+
+def request_version_key(job_id: str, version: int) -> str:
+    """The request as it was before retry ``version`` overrode some of its items: versions are
+    kept, never rewritten, so whatever a caller submitted stays readable."""
+    if version < 1:
+        raise ValueError(f"request version must be >= 1, got {version}")
+    return f"{job_prefix(job_id)}request.v{version}.jsonl"
 
 
 def manifest_key(job_id: str) -> str:

@@ -31,6 +31,7 @@ import contextlib
 import json
 import mimetypes
 import os
+import shutil
 import stat
 import urllib.parse
 import urllib.request
@@ -304,6 +305,40 @@ class LocalStorage:
                 pass
             except OSError as exc:
                 raise self._error(exc, "delete", key) from exc
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        src, dst = self._path(check_key(src_key)), self._path(check_key(dst_key))
+        try:
+            if not stat.S_ISREG(src.stat().st_mode):
+                raise FileNotFoundError(src)
+            # The sidecar first, as a write does: a visible object always has one.
+            side = self._sidecar(src_key)
+            if side.exists():
+                self._link_into(side, self._sidecar(dst_key))
+            self._link_into(src, dst)
+        except OSError as exc:
+            raise self._error(exc, "copy", src_key) from exc
+
+    def _link_into(self, src: Path, final: Path) -> None:
+        """``final`` becomes another name of ``src``'s bytes: a hard link moved into place (a
+        copy where the filesystem cannot link). Objects are only ever replaced, never written
+        in place, so a link can never see its source change."""
+        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if isinstance(exc, _NOT_FOUND_ERRORS):
+                    raise
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            self._publish(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def url(self, key: str) -> str:
         return f"{self.public_url}/v1/objects/{urllib.parse.quote(check_key(key))}"

@@ -168,6 +168,16 @@ class Storage(Protocol):
         """Delete the object; deleting a missing object is not an error."""
         ...
 
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy an object to another key of this storage, content type and metadata included.
+
+        S3 copies server-side (no bytes pass through us); a local directory makes a hard link
+        (or a plain copy where the filesystem cannot link). Atomic like a write, and overwrites
+        ``dst_key``. Raises :class:`ObjectNotFound` when ``src_key`` does not exist: callers
+        rely on it to tell a vanished object from a copied one.
+        """
+        ...
+
     def url(self, key: str) -> str:
         """A URL a caller can GET the object from: presigned on S3 (valid
         ``settings.presign_seconds``), the API's ``/v1/objects/{key}`` route for local storage."""
