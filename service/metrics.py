@@ -57,6 +57,9 @@ OPENAI_WEBHOOKS_RECEIVED = "imagebatch_openai_webhooks_received_total"
 OPENAI_WEBHOOKS_VERIFIED = "imagebatch_openai_webhooks_verified_total"
 OPENAI_WEBHOOKS_REJECTED = "imagebatch_openai_webhooks_rejected_total"
 OPENAI_WEBHOOKS_DUPLICATE = "imagebatch_openai_webhooks_duplicate_total"
+ITEMS_REUSED = "imagebatch_items_reused_total"
+REUSE_SAVED_USD = "imagebatch_reuse_saved_usd_total"
+SCHEDULE_RUNS = "imagebatch_schedule_runs_total"
 
 # name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -72,6 +75,18 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     OPENAI_WEBHOOKS_VERIFIED: ("OpenAI webhook deliveries whose signature checked out.", ()),
     OPENAI_WEBHOOKS_REJECTED: ("OpenAI webhook deliveries refused, by reason.", ("reason",)),
     OPENAI_WEBHOOKS_DUPLICATE: ("Verified OpenAI webhook deliveries already taken.", ()),
+    ITEMS_REUSED: (
+        "Items completed by copying an image the tenant already had (no upstream call).",
+        ("tenant", "model"),
+    ),
+    REUSE_SAVED_USD: (
+        "USD reused images cost when they were first made: what reuse saved.",
+        ("tenant", "model"),
+    ),
+    SCHEDULE_RUNS: (
+        "Schedule slots handled, by outcome (created, skipped, failed).",
+        ("outcome",),
+    ),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     TASK_DURATION: ("Task run time.", ("task",)),

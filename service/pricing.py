@@ -247,6 +247,9 @@ class Estimate:
     # What the output tokens rest on, and how many observed items back the learned part.
     token_source: str = PUBLISHED
     learned_samples: int = 0
+    # What result reuse is expected to save (service.jobs.reuse): the items and images above
+    # are then only those left to make.
+    reuse: dict[str, int] | None = None
 
     def nanousd(self, tier: str) -> int:
         if tier == "batch":
@@ -256,13 +259,16 @@ class Estimate:
         raise ValueError(f"unknown tier {tier!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "items": self.items,
             "images": self.images,
             "tokens": self.tokens.as_dict(),
             "usd": {"batch": self.usd_batch, "sync": self.usd_sync},
             "token_counts": {"source": self.token_source, "samples": self.learned_samples},
         }
+        if self.reuse is not None:
+            out["reuse"] = self.reuse
+        return out
 
 
 def estimate_job(

@@ -119,6 +119,26 @@ class Settings(BaseSettings):
         description="How long a collect may go silent before the sweep hands it to another worker.",
     )
 
+    # --- result reuse and schedules ----------------------------------------------------------
+    reuse_max_entries: int = Field(
+        500_000,
+        description="Images per tenant the reuse index remembers; the least recently used go first.",
+    )
+    reuse_ttl: dt.timedelta = Field(
+        dt.timedelta(days=90),
+        description="How long an image stays reusable after it was last made or reused.",
+    )
+    schedule_tick_seconds: float = Field(
+        10.0, description="How often beat looks for schedules that are due."
+    )
+    schedule_late_seconds: float = Field(
+        60.0,
+        description="How late a schedule's slot may still run as usual; later, `catch_up` decides.",
+    )
+    schedule_catalog_max_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest catalog CSV a schedule reads per run."
+    )
+
     # --- budgets -----------------------------------------------------------------------------
     tenants_file: Path | None = Field(
         None,

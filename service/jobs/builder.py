@@ -36,6 +36,7 @@ from service.jobs.schema import (
     MAX_PROMPT_CHARS,
     MODES,
     PARAM_FIELDS,
+    REUSE_MODES,
     TOP_FIELDS,
     ItemSpec,
     JobSpec,
@@ -98,6 +99,7 @@ class JobBuilder:
         max_cost = self._check_max_cost(doc.get("max_cost_usd"))
         webhook = self._check_webhook(doc.get("webhook_url"))
         defaults = self._check_defaults(doc.get("defaults"))
+        reuse = self._check_reuse(doc.get("reuse"))
 
         items: list[ItemSpec] = []
         has_items = doc.get("items") is not None
@@ -122,6 +124,7 @@ class JobBuilder:
             webhook_url=webhook,
             items=items,
             warnings=tuple(self.warnings),
+            reuse=reuse,
         )
 
     def _check_model(self, raw: Any) -> None:
@@ -180,6 +183,16 @@ class JobBuilder:
                 )
         mode: Mode = raw  # type: ignore[assignment]
         return mode
+
+    def _check_reuse(self, raw: Any) -> str:
+        if raw is None:
+            return "auto"
+        if not isinstance(raw, str) or raw not in REUSE_MODES:
+            self.errors.add(
+                "reuse", f"reuse must be one of {', '.join(REUSE_MODES)}, not {show(raw)}"
+            )
+            return "auto"
+        return raw
 
     def _check_labels(self, raw: Any) -> dict[str, str]:
         if raw is None:

@@ -133,7 +133,7 @@ def _query_fields(params: Mapping[str, str], errs: FieldErrors) -> dict[str, Any
                 errs.add(key, f"max_cost_usd must be a number, not {show(value)}")
         elif key in PARAM_FIELDS:
             defaults[key] = value
-        elif key in ("model", "mode", "webhook_url", "template"):
+        elif key in ("model", "mode", "webhook_url", "template", "reuse"):
             doc[key] = value
         elif key not in ("id_column", "images_column", "mask_column", "delimiter"):
             errs.add(clip_key(key), unknown_message(key, CSV_PARAMS, "a CSV job"))

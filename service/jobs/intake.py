@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from service import pricing
 from service.context import Context
 from service.errors import FieldError, Problem, conflict
+from service.jobs import reuse
 from service.jobs.model import JOB_QUEUED, Job
 from service.jobs.request import request_record
 from service.jobs.spec import JobSpec, parse_job_csv, parse_job_json
@@ -76,13 +77,21 @@ def parse_body(
     return parse_job_json(body, ctx.catalog, max_items=limit, models=models)
 
 
-def estimate(ctx: Context, spec: JobSpec) -> pricing.Estimate:
-    """The job's estimate; output tokens learned from ``usage`` where OpenAI publishes none."""
+def estimate(ctx: Context, spec: JobSpec, tenant: str | None = None) -> pricing.Estimate:
+    """The job's estimate; output tokens learned from ``usage`` where OpenAI publishes none.
+
+    With ``tenant``, items whose image the tenant already has are counted under ``reuse`` and
+    left out of the price (:func:`service.jobs.reuse.estimate`: generations are looked up;
+    edits whose references must be read are priced in full)."""
     model = ctx.catalog.get(spec.model)
     learned = None
     if model is not None and not model.token_counts_published:
         learned = {model.id: capability.learned_tokens(ctx.redis, model.id)}
-    return pricing.estimate_job(spec.items, ctx.catalog, learned)
+    if tenant is None or spec.reuse == "never":
+        return pricing.estimate_job(spec.items, ctx.catalog, learned)
+    index = reuse.ReuseIndex.of(ctx, tenant)
+    rest, found = reuse.estimate(index if index.size() else None, ctx.catalog, spec.items)
+    return reuse.saved_estimate(rest, found, ctx.catalog, learned)
 
 
 def submit_body(
@@ -98,15 +107,23 @@ def submit_body(
 
 
 def submit(
-    ctx: Context, spec: JobSpec, tenant: str, idempotency_key: str | None = None
+    ctx: Context,
+    spec: JobSpec,
+    tenant: str,
+    idempotency_key: str | None = None,
+    *,
+    job_id: str | None = None,
 ) -> Submission:
-    """Estimate, check the tenant's budget, store, record and enqueue a validated job."""
+    """Estimate, check the tenant's budget, store, record and enqueue a validated job.
+
+    ``job_id`` is for callers that derive the id themselves (a schedule's slot); it must be new.
+    """
     _check_idempotency_key(idempotency_key)
-    cost = estimate(ctx, spec)
+    cost = estimate(ctx, spec, tenant)
     capable = capability.batch_capable(ctx.redis, ctx.catalog, spec.model)
     lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items, capable)
     ctx.budgets.check_tenant(ctx.budgets.tenant(tenant), cost.nanousd(lane), lane)
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None
     if idem is not None:
         existing = _claim_key(ctx, idem, job_id)
@@ -190,6 +207,7 @@ def _store(
         max_cost_usd=spec.max_cost_usd,
         webhook_url=spec.webhook_url,
         idempotency_key=idempotency_key,
+        reuse=spec.reuse,
     )
     ctx.store.create_job(job, (item.id for item in spec.items))
     ctx.enqueue(SYNC_ITEMS if lane == "sync" else PLAN, job_id)

@@ -1,12 +1,14 @@
 """A job's manifest: ``jobs/{id}/manifest.jsonl``, one line per item, written when it finishes.
 
 Each line says what became of one item: its status, attempts, storage keys, usage, cost, tier
-and error. While a job runs the same lines are built from Redis (the items view); once it
+and error; its reuse fingerprint; and, for an item completed by copying an image the tenant
+already had, ``reused_from: {job_id, item_id}`` and ``saved_usd`` (what making it had cost). While a job runs the same lines are built from Redis (the items view); once it
 finishes the manifest in storage is the record and Redis drops the per-item state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,6 +24,7 @@ def manifest_line(
     state: ItemState | None,
     usage: dict[str, Any] | None,
     error: dict[str, Any] | None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     status = state.status_name if state else "unknown"
     out: dict[str, Any] = {
@@ -42,8 +45,13 @@ def manifest_line(
             cost_usd=usage["cost_nanousd"] / 1e9,
             tier=usage["tier"],
         )
+        if usage.get("reused_from"):
+            # Completed by copying an image the tenant already had (service.lanes.reuse).
+            out["reused_from"] = usage["reused_from"]
+            out["saved_usd"] = int(usage.get("saved_nanousd") or 0) / 1e9
     if error and status != "succeeded":
         out["error"] = error
+    out["fingerprint"] = fingerprint
     return out
 
 
@@ -55,17 +63,28 @@ def live_lines(
     states = ctx.store.item_states(job_id, indexes)
     usages = ctx.store.item_usage(job_id, indexes)
     errors = ctx.store.item_errors(job_id, indexes)
+    prints = ctx.store.item_fingerprints(job_id, indexes)
     return [
-        (line, manifest_line(line, state, usage, error))
-        for line, state, usage, error in zip(page, states, usages, errors, strict=True)
+        (line, manifest_line(line, state, usage, error, print_))
+        for line, state, usage, error, print_ in zip(
+            page, states, usages, errors, prints, strict=True
+        )
     ]
 
 
-def write_manifest(ctx: Context, job: Job) -> None:
-    """Write the manifest in one pass over the request (atomically replaces any earlier one)."""
+def write_manifest(
+    ctx: Context, job: Job, observe: Callable[[list[dict[str, Any]]], None] | None = None
+) -> None:
+    """Write the manifest in one pass over the request (atomically replaces any earlier one).
+
+    ``observe`` sees each page of lines as written (finalize records them for reuse).
+    """
     with ctx.storage.writer(
         manifest_key(job.id), content_type="application/jsonl", metadata={"job": job.id}
     ) as out:
         for page in request_pages(ctx.storage, job.id):
-            for _, item in live_lines(ctx, job.id, page):
+            items = [item for _, item in live_lines(ctx, job.id, page)]
+            for item in items:
                 out.write(orjson.dumps(item) + b"\n")
+            if observe is not None:
+                observe(items)

@@ -100,6 +100,8 @@ class Job:
     finished_at: float | None = None
     budget_exhausted: bool = False
     reason: str | None = None
+    reuse: str = "auto"  # "auto" | "never" (service.jobs.reuse)
+    retries: int = 0  # times the job was retried in place (service.jobs.retry)
 
     @property
     def campaign(self) -> str:
@@ -139,6 +141,8 @@ class Job:
             finished_at=_number(raw, "finished_at"),
             budget_exhausted=bool(raw.get("budget_exhausted")),
             reason=_text(raw, "reason"),
+            reuse=raw.get("reuse") or "auto",
+            retries=_int(raw, "retries"),
         )
 
     def to_hash(self) -> dict[str, str]:
@@ -163,6 +167,8 @@ class Job:
             "idempotency_key": self.idempotency_key,
             "budget_exhausted": 1 if self.budget_exhausted else None,
             "reason": self.reason,
+            "reuse": self.reuse,
+            "retries": self.retries or None,
         }
         return {k: str(v) for k, v in fields.items() if v is not None}
 

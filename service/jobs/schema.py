@@ -23,6 +23,9 @@ Mode = Literal["batch", "sync", "auto"]
 MODES: tuple[str, ...] = ("batch", "sync", "auto")
 BACKGROUNDS: tuple[str, ...] = ("auto", "opaque", "transparent")
 MODERATIONS: tuple[str, ...] = ("auto", "low")
+# Result reuse (service.jobs.reuse): "auto" completes items whose image the tenant already has
+# by copying it; "never" generates every item.
+REUSE_MODES: tuple[str, ...] = ("auto", "never")
 # Formats that carry an alpha channel (a transparent background needs one; facts §3.1).
 ALPHA_FORMATS: tuple[str, ...] = ("png", "webp")
 # Formats that take output_compression (facts §3.1: jpeg and webp only).
@@ -64,6 +67,7 @@ TOP_FIELDS: tuple[str, ...] = (
     "labels",
     "max_cost_usd",
     "webhook_url",
+    "reuse",
 )
 ITEM_FIELDS: tuple[str, ...] = ("id", "prompt", "images", "mask", *PARAM_FIELDS)
 # Query parameters of the CSV form besides the job fields.
@@ -79,6 +83,7 @@ CSV_PARAMS: tuple[str, ...] = (
     "labels",
     "max_cost_usd",
     "webhook_url",
+    "reuse",
 )
 
 
@@ -151,6 +156,7 @@ class JobSpec:
     items: list[ItemSpec]
     # Things the caller should know that do not stop the job (e.g. an upcoming shutdown).
     warnings: tuple[str, ...] = field(default=())
+    reuse: str = "auto"  # one of REUSE_MODES
 
     def lane(
         self, catalog: Catalog, sync_max_items: int, batch_capable: bool | None = None

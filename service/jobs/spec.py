@@ -26,6 +26,8 @@ The JSON job body::
     labels        {key: value}: at most 16; keys [a-z0-9_.-]{1,63}; values strings of <= 256 chars
     max_cost_usd  number, 0 < x <= 1e9 (nano-dollar budgets stay inside Redis's 64-bit integers)
     webhook_url   http(s) URL of at most 2048 characters
+    reuse         "auto" (default): items whose image the tenant already has are copied, not
+                  made again (service.jobs.reuse); "never": every item is generated
 
 Rules worth knowing:
 

@@ -177,6 +177,13 @@ class JobStore:
         raw = self.r.hmget(keys.job_errors(job_id), [str(i) for i in indexes])
         return [orjson.loads(v) if v else None for v in raw]
 
+    def item_fingerprints(self, job_id: str, indexes: Sequence[int]) -> list[str | None]:
+        """The items' reuse fingerprints (service.lanes.reuse), None where none was taken."""
+        if not indexes:
+            return []
+        raw = self.r.hmget(keys.job_fingerprints(job_id), [str(i) for i in indexes])
+        return [v.decode() if v else None for v in raw]
+
     def record_success(
         self,
         job_id: str,
@@ -436,6 +443,7 @@ class JobStore:
         pipe.srem(keys.ACTIVE_JOBS, job_id)
         pipe.zadd(keys.METRICS_JOBS, {job_id: now})
         pipe.delete(keys.job_items(job_id), keys.job_usage(job_id), keys.job_errors(job_id))
+        pipe.delete(keys.job_fingerprints(job_id), keys.job_ref_digests(job_id))
         for number in chunks:
             pipe.delete(keys.chunk_items(job_id, number))
             pipe.zrem(keys.ACTIVE_CHUNKS, f"{job_id}:{number}")

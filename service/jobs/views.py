@@ -67,6 +67,8 @@ def job_view(ctx: Context, job: Job) -> dict[str, Any]:
             "succeeded": counts.get("succeeded", 0),
             "failed": counts.get("failed", 0),
             "cancelled": counts.get("cancelled", 0),
+            # Of the succeeded, those completed by copying an image the tenant already had.
+            "reused": spend.get("reused", 0),
         },
         "images_stored": spend.get("images", 0),
         "tokens": {kind: spend.get(kind, 0) for kind in KINDS},
@@ -74,6 +76,8 @@ def job_view(ctx: Context, job: Job) -> dict[str, Any]:
         "estimate": job.estimate,
         "max_cost_usd": job.max_cost_usd,
         "reason": job.reason,
+        "reuse": job.reuse,
+        "retries": job.retries,
         "upstream_batches": batches,
         "links": {
             "self": f"/v1/jobs/{job.id}",

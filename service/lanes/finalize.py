@@ -1,7 +1,7 @@
 """Finalize and cancel: how a job ends, in either lane.
 
 A job finalizes once every item is final (succeeded, failed or cancelled): the manifest is written
-to storage, the final status set (``succeeded``, ``partially_failed``, ``failed``, ``cancelled``
+to storage (its images recorded in the tenant's reuse index as it is), the final status set (``succeeded``, ``partially_failed``, ``failed``, ``cancelled``
 or ``budget_exhausted``), Redis drops the per-item state, and the webhook is queued.
 
 Cancel stops what has not reached upstream (its items are cancelled) and cancels the upstream
@@ -26,6 +26,7 @@ from service.jobs.model import (
     JOB_CANCELLING,
     Job,
 )
+from service.jobs.reuse import ReuseIndex, manifest_recorder
 from service.lanes.plan import LOCK_SECONDS
 from service.queues import FINALIZE, PLAN, WEBHOOK
 from service.redis import keys
@@ -72,7 +73,8 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         if not got or job is None or job.is_final:
             return None
         counts = store.counts(job_id)
-        write_manifest(ctx, job)
+        # The job's images become reusable as its manifest is written.
+        write_manifest(ctx, job, observe=manifest_recorder(ReuseIndex.of(ctx, job.tenant), job.id))
         status = final_status(job, counts)
         store.finish(job_id, job.tenant, status)
         metrics.count(ctx.redis, metrics.JOBS_FINISHED, {"status": status})

@@ -53,14 +53,19 @@ class RefResolver:
         known = self.ctx.redis.hget(self.key, value)
         if known:
             return {"file_id": known.decode()}
-        try:
-            data = self.ctx.storage.read_ref(value)
-        except (ObjectNotFound, ObjectTooLarge, ValueError) as exc:
-            raise BadReference(f"reference image {value!r} cannot be used: {exc}") from exc
+        data = self.read(value)
         name = value.rsplit("/", 1)[-1] or "image"
         file_id = self.ctx.upstream.upload(name, data, "vision")
         self.ctx.redis.hset(self.key, value, file_id)
         return {"file_id": file_id}
+
+    def read(self, value: str) -> bytes:
+        """The bytes of an ``s3://`` or ``file://`` reference (for upload, or to fingerprint
+        the item: every read of a caller's reference goes through here)."""
+        try:
+            return self.ctx.storage.read_ref(value)
+        except (ObjectNotFound, ObjectTooLarge, ValueError) as exc:
+            raise BadReference(f"reference image {value!r} cannot be used: {exc}") from exc
 
     def resolve(self, body: dict[str, Any]) -> dict[str, Any]:
         if "images" not in body and "mask" not in body:

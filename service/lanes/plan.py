@@ -1,5 +1,8 @@
 """Plan: group a job's pending items into chunks, each one upstream batch input file.
 
+Items whose image the tenant already has are completed first by a copy
+(:mod:`service.lanes.reuse`) and never reach a chunk.
+
 Caps: ``batch_max_lines`` lines and ``batch_max_bytes`` bytes per input file, one endpoint and one
 model per file, a chunk's input tokens under the model's enqueued-token budget (a bigger chunk
 could never be accepted upstream) and, with a ``max_cost_usd``, a quarter of the cap (so the cap
@@ -26,12 +29,14 @@ from service.jobs.model import (
     JOB_LIVE,
     JOB_QUEUED,
     JOB_RUNNING,
+    NO_CHUNK,
     PENDING,
     Job,
 )
 from service.jobs.request import RequestLine, request_pages
+from service.lanes.reuse import Reuser
 from service.models import capability
-from service.queues import SUBMIT, SYNC_ITEMS
+from service.queues import FINALIZE, SUBMIT, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease
 
@@ -105,32 +110,58 @@ def _plan(ctx: Context, job: Job) -> list[int]:
             job.model, settings.batch_queue_tokens
         ),
     )
+    store.set_job_status_if(job.id, [JOB_QUEUED], JOB_RUNNING)
+    reuser = Reuser(ctx, job)
     filling: dict[str, _Chunk] = {}
-    for line in _pending_lines(ctx, job.id):
-        size = len(upstream_line(line.index, line.endpoint, line.body))
-        tokens = pricing.estimate_item(line.item(), ctx.catalog)
-        cost = pricing.cost_nanousd(tokens, model, ctx.catalog, "batch")
-        acc = filling.setdefault(line.endpoint, _Chunk())
-        if caps.full(acc, size, tokens.input, cost):
-            created.append(_record(ctx, job, model, line.endpoint, acc))
-            acc = filling[line.endpoint] = _Chunk()
-        acc.indexes.append(line.index)
-        acc.bytes += size
-        acc.input_tokens += tokens.input
-        acc.nanousd += cost
+    for page in _pending_pages(ctx, job.id):
+        # Items the tenant already has are completed by a copy and never go upstream.
+        reused = reuser.complete(page, NO_CHUNK)
+        for line in page:
+            if line.index not in reused:
+                _fill(ctx, job, model, caps, filling, line, created)
     for endpoint, acc in filling.items():
         if acc.indexes:
             created.append(_record(ctx, job, model, endpoint, acc))
-    store.set_job_status_if(job.id, [JOB_QUEUED], JOB_RUNNING)
+    counts = store.counts(job.id)
+    if counts.get("pending", 0) + counts.get("queued", 0) <= 0:
+        ctx.enqueue(FINALIZE, job.id)  # every item was reused: no chunk will end to finalize it
     return created
 
 
-def _pending_lines(ctx: Context, job_id: str) -> Iterator[RequestLine]:
+def _fill(
+    ctx: Context,
+    job: Job,
+    model: Model,
+    caps: _Caps,
+    filling: dict[str, _Chunk],
+    line: RequestLine,
+    created: list[int],
+) -> None:
+    """Add an item to its endpoint's chunk, recording the chunk first when the item would not
+    fit in it."""
+    size = len(upstream_line(line.index, line.endpoint, line.body))
+    tokens = pricing.estimate_item(line.item(), ctx.catalog)
+    cost = pricing.cost_nanousd(tokens, model, ctx.catalog, "batch")
+    acc = filling.setdefault(line.endpoint, _Chunk())
+    if caps.full(acc, size, tokens.input, cost):
+        created.append(_record(ctx, job, model, line.endpoint, acc))
+        acc = filling[line.endpoint] = _Chunk()
+    acc.indexes.append(line.index)
+    acc.bytes += size
+    acc.input_tokens += tokens.input
+    acc.nanousd += cost
+
+
+def _pending_pages(ctx: Context, job_id: str) -> Iterator[list[RequestLine]]:
     for page in request_pages(ctx.storage, job_id):
         states = ctx.store.item_states(job_id, [line.index for line in page])
-        for line, state in zip(page, states, strict=True):
-            if state is not None and state.status == PENDING:
-                yield line
+        pending = [
+            line
+            for line, state in zip(page, states, strict=True)
+            if state is not None and state.status == PENDING
+        ]
+        if pending:
+            yield pending
 
 
 def _record(ctx: Context, job: Job, model: Model, endpoint: str, acc: _Chunk) -> int:

@@ -11,6 +11,9 @@ attempt; 5xx, 408, 409 and connection errors are retried up to ``IMAGEBATCH_MAX_
 moderation blocks, other 4xx and a 429 for a request larger than upstream's whole per-minute
 limit (``x-should-retry: false``) are final.
 
+Reuse: before a slice sends anything, the items whose image the tenant already has are completed
+by a copy (:mod:`service.lanes.reuse`), at no cost.
+
 Money: before an item is sent its estimated sync cost is reserved against the job's
 ``max_cost_usd`` and the tenant's daily and monthly caps (the same budgets the batch path holds,
 keyed by item), and settled to the actual cost from ``usage`` when it returns; an item that
@@ -48,6 +51,7 @@ from service.lanes.items import (
     record_usage,
     store_images,
 )
+from service.lanes.reuse import Reuser
 from service.queues import FINALIZE, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease
@@ -138,6 +142,11 @@ def _run_slice(
     ctx: Context, job: Job, start: int, end: int, outcome: dict[str, int]
 ) -> dict[str, int]:
     todo = _slice_lines(ctx, job, start, end)
+    if todo and ctx.store.job_status(job.id) == JOB_RUNNING:
+        # Items the tenant already has are copied, not sent (and not paid for).
+        reused = Reuser(ctx, job).complete(todo, SYNC_CHUNK)
+        outcome["succeeded"] += len(reused)
+        todo = [line for line in todo if line.index not in reused]
     # Estimated here, before the threads: the first estimate in a process loads the tokenizer
     # (~0.3 s of CPU), and threads calling it at once would each load it.
     estimates = {line.index: pricing.estimate_item(line.item(), ctx.catalog) for line in todo}

@@ -54,6 +54,23 @@ def job_refs(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:refs"
 
 
+# HASH item index -> the item's reuse fingerprint (service.jobs.fingerprint), written when the
+# item is planned; read when the job finalizes, to record its images in the reuse index.
+def job_fingerprints(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:fingerprints"
+
+
+# HASH reference URI -> "sha256:<hex>" of its bytes: each reference of a job is read once to
+# fingerprint the items that use it.
+def job_ref_digests(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:refdigests"
+
+
+# STRING counter: how many times the job was retried in place (its request's version).
+def job_retry_seq(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:retryseq"
+
+
 # STRING counter: the job's last chunk number.
 def job_chunk_seq(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:chunkseq"
@@ -106,6 +123,50 @@ def batch_chunk(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}"
 
 
+# STRING retry number, SET NX with a TTL: the Idempotency-Key of a retry of one job.
+def retry_idempotency(tenant: str, job_id: str, key: str) -> str:
+    return f"{PREFIX}:idem:retry:{tenant}:{job_id}:{key}"
+
+
+# --- result reuse (service.jobs.reuse) ---------------------------------------------------------
+def reuse_index(tenant: str) -> tuple[str, str]:
+    """A tenant's reuse index: never shared between tenants, bounded by entries and age."""
+    base = f"{PREFIX}:reuse:{{{tenant}}}"
+    return (
+        f"{base}:entries",  # HASH fingerprint -> JSON {j: job, i: item, k: [keys], c: nano-USD}
+        f"{base}:used",  # ZSET fingerprint -> when it was last recorded (ms): the LRU order
+    )
+
+
+# --- schedules (service.schedules) -------------------------------------------------------------
+# HASH: a schedule's fields (tenant, name, cron, timezone, template JSON, labels JSON, budget,
+# enabled, catch_up, next_run_at, last run). Kept until the schedule is deleted.
+def schedule(schedule_id: str) -> str:
+    return f"{PREFIX}:schedule:{schedule_id}"
+
+
+# ZSET job_id -> slot time: the jobs a schedule created, newest kept (GET /v1/jobs?schedule=).
+def schedule_runs(schedule_id: str) -> str:
+    return f"{PREFIX}:schedule:{schedule_id}:runs"
+
+
+# STRING lease (token, PX): one process is creating this slot's job.
+def schedule_slot_lock(schedule_id: str, slot: int) -> str:
+    return f"{PREFIX}:lock:schedule:{schedule_id}:{slot}"
+
+
+# ZSET schedule_id -> created_at, per tenant: listing.
+def tenant_schedules(tenant: str) -> str:
+    return f"{PREFIX}:schedules:tenant:{tenant}"
+
+
+# ZSET schedule_id -> next run (unix seconds), enabled schedules only: what the tick scans.
+SCHEDULES_DUE = f"{PREFIX}:schedules:due"
+
+# STRING counter: ticks of the schedule runner (tests and operators see that it runs).
+SCHEDULE_TICKS = f"{PREFIX}:schedules:ticks"
+
+
 # --- leases and markers (SET NX EX) -----------------------------------------------------------
 def plan_lock(job_id: str) -> str:
     return f"{PREFIX}:lock:plan:{job_id}"
@@ -113,6 +174,10 @@ def plan_lock(job_id: str) -> str:
 
 def finalize_lock(job_id: str) -> str:
     return f"{PREFIX}:lock:finalize:{job_id}"
+
+
+def retry_lock(job_id: str) -> str:
+    return f"{PREFIX}:lock:retry:{job_id}"
 
 
 def collect_lease(job_id: str, n: int | str) -> str:

@@ -78,11 +78,11 @@ async def submit(
     summary="Estimate tokens and USD (batch and sync) for a job body; creates nothing",
 )
 async def estimate(request: Request) -> dict[str, Any]:
-    tenant_of(request)
+    tenant = tenant_of(request)
     body = await read_body(request)
     ctx = ctx_of(request)
     spec = intake.parse_body(ctx, body, request.headers.get("content-type"), request.query_params)
-    return {**intake.estimate(ctx, spec).to_dict(), "warnings": list(spec.warnings)}
+    return {**intake.estimate(ctx, spec, tenant).to_dict(), "warnings": list(spec.warnings)}
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
