@@ -1,7 +1,9 @@
 """A job's request as stored: ``jobs/{id}/request.jsonl``, one line per item.
 
 Intake writes it before the job exists in Redis (an accepted job is never lost); every later
-step reads it back, streamed a page at a time, so no step holds a whole job in memory.
+step reads it back, streamed a page at a time, so no step holds a whole job in memory. A retry
+that changes items (:mod:`service.jobs.retry`) first keeps the current request as
+``request.v{n}.jsonl``, then writes the new one in its place.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def request_record(item: ItemSpec) -> bytes:
     )
 
 
-def request_pages(storage: Storage, job_id: str, size: int = PAGE) -> Iterator[list[RequestLine]]:
-    """The job's request, streamed from storage a page at a time."""
+def request_pages(
+    storage: Storage, job_id: str, size: int = PAGE, *, key: str | None = None
+) -> Iterator[list[RequestLine]]:
+    """The job's request, streamed from storage a page at a time (``key``: an earlier version,
+    ``request.v{n}.jsonl``, instead of the current one)."""
     page: list[RequestLine] = []
-    for raw in storage.iter_lines(request_key(job_id)):
+    for raw in storage.iter_lines(key or request_key(job_id)):
         if not raw.strip():
             continue
         rec = orjson.loads(raw)

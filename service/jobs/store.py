@@ -275,6 +275,46 @@ class JobStore:
             )
         )
 
+    # --- retry in place (service.jobs.retry) ---------------------------------------------------
+    def drop_items(self, job_id: str) -> None:
+        """Forget per-item state (what a finished job left behind is rebuilt from its manifest)."""
+        self.r.delete(
+            keys.job_items(job_id),
+            keys.job_usage(job_id),
+            keys.job_errors(job_id),
+            keys.job_fingerprints(job_id),
+        )
+
+    def restore_items(
+        self,
+        job_id: str,
+        states: Mapping[str, str],
+        usage: Mapping[str, bytes],
+        errors: Mapping[str, bytes],
+        prints: Mapping[str, str],
+    ) -> None:
+        """Write back a page of item states, usage records, errors and fingerprints."""
+        pipe = self.r.pipeline(transaction=False)
+        for key, mapping in (
+            (keys.job_items(job_id), states),
+            (keys.job_usage(job_id), usage),
+            (keys.job_errors(job_id), errors),
+            (keys.job_fingerprints(job_id), prints),
+        ):
+            if mapping:
+                pipe.hset(key, mapping=dict(mapping))
+        pipe.execute()
+
+    def set_counts(self, job_id: str, counts: Mapping[str, int]) -> None:
+        self.r.hset(keys.job_counts(job_id), mapping=dict(counts))
+
+    def reopen(self, job_id: str) -> None:
+        """A finished job runs again: the sweep and the per-job metrics see it as running."""
+        pipe = self.r.pipeline()
+        pipe.sadd(keys.ACTIVE_JOBS, job_id)
+        pipe.zadd(keys.METRICS_JOBS, {job_id: "+inf"})
+        pipe.execute()
+
     # --- chunks -----------------------------------------------------------------------------
     def new_chunk(self, job_id: str, **fields: Any) -> int:
         """A new chunk, assembling, with ``fields``; returns its number."""

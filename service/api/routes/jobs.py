@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel."""
+"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel, retry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.deps import ctx_of, own_job, read_body, tenant_of
 from service.errors import FieldError, Problem
-from service.jobs import intake, views
+from service.jobs import intake, retry, views
 from service.jobs.model import JOB_CANCELLING, JOB_LIVE, STATUS_NAMES
 from service.queues import CANCEL
 
@@ -192,3 +192,44 @@ def cancel(request: Request, job_id: str) -> JSONResponse:
     ctx.store.set_job_status_if(job_id, JOB_LIVE, JOB_CANCELLING, reason="cancelled by the caller")
     ctx.enqueue_once(CANCEL, job_id, job_id, ttl=5)
     return JSONResponse(views.job_view(ctx, ctx.store.job(job_id) or job), status_code=202)
+
+
+RETRY_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object"},
+                "examples": {
+                    "failed": {"summary": "the failed items (the default)", "value": {}},
+                    "statuses": {"value": {"statuses": ["failed", "budget_exhausted"]}},
+                    "items": {
+                        "summary": "listed items, with overrides",
+                        "value": {"items": [{"id": "sku-7", "prompt": "A red mug, no logo"}]},
+                    },
+                },
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    openapi_extra=RETRY_BODY_DOC,
+    summary="Run a finished job's failed (or listed) items again, in the same job",
+)
+async def retry_items(
+    request: Request, job_id: str, idempotency_key: Annotated[str | None, Header()] = None
+) -> JSONResponse:
+    job = own_job(request, job_id)
+    wanted = retry.parse_retry_body(await read_body(request))
+    ctx = ctx_of(request)
+    done = retry.retry_job(ctx, job, wanted, idempotency_key)
+    view = views.job_view(ctx, done.job)
+    view["retried"] = done.retried
+    headers = {"Location": f"/v1/jobs/{job_id}"}
+    if not done.created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view, status_code=202, headers=headers)
