@@ -2,7 +2,7 @@
 workers. The API sends tasks by name and never imports task bodies.
 
 Queues are split by the kind of work, so a collect streaming gigabytes never delays the sweep:
-``control`` (plan, submit, sweep, finalize, cancel, webhooks), ``collect`` (reading upstream
+``control`` (plan, submit, sweep, finalize, cancel, webhooks, the schedules' tick), ``collect`` (reading upstream
 output into storage) and ``sync`` (the full-price lane).
 """
 
@@ -25,6 +25,7 @@ WEBHOOK = "jobs.webhook"
 SYNC_ITEMS = "sync.items"
 POLL = "batches.poll"
 MODELS_REFRESH = "models.refresh"
+SCHEDULES_TICK = "schedules.tick"
 
 ROUTES: dict[str, str] = {
     PLAN: CONTROL,
@@ -37,6 +38,7 @@ ROUTES: dict[str, str] = {
     SYNC_ITEMS: SYNC,
     POLL: CONTROL,
     MODELS_REFRESH: CONTROL,
+    SCHEDULES_TICK: CONTROL,
 }
 
 

@@ -2,8 +2,9 @@
 
 Delivery is at least once (``acks_late``, ``reject_on_worker_lost``): a worker killed mid-task
 has its message redelivered, and every task is safe to run twice. The beat schedule holds the
-sweep and the refresh of upstream's model list; nothing waits in a countdown, so the Redis visibility timeout never redelivers a
-long-waiting task.
+sweep, the refresh of upstream's model list and the schedules' tick (user schedules live in
+Redis, not in beat); nothing waits in a countdown, so the Redis visibility timeout never
+redelivers a long-waiting task.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ app = Celery(
         "workers.tasks.batches",
         "workers.tasks.jobs",
         "workers.tasks.models",
+        "workers.tasks.schedules",
         "workers.tasks.sync",
         "workers.tasks.webhooks",
     ],
@@ -133,6 +135,16 @@ def configure(settings: Settings) -> Celery:
                 "task": queues.MODELS_REFRESH,
                 "schedule": settings.models_refresh_seconds,
                 "options": {"queue": queues.CONTROL, "expires": settings.models_refresh_seconds},
+            },
+            # User schedules live in Redis; this only wakes the runner, which makes each due
+            # slot's job exactly once however many beat processes send it.
+            "schedules": {
+                "task": queues.SCHEDULES_TICK,
+                "schedule": settings.schedule_tick_seconds,
+                "options": {
+                    "queue": queues.CONTROL,
+                    "expires": max(settings.schedule_tick_seconds * 2, 5),
+                },
             },
         },
     )

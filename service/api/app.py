@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from service import metrics, tokens
 from service.api import problems
-from service.api.routes import jobs, models, objects, webhooks
+from service.api.routes import jobs, models, objects, schedules, webhooks
 from service.api.routes import service as service_routes
 from service.context import Context, build_context
 from service.models import lifecycle
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
     for router in (
         jobs.router,
         objects.router,
+        schedules.router,
         service_routes.router,
         models.router,
         webhooks.router,

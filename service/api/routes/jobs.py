@@ -117,12 +117,15 @@ def list_jobs(
     request: Request,
     status: str | None = None,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
+    schedule: Annotated[str | None, Query(description="runs of this schedule")] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> dict[str, Any]:
     tenant = tenant_of(request)
     ctx = ctx_of(request)
     wanted = _labels(label or [])
+    if schedule:
+        wanted["schedule"] = schedule  # every run's job carries the label
     before = _cursor(cursor)
     out: list[dict[str, Any]] = []
     next_cursor = None
