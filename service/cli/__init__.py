@@ -3,7 +3,7 @@
 ``imagebatch up`` runs the whole stack on embedded defaults (a Redis of its own, the simulator
 when ``OPENAI_API_KEY`` is unset, local storage, the API, workers and beat) and stops it all on
 Ctrl-C or SIGTERM. ``api``, ``worker``, ``beat`` and ``simulator`` run one process each, as a
-deployment does. ``submit``, ``status`` and ``download`` talk to a running API.
+deployment does. ``submit``, ``status``, ``download``, ``retry`` and ``schedules`` talk to a running API.
 """
 
 from __future__ import annotations

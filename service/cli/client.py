@@ -1,4 +1,4 @@
-"""``imagebatch submit | status | download``: a client of a running API.
+"""``imagebatch submit | status | download | retry | schedules``: a client of a running API.
 
 The API is ``--api`` or ``IMAGEBATCH_API`` (default http://127.0.0.1:8000), the key
 ``--key`` or ``IMAGEBATCH_API_KEY`` (tenants only).
@@ -7,6 +7,7 @@ The API is ``--api`` or ``IMAGEBATCH_API`` (default http://127.0.0.1:8000), the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -73,6 +74,49 @@ def add_commands(sub: Any) -> None:
         "--to", type=Path, default=Path("."), help="directory (a folder per job is made inside)"
     )
 
+    p = sub.add_parser("retry", help="run a finished job's failed (or listed) items again")
+    common(p)
+    p.add_argument("job_id")
+    p.add_argument(
+        "--status",
+        action="append",
+        choices=("failed", "cancelled", "budget_exhausted"),
+        help="which items to retry (repeat; default: failed)",
+    )
+    p.add_argument(
+        "--items",
+        type=Path,
+        help='JSON file: [{"id": "sku-7", "prompt": "..."}] — only these items, with overrides',
+    )
+    p.add_argument("--max-cost-usd", type=float, help="a new spend cap for the job")
+    p.add_argument("--idempotency-key", help="a repeat with the same key changes nothing")
+    p.add_argument("--wait", action="store_true", help="wait until the job finishes again")
+    _schedule_commands(sub, common)
+
+
+def _schedule_commands(sub: Any, common: Any) -> None:
+    p = sub.add_parser("schedules", help="list, create, pause, resume or delete schedules")
+    ssub = p.add_subparsers(dest="action", required=True)
+    common(ssub.add_parser("list", help="every schedule, with its next and last run"))
+    c = ssub.add_parser("create", help="create a schedule")
+    common(c)
+    c.add_argument("--name", required=True)
+    c.add_argument("--cron", required=True, help="five fields, e.g. '0 6 * * MON'")
+    c.add_argument("--timezone", default="UTC", help="IANA name, e.g. Europe/Riga")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--job", type=Path, help="a job body (JSON file) to submit at each run")
+    what.add_argument("--catalog-url", help="a CSV (s3://, file://, https://) read at each run")
+    c.add_argument("--template", help="with --catalog-url: prompt template over its columns")
+    c.add_argument("--param", action="append", default=[], metavar="K=V", help="CSV job fields")
+    c.add_argument("--label", action="append", default=[], metavar="K=V", help="labels of runs")
+    c.add_argument("--max-cost-usd", type=float, help="spend cap of each run")
+    c.add_argument("--catch-up", choices=("none", "one"), default="none")
+    c.add_argument("--paused", action="store_true", help="create it disabled")
+    for action in ("pause", "resume", "delete"):
+        a = ssub.add_parser(action, help=f"{action} a schedule")
+        common(a)
+        a.add_argument("schedule_id")
+
 
 def _client(args: argparse.Namespace) -> httpx2.Client:
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
@@ -120,7 +164,8 @@ def _wait(client: httpx2.Client, job: dict[str, Any]) -> dict[str, Any]:
 def _summary(job: dict[str, Any]) -> None:
     c = job["counts"]
     console.print(
-        f"{job['id']}: [bold]{job['status']}[/bold] — {c['succeeded']} succeeded, {c['failed']} failed, "
+        f"{job['id']}: [bold]{job['status']}[/bold] — {c['succeeded']} succeeded "
+        f"({c.get('reused', 0)} reused), {c['failed']} failed, "
         f"{c['cancelled']} cancelled, {c['pending'] + c['queued'] + c['submitted']} in progress; "
         f"cost ${job['cost_usd']['total']:.4f} (estimate ${job['estimate']['usd']['batch']:.4f} batch)"
     )
@@ -173,7 +218,95 @@ def _run(client: httpx2.Client, args: argparse.Namespace) -> int:
         return 0
     if args.command == "download":
         return _download(client, args.job_id, args.to)
+    if args.command == "retry":
+        return _retry(client, args)
+    if args.command == "schedules":
+        return _schedules(client, args)
     return 2
+
+
+def _retry(client: httpx2.Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.items:
+        body["items"] = _json_file(args.items)
+    elif args.status:
+        body["statuses"] = args.status
+    if args.max_cost_usd is not None:
+        body["max_cost_usd"] = args.max_cost_usd
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    job = _check(client.post(f"/v1/jobs/{args.job_id}/retry", json=body, headers=headers))
+    console.print(f"{job['id']}: {job['retried']} items sent again")
+    if args.wait:
+        job = _wait(client, job)
+    _summary(job)
+    return 0 if job["status"] in {"succeeded", "queued", "running"} else 1
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(_read_job_file(path))
+    except ValueError as exc:
+        console.print(f"[red]{path} is not JSON[/red]: {exc}")
+        raise SystemExit(2) from None
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep:
+            raise SystemExit(f"{what} {value!r} is not KEY=VALUE")
+        out[key] = val
+    return out
+
+
+def _schedules(client: httpx2.Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for s in _check(client.get("/v1/schedules"))["data"]:
+            _schedule_line(s)
+        return 0
+    if args.action == "create":
+        body: dict[str, Any] = {
+            "name": args.name,
+            "cron": args.cron,
+            "timezone": args.timezone,
+            "labels": _pairs(args.label, "--label"),
+            "catch_up": args.catch_up,
+            "enabled": not args.paused,
+        }
+        if args.job:
+            body["job"] = _json_file(args.job)
+        else:
+            body["catalog_url"] = args.catalog_url
+            body["params"] = _pairs(args.param, "--param")
+            if args.template:
+                body["template"] = args.template
+        if args.max_cost_usd is not None:
+            body["max_cost_usd"] = args.max_cost_usd
+        _schedule_line(_check(client.post("/v1/schedules", json=body)))
+        return 0
+    path = f"/v1/schedules/{args.schedule_id}"
+    if args.action == "delete":
+        resp = client.delete(path)
+        if resp.status_code != 204:
+            _check(resp)
+        console.print(f"{args.schedule_id}: deleted (its jobs are kept)")
+        return 0
+    enabled = args.action == "resume"
+    _schedule_line(_check(client.patch(path, json={"enabled": enabled})))
+    return 0
+
+
+def _schedule_line(s: dict[str, Any]) -> None:
+    last = s["last_run"]
+    state = "" if s["enabled"] else " [paused]"
+    ran = f"last {last['job_id']} ({last['status']})" if last["job_id"] else "not run yet"
+    if last["error"]:
+        ran += f"; error: {last['error']}"
+    print(
+        f"{s['id']}  {s['name']}{state}  '{s['cron']}' {s['timezone']} ({s['description']})  "
+        f"next {s['next_run_at'] or '-'}  {ran}"
+    )
 
 
 def _download(client: httpx2.Client, job_id: str, to: Path) -> int:
