@@ -48,6 +48,7 @@ from service.jobs.model import (
     pack_item,
 )
 from service.jobs.request import RequestLine, request_pages, request_record
+from service.jobs.reuse import ReuseIndex
 from service.jobs.schema import MAX_COST_USD, ItemSpec
 from service.jobs.spec import parse_job_json
 from service.queues import PLAN, SYNC_ITEMS
@@ -326,6 +327,7 @@ def _rebuild_state(ctx: Context, job: Job, chosen: set[int]) -> dict[str, int]:
     """Item states, usage, errors and fingerprints from the manifest; returns the new counts."""
     counts = {"pending": 0, "queued": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
     ctx.store.drop_items(job.id)
+    reuse_index = ReuseIndex.of(ctx, job.tenant)
     for page in _manifest_pages(ctx, job.id):
         states: dict[str, str] = {}
         usage: dict[str, bytes] = {}
@@ -336,6 +338,7 @@ def _rebuild_state(ctx: Context, job: Job, chosen: set[int]) -> dict[str, int]:
             if int(index) in chosen:
                 states[index] = pack_item(PENDING, 0, NO_CHUNK, item_id)
                 counts["pending"] += 1
+                _forget_own_image(reuse_index, job.id, line)
                 continue
             status = str(line["status"])
             letter = _LETTER.get(status, FAILED)
@@ -350,6 +353,16 @@ def _rebuild_state(ctx: Context, job: Job, chosen: set[int]) -> dict[str, int]:
         ctx.store.restore_items(job.id, states, usage, errors, prints)
     ctx.store.set_counts(job.id, counts)
     return counts
+
+
+def _forget_own_image(index: ReuseIndex, job_id: str, line: Mapping[str, Any]) -> None:
+    """A succeeded item listed to be made again must not be "reused" from its own image."""
+    print_ = line.get("fingerprint")
+    if line.get("status") != "succeeded" or not print_:
+        return
+    (entry,) = index.lookup([print_])
+    if entry is not None and (entry.job_id, entry.item_id) == (job_id, line["id"]):
+        index.forget(print_)
 
 
 def _usage_record(line: Mapping[str, Any]) -> dict[str, Any]:

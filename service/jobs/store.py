@@ -65,6 +65,7 @@ class JobStore:
         self._failure = lua.script(client, "item_failed")
         self._cancel = lua.script(client, "items_cancel")
         self._move = lua.script(client, "items_move")
+        self._reused = lua.script(client, "items_reused")
 
     # --- jobs -------------------------------------------------------------------------------
     def create_job(self, job: Job, item_ids: Iterable[str]) -> None:
@@ -214,6 +215,33 @@ class JobStore:
             args=args,
         )
         return bool(done)
+
+    def record_reused(
+        self, job_id: str, model: str, records: Sequence[tuple[int, Mapping[str, Any], int]]
+    ) -> set[int]:
+        """Mark items succeeded by reuse, each exactly once: (index, usage record, images).
+
+        Like :meth:`record_success` with no tokens or cost, for a page of items in one call;
+        the job's spend hash counts their images and ``reused``. Returns the indexes counted
+        now (the rest had been counted before: a repeated plan).
+        """
+        counted: set[int] = set()
+        for start in range(0, len(records), _BATCH):
+            args: list[Any] = [keys.chunk(job_id, ""), f"{model}|reused"]
+            for index, usage, images in records[start : start + _BATCH]:
+                args += [str(index), orjson.dumps(usage), images]
+            done = self._reused(
+                keys=[
+                    keys.job_items(job_id),
+                    keys.job_counts(job_id),
+                    keys.job_usage(job_id),
+                    keys.job_spend(job_id),
+                    keys.TOTAL_IMAGES,
+                ],
+                args=args,
+            )
+            counted.update(int(i) for i in done)
+        return counted
 
     def record_failure(
         self,

@@ -6,8 +6,9 @@ For each page of items about to go upstream (plan, in the batch lane; a slice, i
 (its digest is remembered in Redis), and keeps it for the job: finalize records the job's images
 in the index under it. Unless the job says ``"reuse": "never"``, every item whose fingerprint the
 tenant's index holds is then completed by copying the stored objects into this job's keys
-(:meth:`Storage.copy`: server-side on S3, a hard link locally) and marked succeeded at cost 0
-with ``reused_from``; it never reaches upstream.
+(:meth:`Storage.copy_many`, a page at a time: server-side on S3, hard links locally with one
+directory sync for the page) and marked succeeded at cost 0 with ``reused_from`` (one Lua call
+for the page); it never reaches upstream.
 
 At least once: copies go to the item's deterministic keys (a repeat overwrites them) and the
 success is recorded by the same exactly-once script as a generated image's, so a plan that runs
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from service import metrics
 from service.catalog import EDITS
@@ -29,16 +30,11 @@ from service.jobs import fingerprint as fp
 from service.jobs.model import Job
 from service.jobs.request import RequestLine
 from service.jobs.reuse import Entry, ReuseIndex
-from service.jobs.store import SPEND, TOTAL_IMAGES
 from service.lanes.items import BadReference, RefResolver
 from service.redis import keys
 from service.storage import ObjectNotFound, image_key
 
 log = logging.getLogger("imagebatch.reuse")
-
-# Copies in flight at once: S3 copies are one request each, local ones a link and a directory
-# sync; both wait on I/O, not the CPU.
-COPY_THREADS = 16
 
 
 class Reuser:
@@ -113,54 +109,69 @@ class Reuser:
         ]
         if not hits:
             return set()
-        done: set[int] = set()
-        threads = min(COPY_THREADS, len(hits))
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reuse") as pool:
-            results = pool.map(lambda hit: self._one(hit[0], hit[1], hit[2], chunk), hits)
-            done.update(index for index in results if index is not None)
-        return done
+        copied = self._copy(hits)
+        records = [
+            (line.index, reused_record(entry, stored, chunk), len(stored))
+            for (line, _, entry), stored in zip(hits, copied, strict=True)
+            if stored is not None
+        ]
+        counted = self.ctx.store.record_reused(self.job.id, self.job.model, records)
+        if counted:
+            # After the exactly-once transitions: a crash in between loses a page of counts,
+            # never doubles one.
+            saved = sum(e.cost_nanousd for line, _, e in hits if line.index in counted)
+            labels = {"tenant": self.job.tenant, "model": self.job.model}
+            metrics.count(self.ctx.redis, metrics.ITEMS_REUSED, labels, len(counted))
+            if saved:
+                metrics.count(self.ctx.redis, metrics.REUSE_SAVED_USD, labels, saved / 1e9)
+        return {index for index, _, _ in records}
 
-    def _one(self, line: RequestLine, print_: str, entry: Entry, chunk: int) -> int | None:
-        stored = self._copy(line, entry)
-        if stored is None:
-            self.index.forget(print_)
-            log.info(
-                "job %s item %s: reusable image of %s/%s is gone; generating it",
-                self.job.id,
-                line.id,
-                entry.job_id,
-                entry.item_id,
-            )
-            return None
-        record_reused(self.ctx, self.job, chunk, line.index, entry, stored)
-        return line.index
-
-    def _copy(self, line: RequestLine, entry: Entry) -> list[str] | None:
-        """Copy the entry's objects to this item's keys; None when one of them has vanished."""
+    def _copy(self, hits: Sequence[tuple[RequestLine, str, Entry]]) -> list[list[str] | None]:
+        """Copy each hit's objects to its item's keys, all at once; per hit the keys, or None
+        when one of its objects has vanished (the entry is dropped; the item is generated)."""
         storage = self.ctx.storage
-        stored: list[str] = []
-        many = len(entry.keys) > 1
-        try:
-            for k, src in enumerate(entry.keys):
-                dst = image_key(self.job.id, line.id, src.rsplit(".", 1)[-1], k if many else None)
-                if dst == src:
-                    # The item's own image (a retried job): nothing to copy, but it must exist.
-                    if not storage.exists(src):
-                        return None
-                else:
-                    storage.copy(src, dst)
-                stored.append(dst)
-        except ObjectNotFound:
-            return None
-        return stored
+        wanted: list[list[str]] = []
+        pairs: list[tuple[str, str]] = []
+        for line, _, entry in hits:
+            many = len(entry.keys) > 1
+            dsts = [
+                image_key(self.job.id, line.id, src.rsplit(".", 1)[-1], k if many else None)
+                for k, src in enumerate(entry.keys)
+            ]
+            wanted.append(dsts)
+            # The item's own image (a retried job) is not copied onto itself; it must exist.
+            pairs += [(src, dst) for src, dst in zip(entry.keys, dsts, strict=True) if src != dst]
+        failed = {
+            pair[0]: error
+            for pair, error in zip(pairs, storage.copy_many(pairs), strict=True)
+            if error is not None
+        }
+        for error in failed.values():
+            if not isinstance(error, ObjectNotFound):
+                raise error  # storage trouble, not a vanished image: the task retries
+        out: list[list[str] | None] = []
+        for (line, print_, entry), dsts in zip(hits, wanted, strict=True):
+            gone = any(
+                src in failed or (src == dst and not storage.exists(src))
+                for src, dst in zip(entry.keys, dsts, strict=True)
+            )
+            if gone:
+                self.index.forget(print_)
+                log.info(
+                    "job %s item %s: the image of %s/%s to reuse is gone; generating it",
+                    self.job.id,
+                    line.id,
+                    entry.job_id,
+                    entry.item_id,
+                )
+            out.append(None if gone else dsts)
+        return out
 
 
-def record_reused(
-    ctx: Context, job: Job, chunk: int, index: int, entry: Entry, stored: list[str]
-) -> bool:
-    """Mark an item succeeded by reuse, exactly once: cost 0, ``reused_from`` in its record,
-    and counted as ``reused`` in the job's spend hash (what its counts show)."""
-    record = {
+def reused_record(entry: Entry, stored: list[str], chunk: int) -> dict[str, Any]:
+    """An item's usage record when it was completed by reuse: cost 0, where it came from, and
+    what making it had cost (the manifest's ``saved_usd``)."""
+    return {
         "tokens": {},
         "cost_nanousd": 0,
         "tier": None,
@@ -169,16 +180,3 @@ def record_reused(
         "reused_from": {"job_id": entry.job_id, "item_id": entry.item_id},
         "saved_nanousd": entry.cost_nanousd,
     }
-    increments = [
-        (SPEND, "images", len(stored)),
-        (SPEND, "reused", 1),
-        (TOTAL_IMAGES, f"{job.model}|reused", len(stored)),
-    ]
-    counted = ctx.store.record_success(job.id, index, record, increments)
-    if counted:
-        labels = {"tenant": job.tenant, "model": job.model}
-        # After the exactly-once transition: a crash in between loses one count, never doubles.
-        metrics.count(ctx.redis, metrics.ITEMS_REUSED, labels)
-        if entry.cost_nanousd:
-            metrics.count(ctx.redis, metrics.REUSE_SAVED_USD, labels, entry.cost_nanousd / 1e9)
-    return counted

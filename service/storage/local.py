@@ -10,7 +10,8 @@ Objects sit under their plain keys so the directory can be browsed and copied as
 live in a tree of their own, so no key can collide with a sidecar and listings need not filter
 them. Every write goes to a temp file on the same filesystem, is fsynced, and is moved into place
 with ``os.replace``: a crash leaves either the old object or the new one, never half of one (at
-worst an orphan temp file under ``tmp/``, which nothing reads). The sidecar is replaced just
+worst an orphan temp file under ``tmp/``, which nothing reads). A write returns once its rename
+is durable (its directory synced); threads writing into one directory share those syncs. The sidecar is replaced just
 before the object, so a visible object always has one.
 
 Unlike S3, a directory cannot hold both ``a`` and ``a/b``; writing the second raises
@@ -27,17 +28,20 @@ which is right for one machine and wrong for an API exposed to strangers (use S3
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import mimetypes
 import os
 import shutil
 import stat
+import threading
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -72,6 +76,74 @@ def path_from_file_url(url: str) -> Path:
     if not path.is_absolute() or not parts.path:
         raise ValueError(f"{url!r} must be an absolute path: file:///absolute/path")
     return path
+
+
+class DirectorySync:
+    """fsync of a directory, shared by the threads that renamed into it at about the same time.
+
+    Thousands of images land in one ``images/`` directory, many at once from a thread pool;
+    each rename is durable once the directory has been synced *after* it. A thread takes a
+    ticket after its rename; one fsync that starts after a ticket was taken covers that ticket,
+    so threads arriving while one fsync runs wait for the next one and share it (group commit)
+    instead of each syncing the same directory in turn.
+    """
+
+    @dataclass
+    class _State:
+        cond: threading.Condition
+        tickets: int = 0
+        synced: int = 0
+        running: bool = False
+        users: int = 0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirs: dict[Path, DirectorySync._State] = {}
+
+    def sync(self, directory: Path) -> None:
+        with self._lock:
+            state = self._dirs.get(directory)
+            if state is None:
+                state = self._dirs[directory] = self._State(threading.Condition())
+            state.users += 1
+        try:
+            self._sync(directory, state)
+        finally:
+            with self._lock:
+                state.users -= 1
+                if state.users == 0:
+                    del self._dirs[directory]
+
+    @staticmethod
+    def _sync(directory: Path, state: DirectorySync._State) -> None:
+        with state.cond:
+            state.tickets += 1
+            ticket = state.tickets
+            while state.synced < ticket:
+                if not state.running:
+                    state.running = True
+                    covered = state.tickets
+                    break
+                state.cond.wait()
+            else:
+                return
+        ok = False
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            ok = True
+        finally:
+            with state.cond:
+                state.running = False
+                if ok:
+                    state.synced = max(state.synced, covered)
+                state.cond.notify_all()
+
+
+_DIR_SYNC = DirectorySync()
 
 
 class LocalStorage:
@@ -208,11 +280,7 @@ class LocalStorage:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         # The rename is durable only once its directory is synced.
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _DIR_SYNC.sync(final.parent)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -307,34 +375,76 @@ class LocalStorage:
                 raise self._error(exc, "delete", key) from exc
 
     def copy(self, src_key: str, dst_key: str) -> None:
-        src, dst = self._path(check_key(src_key)), self._path(check_key(dst_key))
-        try:
-            if not stat.S_ISREG(src.stat().st_mode):
-                raise FileNotFoundError(src)
-            # The sidecar first, as a write does: a visible object always has one.
-            side = self._sidecar(src_key)
-            if side.exists():
-                self._link_into(side, self._sidecar(dst_key))
-            self._link_into(src, dst)
-        except OSError as exc:
-            raise self._error(exc, "copy", src_key) from exc
+        (error,) = self.copy_many([(src_key, dst_key)])
+        if error is not None:
+            raise error
 
-    def _link_into(self, src: Path, final: Path) -> None:
-        """``final`` becomes another name of ``src``'s bytes: a hard link moved into place (a
-        copy where the filesystem cannot link). Objects are only ever replaced, never written
-        in place, so a link can never see its source change."""
-        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        try:
+    def copy_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[StorageError | None]:
+        results: builtins.list[StorageError | None] = []
+        touched: set[Path] = set()  # directories to sync once every link is made
+        for src_key, dst_key in pairs:
             try:
-                os.link(src, tmp)
+                self._copy_unsynced(src_key, dst_key, touched)
+                results.append(None)
             except OSError as exc:
-                if isinstance(exc, _NOT_FOUND_ERRORS):
+                results.append(self._error(exc, "copy", src_key))
+        try:
+            for directory in touched:
+                _DIR_SYNC.sync(directory)
+        except OSError as exc:
+            raise StorageError(f"cannot sync {directory}: {exc.strerror or exc}") from exc
+        return results
+
+    def _copy_unsynced(self, src_key: str, dst_key: str, touched: set[Path]) -> None:
+        src, dst = self._path(check_key(src_key)), self._path(check_key(dst_key))
+        # The sidecar first, as a write does: a visible object always has one.
+        try:
+            self._link_into(self._sidecar(src_key), self._sidecar(dst_key), touched)
+        except FileNotFoundError:
+            if not src.is_file():
+                raise
+            # An object put there by hand has no sidecar; its copy must not keep an old one.
+            with contextlib.suppress(FileNotFoundError):
+                self._sidecar(dst_key).unlink()
+        self._link_into(src, dst, touched)
+
+    def _link_into(self, src: Path, final: Path, touched: set[Path]) -> None:
+        """``final`` becomes another name of ``src``'s bytes: a hard link (a copy where the
+        filesystem cannot link); durable once ``final``'s directory, added to ``touched``, is
+        synced. Objects are only ever replaced, never written in place, so a link can never
+        see its source change."""
+        for attempt in (1, 2):
+            try:
+                os.link(src, final)  # a new name appears atomically: no temp file needed
+                break
+            except FileExistsError:
+                self._replace_by(src, final, link=True)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not os.path.lexists(src):
                     raise
+                final.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:  # another filesystem, or links not allowed: copy the bytes
+                self._replace_by(src, final, link=False)
+                break
+        touched.add(final.parent)
+
+    def _replace_by(self, src: Path, final: Path, *, link: bool) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        try:
+            if link:
+                try:
+                    os.link(src, tmp)
+                except OSError as exc:
+                    if isinstance(exc, _NOT_FOUND_ERRORS):
+                        raise
+                    link = False
+            if not link:
                 shutil.copyfile(src, tmp)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
-            self._publish(tmp, final)
+            os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -20,9 +20,11 @@ setting ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (left to boto3, so th
 
 from __future__ import annotations
 
+import builtins
 import tempfile
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -294,6 +296,23 @@ class S3Storage:
             )
         except _VENDOR_ERRORS as exc:
             raise self._error(exc, "copy", src_key) from exc
+
+    def copy_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[StorageError | None]:
+        for src_key, dst_key in pairs:
+            self._full(src_key), self._full(dst_key)  # unsafe keys raise before anything is copied
+
+        def one(pair: tuple[str, str]) -> StorageError | None:
+            try:
+                self.copy(*pair)
+            except StorageError as exc:
+                return exc
+            return None
+
+        if len(pairs) <= 1:
+            return [one(p) for p in pairs]
+        # Each copy is one request that waits on S3; the client's pool holds 32 connections.
+        with ThreadPoolExecutor(max_workers=min(16, len(pairs))) as pool:
+            return list(pool.map(one, pairs))
 
     def url(self, key: str) -> str:
         full = self._full(key)

@@ -162,3 +162,17 @@ def test_no_items_to_retry_is_a_conflict(ctx: Context) -> None:
     with pytest.raises(Problem) as exc:
         retry.retry_job(ctx, ctx.store.job(job_id), retry.parse_retry_body(b""))
     assert exc.value.status == 409 and "no failed items" in exc.value.detail
+
+
+def test_a_listed_succeeded_item_is_made_again_not_reused_from_itself(
+    ctx: Context, sim: SimulatorHandle
+) -> None:
+    job_id = accept(ctx, job_body(3))
+    assert run(ctx, job_id) == "succeeded"
+    before = billed_images(sim)
+    outcome = retry.retry_job(ctx, ctx.store.job(job_id), retry_body({"items": [{"id": "sku-0"}]}))
+    assert outcome.retried == 1
+    assert run(ctx, job_id) == "succeeded"
+    assert billed_images(sim) - before == 1
+    line = manifest(ctx, job_id)["sku-0"]
+    assert "reused_from" not in line and line["cost_usd"] > 0

@@ -65,3 +65,20 @@ def test_local_copy_is_a_hard_link(backend: Backend) -> None:
     # the bytes it was made from.
     s.put_bytes(src, b"y" * 10, content_type="image/png")
     assert read_all(s, dst) == b"x" * 1000
+
+
+def test_copy_many_reports_each_pair(backend: Backend) -> None:
+    s = backend.storage
+    keys = [image_key("job_a", f"sku-{i}", "png") for i in range(5)]
+    for i, key in enumerate(keys):
+        s.put_bytes(key, f"image {i}".encode(), content_type="image/png")
+    s.delete(keys[2])
+    pairs = [(key, key.replace("job_a", "job_b")) for key in keys]
+    results = s.copy_many(pairs)
+    assert [r is None for r in results] == [True, True, False, True, True]
+    assert isinstance(results[2], ObjectNotFound)
+    for i in (0, 1, 3, 4):
+        assert read_all(s, pairs[i][1]) == f"image {i}".encode()
+    assert not s.exists(pairs[2][1])
+    with pytest.raises(ValueError):
+        s.copy_many([(keys[0], "../escape.png")])
