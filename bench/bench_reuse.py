@@ -24,10 +24,10 @@ from _support import ROOT, machine, start_redis
 
 sys.path.insert(0, str(ROOT))
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.simulator import SimulatorHandle, start_simulator  # noqa: E402
-from tests.support.stack import Stack  # noqa: E402
+from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.stack import Stack
 
 ROWS = 20_000
 RERUNS = 3
@@ -42,8 +42,10 @@ def catalog() -> bytes:
 
 def image_requests(sim: SimulatorHandle) -> int:
     stats = sim.stats()
-    return int(stats["batch"]["lines_completed"]) + int(stats["batch"]["lines_failed"]) + int(
-        stats["sync"]["requests"]
+    return (
+        int(stats["batch"]["lines_completed"])
+        + int(stats["batch"]["lines_failed"])
+        + int(stats["sync"]["requests"])
     )
 
 
