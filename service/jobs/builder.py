@@ -99,7 +99,10 @@ class JobBuilder:
         max_cost = self._check_max_cost(doc.get("max_cost_usd"))
         webhook = self._check_webhook(doc.get("webhook_url"))
         defaults = self._check_defaults(doc.get("defaults"))
-        reuse = self._check_reuse(doc.get("reuse"))
+        reuse = doc.get("reuse") or "auto"
+        if not isinstance(reuse, str) or reuse not in REUSE_MODES:
+            errs.add("reuse", f"reuse must be one of {', '.join(REUSE_MODES)}, not {show(reuse)}")
+            reuse = "auto"
 
         items: list[ItemSpec] = []
         has_items = doc.get("items") is not None
@@ -183,16 +186,6 @@ class JobBuilder:
                 )
         mode: Mode = raw  # type: ignore[assignment]
         return mode
-
-    def _check_reuse(self, raw: Any) -> str:
-        if raw is None:
-            return "auto"
-        if not isinstance(raw, str) or raw not in REUSE_MODES:
-            self.errors.add(
-                "reuse", f"reuse must be one of {', '.join(REUSE_MODES)}, not {show(raw)}"
-            )
-            return "auto"
-        return raw
 
     def _check_labels(self, raw: Any) -> dict[str, str]:
         if raw is None:
