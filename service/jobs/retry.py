@@ -272,6 +272,7 @@ def _overridden(
         orjson.dumps({"model": job.model, "items": merged}),
         ctx.catalog,
         max_items=len(merged),
+        models=ctx.models(),  # a model upstream has shut down since cannot be retried
     )
     return {
         by_id[item.id]: ItemSpec(by_id[item.id], item.id, item.endpoint, item.body)

@@ -183,6 +183,8 @@ def check_template(ctx: Context, schedule: Schedule) -> None:
 def job_spec(ctx: Context, schedule: Schedule, catalog: bytes | None) -> JobSpec:
     """The job a run makes: the template with the schedule's labels and budget merged in."""
     limit = ctx.settings.max_items_per_job
+    # Checked against upstream's model lifecycle, as intake checks a submitted job.
+    models = ctx.models()
     extra = {**schedule.labels, SCHEDULE_LABEL: schedule.id}
     if schedule.job is not None:
         doc = dict(schedule.job)
@@ -190,7 +192,7 @@ def job_spec(ctx: Context, schedule: Schedule, catalog: bytes | None) -> JobSpec
         doc["labels"] = {**labels, **extra} if isinstance(labels, dict) else labels or extra
         if schedule.max_cost_usd is not None:
             doc["max_cost_usd"] = schedule.max_cost_usd
-        return parse_job_json(orjson.dumps(doc), ctx.catalog, max_items=limit)
+        return parse_job_json(orjson.dumps(doc), ctx.catalog, max_items=limit, models=models)
     params = dict(schedule.params)
     if schedule.template is not None:
         params["template"] = schedule.template
@@ -198,7 +200,7 @@ def job_spec(ctx: Context, schedule: Schedule, catalog: bytes | None) -> JobSpec
         params[f"label.{key}"] = value
     if schedule.max_cost_usd is not None:
         params["max_cost_usd"] = repr(schedule.max_cost_usd)
-    return parse_job_csv(catalog or b"", params, ctx.catalog, max_items=limit)
+    return parse_job_csv(catalog or b"", params, ctx.catalog, max_items=limit, models=models)
 
 
 def read_catalog(ctx: Context, url: str) -> bytes:
