@@ -83,6 +83,7 @@ def ended_chunk(
         "defaults": {"size": "1024x1024", "quality": "low"},
         "items": [{"id": f"sku-{i}", "prompt": f"Product photo {i}"} for i in range(n)],
         "labels": labels or {},
+        "reuse": "never",  # measured: the generation path, never a copy of an earlier run
     }
     spec = parse_job_json(orjson.dumps(body), ctx.catalog, max_items=n)
     job_id = intake.submit(ctx, spec, "default").job.id

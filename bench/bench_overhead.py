@@ -46,7 +46,7 @@ def main() -> None:
             times = []
             for run in range(RUNS):
                 start = time.perf_counter()
-                job = stack.submit(job_body(ITEMS, prefix=f"r{run}"))
+                job = stack.submit(job_body(ITEMS, prefix=f"r{run}", reuse="never"))
                 done = stack.wait_job(job["id"], timeout=300)
                 times.append(time.perf_counter() - start)
                 assert done["status"] == "succeeded", done

@@ -130,7 +130,7 @@ def run_ours(tmp: Path, redis_url: str, limit: int, images: int) -> Run:
         stack.start_worker(name="b")
         stack.start_beat()
         watcher = Watcher(sim)
-        job_id = stack.submit(job_body(images, prompt=PROMPT, mode="sync"))["id"]
+        job_id = stack.submit(job_body(images, prompt=PROMPT, mode="sync", reuse="never"))["id"]
         watcher.wait_for(images, timeout=images * 60 / limit * 2 + 60)
         run = watcher.stop(limit, images)
         job = stack.wait_job(job_id, timeout=60)

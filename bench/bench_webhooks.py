@@ -101,7 +101,7 @@ class Mode:
 
     def trial(self, n: int) -> Trial:
         before = self.requests()
-        job_id = self.stack.submit(job_body(ITEMS, prefix=f"t{n}"))["id"]
+        job_id = self.stack.submit(job_body(ITEMS, prefix=f"t{n}", reuse="never"))["id"]
         api, sim = self.stack.client(), self.sim.client(max_retries=0)
         deadline = time.monotonic() + 120
         batch_id = None

@@ -287,7 +287,8 @@ def test_tenant_daily_cap_refuses_at_intake_and_stops_jobs_that_raced_past_it(
 ):
     sim = make_simulator()
     n = 10
-    body = job_body(n, prompt=SAME_PROMPT)
+    # reuse never: a rerun of a finished job's items would cost nothing and fit any cap.
+    body = job_body(n, prompt=SAME_PROMPT, reuse="never")
     one_job = _estimate(body).nanousd("batch") / 1e9
     cap = round(one_job * 1.5, 6)  # room for one job and a half
     tenants = _tenants_file(tmp_path, {"gamma": cap})

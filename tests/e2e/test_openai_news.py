@@ -145,7 +145,8 @@ def batch_refusing(
 
 
 def body_for(n: int, mode: str, prefix: str) -> dict[str, Any]:
-    return {**job_body(n, prefix=prefix), "model": SUNBURST, "mode": mode}
+    # The jobs share prompts; reuse would complete later ones from the first one's images.
+    return {**job_body(n, prefix=prefix), "model": SUNBURST, "mode": mode, "reuse": "never"}
 
 
 def test_a_model_upstream_will_not_batch_runs_on_the_sync_lane(
