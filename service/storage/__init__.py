@@ -21,6 +21,7 @@ from service.storage.layout import (
     manifest_key,
     request_key,
     request_version_key,
+    thumb_key,
 )
 from service.storage.local import LocalStorage
 from service.storage.port import (
@@ -48,6 +49,7 @@ __all__ = [
     "open_storage",
     "request_key",
     "request_version_key",
+    "thumb_key",
 ]
 
 

@@ -6,6 +6,7 @@ Keys are relative to the storage prefix or root::
     jobs/{job_id}/request.v{n}.jsonl            (the request before retry n changed it)
     jobs/{job_id}/images/{item_id}.{ext}        (n > 1: {item_id}-{k}.{ext})
     jobs/{job_id}/manifest.jsonl
+    jobs/{job_id}/thumbs/{image name}.{sha256[:16]}.webp   (the console's thumbnail of an image)
 """
 
 from __future__ import annotations
@@ -55,6 +56,21 @@ def image_key(job_id: str, item_id: str, ext: str, k: int | None = None) -> str:
     if k < 0:
         raise ValueError(f"image index k must be >= 0, got {k}")
     return f"{job_prefix(job_id)}images/{item}-{k}.{ext}"
+
+
+def thumb_key(image: str, sha256: str) -> str:
+    """Where the thumbnail of the image stored under ``image`` goes, beside the job's images.
+
+    The image's content hash is part of the key: an image redone in place (same key, new bytes)
+    gets a new thumbnail instead of showing the old one.
+    """
+    job_dir, sep, name = image.partition("/images/")
+    if not sep or "/" in name or not job_dir.startswith("jobs/"):
+        raise ValueError(f"{image!r} is not an image key of a job")
+    if not re.fullmatch(r"[0-9a-f]{16,64}", sha256):
+        raise ValueError(f"sha256 {sha256!r} must be lower-case hex")
+    stem = name.rsplit(".", 1)[0]
+    return f"{job_dir}/thumbs/{stem}.{sha256[:16]}.webp"
 
 
 def _checked_id(name: str, value: str) -> str:

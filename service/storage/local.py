@@ -294,6 +294,14 @@ class LocalStorage:
         with f:
             yield f
 
+    @contextmanager
+    def open_from(self, key: str, offset: int) -> Iterator[BinaryIO]:
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        with self.open(key) as f:
+            f.seek(offset)
+            yield f
+
     def iter_lines(self, key: str) -> Iterator[bytes]:
         with self.open(key) as f:
             yield from iter_stream_lines(f)

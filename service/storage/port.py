@@ -145,6 +145,11 @@ class Storage(Protocol):
         """A streaming read of the object; raises :class:`ObjectNotFound`."""
         ...
 
+    def open_from(self, key: str, offset: int) -> AbstractContextManager[BinaryIO]:
+        """A streaming read of the object from byte ``offset`` on (a ranged GET on S3); an
+        offset at or past the end reads nothing. Raises :class:`ObjectNotFound`."""
+        ...
+
     def iter_lines(self, key: str) -> Iterator[bytes]:
         """The object's lines without their line terminator (``\\n`` or ``\\r\\n``), streamed.
 

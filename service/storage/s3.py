@@ -21,6 +21,7 @@ setting ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (left to boto3, so th
 from __future__ import annotations
 
 import builtins
+import io
 import tempfile
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -232,6 +233,34 @@ class S3Storage:
             yield cast(BinaryIO, body)
         except _VENDOR_ERRORS as exc:
             # The body raises botocore errors (read timeout, connection reset) mid-stream.
+            raise self._error(exc, "read", key) from exc
+        finally:
+            body.close()
+
+    @contextmanager
+    def open_from(self, key: str, offset: int) -> Iterator[BinaryIO]:
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        if offset == 0:
+            with self.open(key) as body:
+                yield body
+            return
+        full = self._full(key)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={offset}-")[
+                "Body"
+            ]
+        except ClientError as exc:
+            if _code(exc) != "InvalidRange":
+                raise self._error(exc, "read", key) from exc
+            # Past the end (S3 answers 416): nothing to read, as a seek past the end of a file.
+            yield cast(BinaryIO, io.BytesIO())
+            return
+        except _VENDOR_ERRORS as exc:
+            raise self._error(exc, "read", key) from exc
+        try:
+            yield cast(BinaryIO, body)
+        except _VENDOR_ERRORS as exc:
             raise self._error(exc, "read", key) from exc
         finally:
             body.close()
