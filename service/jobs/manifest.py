@@ -1,8 +1,11 @@
 """A job's manifest: ``jobs/{id}/manifest.jsonl``, one line per item, written when it finishes.
 
 Each line says what became of one item: its status, attempts, storage keys, usage, cost, tier
-and error; its reuse fingerprint; and, for an item completed by copying an image the tenant
-already had, ``reused_from: {job_id, item_id}`` and ``saved_usd`` (what making it had cost). While a job runs the same lines are built from Redis (the items view); once it
+and error; its reuse fingerprint; for an item completed by copying an image the tenant already
+had, ``reused_from: {job_id, item_id}`` and ``saved_usd`` (what making it had cost); and its review
+decision (``review``: approved or rejected, with a note; null when none; the manifest served by
+the API always carries the current decision, see :mod:`service.jobs.views`). While a job runs the
+same lines are built from Redis (the items view); once it
 finishes the manifest in storage is the record and Redis drops the per-item state.
 """
 
@@ -14,6 +17,7 @@ from typing import Any
 import orjson
 
 from service.context import Context
+from service.jobs.lines import OffsetRecorder, record_offsets
 from service.jobs.model import ItemState, Job
 from service.jobs.request import RequestLine, request_pages
 from service.storage import manifest_key
@@ -64,12 +68,15 @@ def live_lines(
     usages = ctx.store.item_usage(job_id, indexes)
     errors = ctx.store.item_errors(job_id, indexes)
     prints = ctx.store.item_fingerprints(job_id, indexes)
-    return [
-        (line, manifest_line(line, state, usage, error, print_))
-        for line, state, usage, error, print_ in zip(
-            page, states, usages, errors, prints, strict=True
-        )
-    ]
+    reviews = ctx.store.item_reviews(job_id, indexes)
+    out = []
+    for line, state, usage, error, print_, review in zip(
+        page, states, usages, errors, prints, reviews, strict=True
+    ):
+        item = manifest_line(line, state, usage, error, print_)
+        item["review"] = review
+        out.append((line, item))
+    return out
 
 
 def write_manifest(
@@ -79,12 +86,16 @@ def write_manifest(
 
     ``observe`` sees each page of lines as written (finalize records them for reuse).
     """
+    offsets = OffsetRecorder()
     with ctx.storage.writer(
         manifest_key(job.id), content_type="application/jsonl", metadata={"job": job.id}
     ) as out:
         for page in request_pages(ctx.storage, job.id):
             items = [item for _, item in live_lines(ctx, job.id, page)]
             for item in items:
-                out.write(orjson.dumps(item) + b"\n")
+                line = orjson.dumps(item) + b"\n"
+                out.write(line)
+                offsets.wrote(line)
             if observe is not None:
                 observe(items)
+    record_offsets(ctx, job.id, "manifest", offsets.offsets)

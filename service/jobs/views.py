@@ -13,9 +13,8 @@ from typing import Any
 import orjson
 
 from service.context import Context
-from service.jobs.manifest import live_lines
+from service.jobs import pages
 from service.jobs.model import Job
-from service.jobs.request import request_pages
 from service.pricing import KINDS, TIERS
 from service.storage import manifest_key
 
@@ -76,6 +75,7 @@ def job_view(ctx: Context, job: Job) -> dict[str, Any]:
         "estimate": job.estimate,
         "max_cost_usd": job.max_cost_usd,
         "reason": job.reason,
+        "review": review_counts(ctx, job, counts.get("succeeded", 0)),
         "reuse": job.reuse,
         "retries": job.retries,
         "upstream_batches": batches,
@@ -87,52 +87,58 @@ def job_view(ctx: Context, job: Job) -> dict[str, Any]:
     }
 
 
+def review_counts(ctx: Context, job: Job, succeeded: int) -> dict[str, int]:
+    """How many of the job's items were approved, rejected, and are still to review."""
+    raw = ctx.store.review_counts(job.id)
+    approved, rejected = raw.get("approved", 0), raw.get("rejected", 0)
+    return {
+        "approved": approved,
+        "rejected": rejected,
+        "unreviewed": max(0, succeeded - approved - rejected),
+    }
+
+
 def _with_urls(ctx: Context, line: dict[str, Any]) -> dict[str, Any]:
     line["urls"] = [ctx.storage.url(k) for k in line.get("keys") or []]
     return line
 
 
 def items_page(
-    ctx: Context, job: Job, status: str | None, cursor: int, limit: int
+    ctx: Context,
+    job: Job,
+    status: str | None,
+    cursor: int,
+    limit: int,
+    review: str | None = None,
 ) -> tuple[list[dict[str, Any]], int | None]:
-    """Items from index ``cursor`` on, optionally of one status; returns (items, next cursor)."""
-    if job.is_final:
-        return _items_from_manifest(ctx, job.id, status, cursor, limit)
-    out: list[dict[str, Any]] = []
-    for page in request_pages(ctx.storage, job.id):
-        if page[-1].index < cursor:
-            continue
-        page = [line for line in page if line.index >= cursor]
-        for line, item in live_lines(ctx, job.id, page):
-            if status is None or item["status"] == status:
-                out.append(_with_urls(ctx, item))
-                if len(out) >= limit:
-                    nxt = line.index + 1
-                    return out, (nxt if nxt < job.items else None)
-    return out, None
-
-
-def _items_from_manifest(
-    ctx: Context, job_id: str, status: str | None, cursor: int, limit: int
-) -> tuple[list[dict[str, Any]], int | None]:
-    out: list[dict[str, Any]] = []
-    for raw in ctx.storage.iter_lines(manifest_key(job_id)):
-        if not raw.strip():
-            continue
-        item = orjson.loads(raw)
-        if item["index"] < cursor or (status is not None and item["status"] != status):
-            continue
-        if len(out) >= limit:
-            return out, item["index"]
-        out.append(_with_urls(ctx, item))
-    return out, None
+    """Items from index ``cursor`` on, optionally of one status or review decision; returns
+    (items, next cursor). The page is read from ``cursor`` on, never from the job's start."""
+    found, _ = pages.page(ctx, job, cursor, limit, status=status, review=review)
+    return [_with_urls(ctx, item) for item in found.items], found.next_cursor
 
 
 def stream_manifest(ctx: Context, job_id: str) -> Iterator[bytes]:
-    """The stored manifest, line by line, each with fresh ``urls`` for its images.
+    """The stored manifest, line by line, each with fresh ``urls`` for its images and the
+    item's current review decision.
 
-    URLs are added as it is served, not stored: presigned S3 URLs expire, the manifest does not.
+    Both are added as it is served, not stored: presigned S3 URLs expire, and a decision may be
+    made after the job finished; the manifest does not change.
     """
+    batch: list[dict[str, Any]] = []
     for raw in ctx.storage.iter_lines(manifest_key(job_id)):
         if raw.strip():
-            yield orjson.dumps(_with_urls(ctx, orjson.loads(raw))) + b"\n"
+            batch.append(orjson.loads(raw))
+        if len(batch) >= pages.MAX_BATCH:
+            yield _served(ctx, job_id, batch)
+            batch = []
+    if batch:
+        yield _served(ctx, job_id, batch)
+
+
+def _served(ctx: Context, job_id: str, batch: list[dict[str, Any]]) -> bytes:
+    reviews = ctx.store.item_reviews(job_id, [item["index"] for item in batch])
+    out = bytearray()
+    for item, review in zip(batch, reviews, strict=True):
+        item["review"] = review
+        out += orjson.dumps(_with_urls(ctx, item)) + b"\n"
+    return bytes(out)

@@ -92,6 +92,24 @@ def job_chunks(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:chunks"
 
 
+# HASH item index -> JSON {id, decision, note, at}: the review of a job's images (approved or
+# rejected). Kept after the job finishes, like the job hash: the manifest is served with it.
+def job_review(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:review"
+
+
+# HASH approved / rejected -> count of the job's items with that review decision.
+def job_review_counts(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:review:counts"
+
+
+# LIST of byte offsets of lines 0, 1000, 2000, ... of a job's request.jsonl or manifest.jsonl
+# (``name`` "request" or "manifest"): an item page seeks instead of reading from the start.
+# Derived data with a TTL, rebuilt from the object when missing or stale.
+def job_line_offsets(job_id: str, name: str) -> str:
+    return f"{PREFIX}:job:{job_id}:offsets:{name}"
+
+
 # --- indexes ---------------------------------------------------------------------------------
 # ZSET job_id -> created_at, per tenant: listing newest first.
 def tenant_jobs(tenant: str) -> str:
@@ -255,6 +273,16 @@ def tenant_spend_settled(tenant_id: str, key: str) -> str:
     return f"{_tenant_spend(tenant_id)}:settled:{key}"
 
 
+# HASH "campaign|model|tier" -> nano-USD settled that UTC day "YYYY-MM-DD" (what the console's
+# spend page draws), added in the same Lua call that counts an item's usage once, so it is
+# exact. Expires DAILY_SPEND_TTL_SECONDS after it was last written.
+def tenant_spend_daily(tenant_id: str, day: str) -> str:
+    return f"{_tenant_spend(tenant_id)}:daily:{day}"
+
+
+DAILY_SPEND_TTL_SECONDS = 40 * 86400
+
+
 # HASH per sync-lane limiter: tat_r / tat_i / tat_t (µs, server clock) the theoretical arrival
 # time of requests, images, tokens; hold (µs) nobody sends before it; lim_r / lim_t learned from
 # upstream's headers, valid until lim_r_until / lim_t_until (µs). Expires when idle an hour.
@@ -300,3 +328,10 @@ def learned_tokens(model: str) -> str:
 # STRING marker, SET NX, EX 4 days (longer than OpenAI's 72 h of retries): a webhook-id taken.
 def openai_webhook_seen(webhook_id: str) -> str:
     return f"{PREFIX}:webhook-in:{webhook_id}"
+
+
+# --- the web console (service.console) --------------------------------------------------------
+# HASH tenant, csrf, created: a signed-in browser, by the SHA-256 of its session cookie (a copy
+# of Redis gives nobody a usable cookie). Expires with the session.
+def console_session(digest: str) -> str:
+    return f"{PREFIX}:ui:session:{digest}"
