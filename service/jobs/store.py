@@ -38,6 +38,7 @@ _BATCH = 2000  # items per Redis round trip or Lua call
 BATCH_INDEX_SECONDS = 7 * 86400
 # Targets of record_success's increments.
 SPEND, TOTAL_TOKENS, TOTAL_COST, TOTAL_IMAGES = 1, 2, 3, 4
+DAILY = 5  # the tenant's spend of the day (keys.tenant_spend_daily)
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -65,6 +66,7 @@ class JobStore:
         self._failure = lua.script(client, "item_failed")
         self._cancel = lua.script(client, "items_cancel")
         self._move = lua.script(client, "items_move")
+        self._review = lua.script(client, "review_set")
         self._reused = lua.script(client, "items_reused")
 
     # --- jobs -------------------------------------------------------------------------------
@@ -178,6 +180,29 @@ class JobStore:
         raw = self.r.hmget(keys.job_errors(job_id), [str(i) for i in indexes])
         return [orjson.loads(v) if v else None for v in raw]
 
+    def item_reviews(self, job_id: str, indexes: Sequence[int]) -> list[dict[str, Any] | None]:
+        """The items' review decisions ({id, decision, note, at}), None where there is none."""
+        if not indexes:
+            return []
+        raw = self.r.hmget(keys.job_review(job_id), [str(i) for i in indexes])
+        return [orjson.loads(v[2:]) if v else None for v in raw]
+
+    def set_reviews(self, job_id: str, values: Mapping[int, str]) -> int:
+        """Write review values (index -> "a|json" approved, "r|json" rejected, "" cleared) and
+        keep the per-decision counts exact; returns how many items changed decision."""
+        args: list[Any] = []
+        for index, value in values.items():
+            args += [str(index), value]
+        if not args:
+            return 0
+        return int(
+            self._review(keys=[keys.job_review(job_id), keys.job_review_counts(job_id)], args=args)
+        )
+
+    def review_counts(self, job_id: str) -> dict[str, int]:
+        raw = self.r.hgetall(keys.job_review_counts(job_id))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
     def item_fingerprints(self, job_id: str, indexes: Sequence[int]) -> list[str | None]:
         """The items' reuse fingerprints (service.lanes.reuse), None where none was taken."""
         if not indexes:
@@ -191,15 +216,22 @@ class JobStore:
         index: int,
         usage: Mapping[str, Any],
         increments: Sequence[tuple[int, str, int]],
+        daily_key: str | None = None,
     ) -> bool:
         """Mark an item succeeded and add its spend, exactly once.
 
         ``increments`` are (target, field, amount), target one of :data:`SPEND` (the job's spend
         hash), :data:`TOTAL_TOKENS`, :data:`TOTAL_COST` and :data:`TOTAL_IMAGES` (the
-        never-expiring totals). Returns False when the item had been counted before (a
-        redelivered or repeated collect).
+        never-expiring totals), or :data:`DAILY` (``daily_key``: the tenant's spend of the day,
+        kept ``keys.DAILY_SPEND_TTL_SECONDS``). Returns False when the item had been counted
+        before (a redelivered or repeated collect).
         """
-        args: list[Any] = [str(index), orjson.dumps(usage), keys.chunk(job_id, "")]
+        args: list[Any] = [
+            str(index),
+            orjson.dumps(usage),
+            keys.chunk(job_id, ""),
+            keys.DAILY_SPEND_TTL_SECONDS,
+        ]
         for target, field, amount in increments:
             args += [target, field, amount]
         done = self._success(
@@ -211,6 +243,8 @@ class JobStore:
                 keys.TOTAL_TOKENS,
                 keys.TOTAL_COST,
                 keys.TOTAL_IMAGES,
+                # Unused unless a DAILY increment is given (a key the script never touches).
+                daily_key or keys.job_spend(job_id),
             ],
             args=args,
         )

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel, retry."""
+"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel, retry, review."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service.api.deps import ctx_of, own_job, read_body, tenant_of
 from service.errors import FieldError, Problem
 from service.jobs import intake, retry, views
+from service.jobs import review as reviews
 from service.jobs.model import JOB_CANCELLING, JOB_LIVE, STATUS_NAMES
 from service.queues import CANCEL
 
@@ -159,8 +160,18 @@ def get_items(
     status: str | None = None,
     cursor: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    review: Annotated[
+        str | None, Query(description="approved, rejected or unreviewed (images not yet reviewed)")
+    ] = None,
 ) -> dict[str, Any]:
     job = own_job(request, job_id)
+    if review is not None and review not in reviews.FILTERS:
+        raise Problem(
+            422,
+            "Invalid request",
+            f"review: must be one of {', '.join(reviews.FILTERS)}",
+            errors=[FieldError("review", "unknown review decision")],
+        )
     valid = set(STATUS_NAMES.values())
     if status is not None and status not in valid:
         raise Problem(
@@ -169,7 +180,7 @@ def get_items(
             f"status: must be one of {', '.join(sorted(valid))}",
             errors=[FieldError("status", "unknown item status")],
         )
-    items, nxt = views.items_page(ctx_of(request), job, status, cursor, limit)
+    items, nxt = views.items_page(ctx_of(request), job, status, cursor, limit, review)
     return {"object": "list", "data": items, "next_cursor": nxt}
 
 
@@ -236,3 +247,32 @@ async def retry_items(
     if not done.created:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(view, status_code=202, headers=headers)
+
+
+@router.post(
+    "/{job_id}/review",
+    summary="Approve or reject a job's images, each with an optional note",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object"},
+                    "example": {
+                        "items": [
+                            {"id": "sku-1001", "decision": "approved"},
+                            {"id": "sku-1002", "decision": "rejected", "note": "mug is blue"},
+                        ]
+                    },
+                }
+            },
+        }
+    },
+)
+async def review(request: Request, job_id: str) -> dict[str, Any]:
+    job = own_job(request, job_id)
+    decisions = reviews.parse_review_body(await read_body(request))
+    ctx = ctx_of(request)
+    done = reviews.review(ctx, job, decisions)
+    counts = ctx.store.counts(job_id)
+    return {**done, "review": views.review_counts(ctx, job, counts.get("succeeded", 0))}
