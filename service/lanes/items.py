@@ -11,15 +11,17 @@ sync request, become the same item error shape (:func:`error_from_line`,
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import pybase64
 
 from service import pricing
+from service.budgets.daily import daily_field, utc_day
 from service.context import Context
 from service.jobs.model import CANCELLED, FAILED, PENDING, Job
 from service.jobs.request import RequestLine
-from service.jobs.store import SPEND, TOTAL_COST, TOTAL_IMAGES, TOTAL_TOKENS
+from service.jobs.store import DAILY, SPEND, TOTAL_COST, TOTAL_IMAGES, TOTAL_TOKENS
 from service.models import capability
 from service.redis import keys
 from service.storage import ObjectNotFound, ObjectTooLarge, image_key
@@ -141,6 +143,9 @@ def record_usage(
         (SPEND, "images", len(stored)),
         (TOTAL_COST, f"{job.tenant}|{model.id}|{tier}|{job.campaign}", nanousd),
         (TOTAL_IMAGES, f"{model.id}|succeeded", len(stored)),
+        # The day's spend by model, lane and campaign (the console's spend page), counted in
+        # the same call, so exactly once too.
+        (DAILY, daily_field(model.id, tier, job.campaign), nanousd),
     ]
     for kind, amount in tokens.as_dict().items():
         if amount:
@@ -155,7 +160,8 @@ def record_usage(
         "keys": stored,
         "chunk": chunk,
     }
-    counted = ctx.store.record_success(job.id, index, record, increments)
+    daily = keys.tenant_spend_daily(job.tenant, utc_day(time.time()))
+    counted = ctx.store.record_success(job.id, index, record, increments, daily)
     if counted and not model.token_counts_published and size and quality:
         capability.observe_tokens(
             ctx.redis, model.id, size, quality, tokens.image_output, len(stored)
