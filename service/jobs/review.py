@@ -151,3 +151,14 @@ def review(ctx: Context, job: Job, decisions: Iterable[Decision]) -> dict[str, A
 def clear(ctx: Context, job: Job, indexes: Iterable[int]) -> int:
     """Forget the decisions of these items (their images are being made again)."""
     return ctx.store.set_reviews(job.id, dict.fromkeys(indexes, ""))
+
+
+def note_redo(ctx: Context, job: Job, indexes: Iterable[int], redo_job: str) -> None:
+    """Record on each item's decision that ``redo_job`` makes its image again."""
+    wanted = sorted(set(indexes))
+    values = {}
+    for index, record in zip(wanted, ctx.store.item_reviews(job.id, wanted), strict=True):
+        if record is not None and record.get("decision") in _LETTER:
+            record["redo"] = redo_job
+            values[index] = f"{_LETTER[record['decision']]}|" + orjson.dumps(record).decode()
+    ctx.store.set_reviews(job.id, values)
