@@ -177,6 +177,11 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
 
+    # --- the web console ---------------------------------------------------------------------
+    console_session_hours: float = Field(
+        12.0, description="How long a console sign-in lasts before the key must be given again."
+    )
+
     @field_validator("openai_webhook_secret")
     @classmethod
     def _webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:

@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Sub-packages tested through their parent's tests (the routes, through tests/service/api).
-COVERED_BY_PARENT = {"service/api/routes", "workers/tasks"}
+COVERED_BY_PARENT = {"service/api/routes", "service/console/routes", "workers/tasks"}
 
 
 def packages() -> list[str]:

@@ -19,6 +19,7 @@ from service import metrics, tokens
 from service.api import problems
 from service.api.routes import jobs, models, objects, schedules, webhooks
 from service.api.routes import service as service_routes
+from service.console import install as install_console
 from service.context import Context, build_context
 from service.models import lifecycle
 from service.settings import Settings, get_settings
@@ -81,4 +82,5 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         webhooks.router,
     ):
         app.include_router(router)
+    install_console(app)
     return app
