@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 MAX_SERIES = 6
 OTHER = "other"
 WIDTH, HEIGHT = 720, 220
-PAD_LEFT, PAD_BOTTOM, PAD_TOP = 56, 28, 12
+PAD_LEFT, PAD_RIGHT, PAD_BOTTOM, PAD_TOP = 56, 24, 28, 12
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Chart:
     days: list[tuple[float, str]] = field(default_factory=list)  # (x, text) of the day axis
     legend: list[tuple[int, str, float]] = field(default_factory=list)  # (colour, name, total)
     baseline: float = 0.0
+    right: float = WIDTH - PAD_RIGHT
     empty: bool = True
 
 
@@ -69,7 +70,7 @@ def stacked_bars(
     totals = [sum(values[i] for _, values in folded) / unit for i in range(len(days))]
     top = _nice_top(max(totals, default=0.0))
     plot_h = HEIGHT - PAD_BOTTOM - PAD_TOP
-    slot = (WIDTH - PAD_LEFT) / max(1, len(days))
+    slot = (WIDTH - PAD_LEFT - PAD_RIGHT) / max(1, len(days))
     bar_w = max(2.0, slot * 0.7)
     for i, day in enumerate(days):
         x = PAD_LEFT + i * slot + (slot - bar_w) / 2
@@ -84,11 +85,11 @@ def stacked_bars(
             chart.bars.append(Bar(x, y, bar_w, h, colour, f"{day} · {name}: {shown}"))
         if i % 7 == len(days) % 7 or i == len(days) - 1:
             chart.days.append((x + bar_w / 2, day[5:]))
+    digits = 2 if top >= 1 else 3 if top >= 0.1 else 4
     for k in range(5):
         value = top * k / 4
-        chart.ticks.append(
-            (chart.baseline - plot_h * k / 4, f"${value:,.2f}" if money else f"{value:,.0f}")
-        )
+        text = f"${value:,.{digits}f}" if money else f"{value:,.0f}"
+        chart.ticks.append((chart.baseline - plot_h * k / 4, text))
     chart.legend = [(c, name, sum(values) / unit) for c, (name, values) in enumerate(folded)]
     chart.empty = not chart.bars
     return chart

@@ -18,7 +18,7 @@ from service.console.sessions import COOKIE
 from service.jobs import thumbs
 from service.redis import keys
 from service.storage import thumb_key
-from tests.service.console.conftest import Console, csrf_of
+from tests.support.console import Console, csrf_of
 from tests.support.jobs import ended_job
 
 PAGES = ("/ui/", "/ui/new", "/ui/spend")
