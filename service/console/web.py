@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,6 +31,8 @@ from service.tenants import DEFAULT_TENANT_ID, Tenants
 
 HERE = Path(__file__).parent
 NONE = "\u2013"  # an en dash: how a missing figure reads
+# What intake's job ids look like; anything else is not looked up (it could name another key).
+_JOB_ID = re.compile(r"job_[0-9a-f]{20,40}", re.ASCII)
 templates = Jinja2Templates(directory=HERE / "templates")
 
 SECURITY_HEADERS = {
@@ -102,7 +105,7 @@ def viewer(request: Request) -> Session:
 
 def own_job(request: Request, session: Session, job_id: str) -> Job:
     """The viewer's job; another tenant's job is the same "not found" as no job at all."""
-    job = ctx_of(request).store.job(job_id) if len(job_id) <= 64 else None
+    job = ctx_of(request).store.job(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or job.tenant != session.tenant:
         raise ConsoleError(404, "Job not found", f"There is no job {job_id[:64]!r} here.")
     return job
@@ -236,9 +239,24 @@ def ago(when: float | str | None, now: float | None = None) -> str:
     return "just now"
 
 
+def until(when: str | None, now: float | None = None) -> str:
+    """How long until an ISO time: "in 12 min", for a forecast."""
+    if not when:
+        return NONE
+    then = dt.datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    seconds = then - (now if now is not None else dt.datetime.now(dt.UTC).timestamp())
+    if seconds < 60:
+        return "in under a minute"
+    for size, unit in ((86400, "day"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            n = math.floor(seconds / size)
+            return f"in {n} {unit}{'s' if unit == 'day' and n > 1 else ''}"
+    return "soon"
+
+
 def percent(part: float, whole: float) -> int:
     return 0 if whole <= 0 else max(0, min(100, round(100 * part / whole)))
 
 
-templates.env.filters.update(usd=usd, number=number, ago=ago, iso=iso)
+templates.env.filters.update(usd=usd, number=number, ago=ago, iso=iso, until=until)
 templates.env.globals.update(percent=percent)
