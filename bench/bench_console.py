@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -197,6 +198,7 @@ def main() -> None:
     finally:
         api.stop()
         redis_proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"gallery, first page (48 tiles): {ms(first)}")
     print(f"gallery, page at item {DEEP:,}: {ms(deep)}")
     print(f"gallery, page at item {DEEP:,}, line index dropped first: {ms(cold)}")
