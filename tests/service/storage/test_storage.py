@@ -33,6 +33,7 @@ from service.storage import (
     manifest_key,
     open_storage,
     request_key,
+    thumb_key,
 )
 from service.storage.s3 import S3Storage, transfer_config
 from tests.support.procs import free_port
@@ -469,6 +470,34 @@ def test_bad_metadata_is_refused(backend: Backend) -> None:
         with pytest.raises(ValueError):
             s.put_bytes("k", b"x", content_type="text/plain", metadata=meta)
     assert not s.exists("k")
+
+
+def test_open_from_reads_from_an_offset_and_nothing_past_the_end(backend: Backend) -> None:
+    data = b"".join(b"line %05d\n" % i for i in range(5000))
+    backend.storage.put_bytes("jobs/j1/request.jsonl", data, content_type="application/jsonl")
+    for offset in (0, 1, 11, 27_500, len(data) - 1):
+        with backend.storage.open_from("jobs/j1/request.jsonl", offset) as fh:
+            assert fh.read() == data[offset:]
+    for offset in (len(data), len(data) + 100):
+        with backend.storage.open_from("jobs/j1/request.jsonl", offset) as fh:
+            assert fh.read() == b""
+    with (
+        pytest.raises(ObjectNotFound),
+        backend.storage.open_from("jobs/j1/missing.jsonl", 10) as fh,
+    ):
+        fh.read()
+
+
+def test_thumb_key_sits_beside_the_images_and_names_the_content() -> None:
+    sha256 = "ab" * 32
+    assert thumb_key("jobs/j1/images/sku-1.png", sha256) == (
+        "jobs/j1/thumbs/sku-1." + "ab" * 8 + ".webp"
+    )
+    for bad in ("jobs/j1/request.jsonl", "other/j1/images/a.png", "jobs/j1/images/a/b.png"):
+        with pytest.raises(ValueError):
+            thumb_key(bad, sha256)
+    with pytest.raises(ValueError):
+        thumb_key("jobs/j1/images/a.png", "not-hex")
 
 
 def test_layout() -> None:
