@@ -25,6 +25,10 @@
         .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
         .then(function (html) {
           live.innerHTML = html;
+          // Screen readers hear the progress when it moves, not the whole section each time.
+          var said = document.querySelector("[data-live-status]");
+          var text = live.querySelector("[data-testid=progress-text]");
+          if (said && text && said.textContent !== text.textContent) said.textContent = text.textContent;
           var badge = live.querySelector("[data-status]");
           if (badge && FINAL.indexOf(badge.getAttribute("data-status")) >= 0) {
             window.clearInterval(timer);
