@@ -1,6 +1,7 @@
 """Redo: make some of a job's images again, each with an edited prompt.
 
-The console's gallery calls :func:`redo` for the items a reviewer rejected (or that failed). The
+The console's gallery calls :func:`redo` for the items a reviewer rejected (or that failed), and
+a job's page :func:`retry_failed` for all its failed items, prompts unchanged. The
 items are submitted again through intake (the one way in: validated, estimated, budget-checked)
 as a new job of those items alone: the same model, parameters and labels, the edited prompts,
 and the label ``redo_of`` naming the job they come from. Each redone item's review decision in
@@ -75,3 +76,14 @@ def redo(ctx: Context, job: Job, edits: Mapping[int, tuple[str, str]], tenant: s
     )
     done = intake.submit(ctx, spec, tenant)
     return Redone(done.job.id, len(items), in_place=False)
+
+
+def retry_failed(ctx: Context, job: Job, tenant: str) -> Redone:
+    """Make the job's failed items again, their prompts unchanged (at most :data:`MAX_ITEMS`)."""
+    edits: dict[int, tuple[str, str]] = {}
+    for item, line in item_lines(ctx, job, 0):
+        if item["status"] == "failed":
+            edits[item["index"]] = (item["id"], str(line.body.get("prompt", "")))
+            if len(edits) >= MAX_ITEMS:
+                break
+    return redo(ctx, job, edits, tenant)

@@ -1,4 +1,5 @@
-"""Redo: rejected (or failed) images made again with edited prompts."""
+"""Redo: rejected (or failed) images made again with edited prompts; a job's failed items
+retried."""
 
 from __future__ import annotations
 
@@ -48,4 +49,17 @@ async def redo_items(request: Request, job_id: str) -> Response:
     if done.in_place:
         return web.redirect(request, f"/ui/jobs/{job_id}")
     review.note_redo(ctx, job, edits, done.job_id)
+    return web.redirect(request, f"/ui/jobs/{done.job_id}")
+
+
+@router.post("/jobs/{job_id}/retry")
+async def retry_failed(request: Request, job_id: str) -> Response:
+    session = web.viewer(request)
+    web.check_csrf(request, session, await request.form())
+    job = web.own_job(request, session, job_id)
+    assert session.tenant is not None
+    try:
+        done = redo.retry_failed(web.ctx_of(request), job, session.tenant)
+    except Problem as exc:
+        raise web.ConsoleError(exc.status, "Retry not started", exc.detail) from None
     return web.redirect(request, f"/ui/jobs/{done.job_id}")

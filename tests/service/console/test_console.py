@@ -184,3 +184,19 @@ def test_review_and_redo_through_forms(console: Console) -> None:
     assert redone is not None and redone.items == 1 and redone.tenant == "acme"
     record = console.ctx.redis.hget(keys.job_review(job.id), "1")
     assert record is not None and new_id.encode() in record
+
+
+def test_retry_failed_items_from_the_job_page(console: Console) -> None:
+    job = ended_job(console.ctx, 5, tenant="acme", fail={1, 3})
+    with console.signed_in("acme") as c:
+        page = c.get(f"/ui/jobs/{job.id}")
+        assert "Retry 2 failed" in page.text
+        resp = c.post(f"/ui/jobs/{job.id}/retry", data={"csrf": csrf_of(page.text)})
+        assert resp.status_code == 303
+    target = resp.headers["location"].rsplit("/", 1)[-1]
+    again = console.ctx.store.job(target)
+    assert again is not None
+    if target == job.id:  # retried in place: the failed items run again in the same job
+        assert again.status in ("queued", "running")
+    else:  # a new job of those items
+        assert again.items == 2 and again.labels.get("redo_of") == job.id
