@@ -64,6 +64,16 @@ class World:
     def text(self, css: str) -> str:
         return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
 
+    def etag(self, src: str) -> str:
+        """The ETag the console serves a thumbnail with: the hash of the image it shows."""
+        return str(
+            self.driver.execute_async_script(
+                "const done = arguments[arguments.length - 1];"
+                "fetch(arguments[0], {cache: 'no-store'}).then(r => done(r.headers.get('etag')));",
+                src,
+            )
+        )
+
     def loaded_images(self) -> list[tuple[str, str]]:
         """Scroll every gallery image into view and wait until each has decoded; (alt, src)."""
         images = self.driver.find_elements(By.CSS_SELECTOR, ".gallery img")
@@ -176,6 +186,9 @@ def test_a_job_from_list_to_live_progress_to_gallery_review_and_redo(world: Worl
     wait_until(lambda: "sku-3" in world.text("dialog .detail h2"), message="back to sku-3")
 
     # Redo sku-3 with an edited prompt, and see its new image.
+    before = world.etag(
+        driver.find_element(By.CSS_SELECTOR, '.tile[data-index="3"] img').get_attribute("src")
+    )
     edited = "Studio photo of product 3 with its label whole"
     box = driver.find_element(By.CSS_SELECTOR, "dialog textarea[name='prompt:3']")
     box.clear()
@@ -187,6 +200,9 @@ def test_a_job_from_list_to_live_progress_to_gallery_review_and_redo(world: Worl
     world.go(f"/ui/jobs/{redo_job}/gallery" if redo_job != job_id else f"/ui/jobs/{job_id}/gallery")
     images = dict(world.loaded_images())
     assert edited in images, images.keys()
+    assert world.etag(images[edited]) != before  # a new image, not the old one under a new name
+    tile = driver.find_element(By.CSS_SELECTOR, f'.gallery img[alt="{edited}"]')
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", tile)
     shot(driver, "redone")
 
 
