@@ -1,12 +1,13 @@
 """Redo: make some of a job's images again, each with an edited prompt.
 
 The console's gallery calls :func:`redo` for the items a reviewer rejected (or that failed), and
-a job's page :func:`retry_failed` for all its failed items, prompts unchanged. The
-items are submitted again through intake (the one way in: validated, estimated, budget-checked)
-as a new job of those items alone: the same model, parameters and labels, the edited prompts,
-and the label ``redo_of`` naming the job they come from. Each redone item's review decision in
-the original job is kept and records the job that redoes it (``redo`` in its review record), so
-the gallery can show the new image in its place.
+a job's page :func:`retry_failed` for all its failed items, prompts unchanged. A finished job
+redoes them in place (:mod:`service.jobs.retry`: the same job runs those items again with the
+edited prompts and ends with one manifest); their review decisions are cleared, as their images
+are new. A job still running cannot be retried in place, so its items are submitted again
+through intake as a new job of those items alone (same model, parameters and labels, the edited
+prompts, the label ``redo_of``), and each redone item's review decision records that job
+(``redo`` in its review record).
 
 Failure semantics: an item that is not in the job, or an edited prompt intake refuses, is a 422
 :class:`~service.errors.Problem` naming it, and nothing is submitted.
@@ -22,7 +23,7 @@ import orjson
 
 from service.context import Context
 from service.errors import FieldErrors
-from service.jobs import intake
+from service.jobs import intake, retry, review
 from service.jobs.model import Job
 from service.jobs.pages import item_lines
 from service.jobs.spec import parse_job_json
@@ -50,11 +51,14 @@ def _lines(
 
 
 def redo(ctx: Context, job: Job, edits: Mapping[int, tuple[str, str]], tenant: str) -> Redone:
-    """Make the items ``edits`` names (index -> (id, new prompt)) again."""
+    """Make the items ``edits`` names (index -> (id, new prompt)) again: in place when the job
+    has finished (a retry with the edited prompts), else as a new job of those items."""
     errs = FieldErrors()
     if not edits or len(edits) > MAX_ITEMS:
         errs.add("items", f"choose 1 to {MAX_ITEMS:,} items to redo")
         errs.raise_if_any()
+    if job.is_final:
+        return _in_place(ctx, job, edits)
     found = _lines(ctx, job, {i: item_id for i, (item_id, _) in edits.items()})
     items = []
     for k, (index, (item_id, prompt)) in enumerate(sorted(edits.items())):
@@ -79,7 +83,11 @@ def redo(ctx: Context, job: Job, edits: Mapping[int, tuple[str, str]], tenant: s
 
 
 def retry_failed(ctx: Context, job: Job, tenant: str) -> Redone:
-    """Make the job's failed items again, their prompts unchanged (at most :data:`MAX_ITEMS`)."""
+    """Make the job's failed items again, their prompts unchanged: in place once it finished
+    (a retry of its failed items), else as a new job of (at most :data:`MAX_ITEMS` of) them."""
+    if job.is_final:
+        outcome = retry.retry_job(ctx, job, retry.RetryRequest())
+        return Redone(job.id, outcome.retried, in_place=True)
     edits: dict[int, tuple[str, str]] = {}
     for item, line in item_lines(ctx, job, 0):
         if item["status"] == "failed":
@@ -87,3 +95,14 @@ def retry_failed(ctx: Context, job: Job, tenant: str) -> Redone:
             if len(edits) >= MAX_ITEMS:
                 break
     return redo(ctx, job, edits, tenant)
+
+
+def _in_place(ctx: Context, job: Job, edits: Mapping[int, tuple[str, str]]) -> Redone:
+    """Retry the items in the job itself with their edited prompts; their images are new, so
+    their review decisions are cleared."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item_id, prompt in edits.values():
+        overrides[item_id] = {"prompt": prompt.strip()} if prompt.strip() else {}
+    outcome = retry.retry_job(ctx, job, retry.RetryRequest(items=overrides))
+    review.clear(ctx, job, edits)
+    return Redone(job.id, outcome.retried, in_place=True)
