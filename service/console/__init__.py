@@ -1,5 +1,5 @@
 """The web console at ``/ui/``: jobs, live progress, the gallery with review, a new job with its
-estimate, spend. Served by the API process itself: server-rendered templates, a little script,
+estimate, spend, schedules. Served by the API process itself: server-rendered templates, a little script,
 every asset from ``static/`` (nothing from a CDN, no build step).
 
 It calls the same domain functions as the API (``service.jobs``, ``service.budgets``) and never
@@ -13,14 +13,22 @@ from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from service.console import web
-from service.console.routes import auth, gallery, jobs, new, redo, spend
+from service.console.routes import auth, gallery, jobs, new, redo, schedules, spend
 
 STATIC = web.HERE / "static"
 
 
 def router() -> APIRouter:
     console = APIRouter(prefix="/ui", include_in_schema=False)
-    for part in (auth.router, jobs.router, gallery.router, redo.router, new.router, spend.router):
+    for part in (
+        auth.router,
+        jobs.router,
+        gallery.router,
+        redo.router,
+        new.router,
+        spend.router,
+        schedules.router,
+    ):
         console.include_router(part)
     return console
 

@@ -59,6 +59,9 @@ def two_tenant_api(tmp: Path, redis_url: str, db: int = 5) -> Iterator[Console]:
             for t, k in keys.items()
         )
     )
+    catalogs = tmp / "catalogs"
+    catalogs.mkdir()
+    (catalogs / "products.csv").write_text("id,title\nsku-1,red mug\nsku-2,blue cup\n")
     url = redis_url.rsplit("/", 1)[0] + f"/{db}"
     redis.Redis.from_url(url).flushdb()
     port = free_port()
@@ -67,6 +70,8 @@ def two_tenant_api(tmp: Path, redis_url: str, db: int = 5) -> Iterator[Console]:
         "IMAGEBATCH_STORAGE_URL": (tmp / "storage").as_uri(),
         "IMAGEBATCH_DATA_DIR": str(tmp / "data"),
         "IMAGEBATCH_TENANTS_FILE": str(tenants),
+        # Schedules read their catalogs from here (file://).
+        "IMAGEBATCH_LOCAL_REF_ROOTS": f'["{catalogs}"]',
         "IMAGEBATCH_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
         "OPENAI_API_KEY": "sk-test",
@@ -77,7 +82,7 @@ def two_tenant_api(tmp: Path, redis_url: str, db: int = 5) -> Iterator[Console]:
         tmp / "api.log",
         env=env,
     )
-    ctx = make_context(tmp, url, tenants_file=tenants)
+    ctx = make_context(tmp, url, tenants_file=tenants, local_ref_roots=[catalogs])
     try:
         yield Console(f"http://127.0.0.1:{port}", ctx, keys, proc)
     finally:

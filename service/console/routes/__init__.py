@@ -1,1 +1,2 @@
-"""The console's pages, one module per part: auth (sign-in), jobs, gallery, new, spend."""
+"""The console's pages, one module per part: auth (sign-in), jobs, gallery, redo, new, spend,
+schedules."""

@@ -15,7 +15,7 @@ import httpx2
 from PIL import Image
 
 from service.console.sessions import COOKIE
-from service.jobs import thumbs
+from service.jobs import pages, thumbs
 from service.redis import keys
 from service.storage import thumb_key
 from tests.support.console import Console, csrf_of
@@ -178,11 +178,34 @@ def test_review_and_redo_through_forms(console: Console) -> None:
             },
         )
         assert redo.status_code == 303
+    # The job had finished: the item runs again in the same job, with the edited prompt, and
+    # its decision is cleared (its image will be new); the other rejected one stays rejected.
+    assert redo.headers["location"] == f"/ui/jobs/{job.id}"
+    again = console.ctx.store.job(job.id)
+    assert again is not None and again.status == "queued" and again.retries == 1
+    assert console.ctx.store.review_counts(job.id) == {"rejected": 1}
+    line = next(pages.item_lines(console.ctx, again, 1))[1]
+    assert line.body["prompt"] == "Studio photo of product 1, label whole"
+
+
+def test_redo_of_a_running_jobs_items_is_a_new_job_of_them(console: Console) -> None:
+    job = ended_job(console.ctx, 4, tenant="acme", finish=False)
+    with console.signed_in("acme") as c:
+        token = csrf_of(c.get(f"/ui/jobs/{job.id}/gallery").text)
+        c.post(
+            f"/ui/jobs/{job.id}/review",
+            data={"csrf": token, "item": "2:sku-2", "decision": "rejected"},
+        )
+        redo = c.post(
+            f"/ui/jobs/{job.id}/redo",
+            data={"csrf": token, "item": "2:sku-2", "prompt:2": "Product 2, brighter"},
+        )
+        assert redo.status_code == 303
     new_id = redo.headers["location"].rsplit("/", 1)[-1]
-    assert new_id != job.id
     redone = console.ctx.store.job(new_id)
-    assert redone is not None and redone.items == 1 and redone.tenant == "acme"
-    record = console.ctx.redis.hget(keys.job_review(job.id), "1")
+    assert new_id != job.id and redone is not None and redone.items == 1
+    assert redone.labels["redo_of"] == job.id
+    record = console.ctx.redis.hget(keys.job_review(job.id), "2")
     assert record is not None and new_id.encode() in record
 
 
@@ -193,10 +216,54 @@ def test_retry_failed_items_from_the_job_page(console: Console) -> None:
         assert "Retry 2 failed" in page.text
         resp = c.post(f"/ui/jobs/{job.id}/retry", data={"csrf": csrf_of(page.text)})
         assert resp.status_code == 303
-    target = resp.headers["location"].rsplit("/", 1)[-1]
-    again = console.ctx.store.job(target)
-    assert again is not None
-    if target == job.id:  # retried in place: the failed items run again in the same job
-        assert again.status in ("queued", "running")
-    else:  # a new job of those items
-        assert again.items == 2 and again.labels.get("redo_of") == job.id
+    assert resp.headers["location"] == f"/ui/jobs/{job.id}"  # in place
+    again = console.ctx.store.job(job.id)
+    assert again is not None and again.status == "queued"
+    assert console.ctx.store.counts(job.id)["pending"] == 2
+
+
+def test_schedules_are_made_paused_resumed_run_and_deleted_from_the_page(console: Console) -> None:
+    catalog = next(console.ctx.settings.local_ref_roots[0].glob("products.csv")).as_uri()
+    with console.signed_in("acme") as c:
+        page = c.get("/ui/schedules")
+        assert page.status_code == 200 and "No schedules yet" in page.text
+        token = csrf_of(page.text)
+        form = {
+            "csrf": token,
+            "name": "weekly mugs",
+            "cron": "0 6 * * 1",
+            "timezone": "UTC",
+            "catalog_url": catalog,
+            "template": "Studio photo of a {title}",
+            "quality": "low",
+            "size": "1024x1024",
+            "campaign": "weekly",
+        }
+        bad = c.post("/ui/schedules", data={**form, "cron": "every day"})
+        assert bad.status_code == 422 and "cron" in bad.text
+        assert c.post("/ui/schedules", data=form).status_code == 303
+        listed = c.get("/ui/schedules").text
+        assert "weekly mugs" in listed and "0 6 * * 1" in listed and "paused" not in listed
+        sid = re.search(r'/ui/schedules/([^/"]+)/run', listed)
+        assert sid is not None
+        schedule = sid.group(1)
+        assert c.post(f"/ui/schedules/{schedule}/pause", data={"csrf": token}).status_code == 303
+        assert "paused" in c.get("/ui/schedules").text
+        assert c.post(f"/ui/schedules/{schedule}/resume", data={"csrf": token}).status_code == 303
+        run = c.post(f"/ui/schedules/{schedule}/run", data={"csrf": token})
+        assert run.status_code == 303
+        job_id = run.headers["location"].rsplit("/", 1)[-1]
+        job = console.ctx.store.job(job_id)
+        assert job is not None and job.items == 2 and job.labels["schedule"] == schedule
+        assert job_id in c.get("/ui/", params={"schedule": schedule}).text
+    with console.signed_in("rival") as other:
+        token = csrf_of(other.get("/ui/schedules").text)
+        assert (
+            other.post(f"/ui/schedules/{schedule}/pause", data={"csrf": token}).status_code == 404
+        )
+        assert "weekly mugs" not in other.get("/ui/schedules").text
+    with console.signed_in("acme") as c:
+        assert c.post(f"/ui/schedules/{schedule}/delete", data={"csrf": token}).status_code == 403
+        token = csrf_of(c.get("/ui/schedules").text)
+        assert c.post(f"/ui/schedules/{schedule}/delete", data={"csrf": token}).status_code == 303
+        assert "weekly mugs" not in c.get("/ui/schedules").text
