@@ -233,10 +233,11 @@ def test_other_tenants_csrf_new_job_and_spend(world: World) -> None:
     # A new job from the page: estimated, then submitted.
     world.go("/ui/new")
     driver.find_element(By.CSS_SELECTOR, "input[value=json]").click()
-    driver.find_element(By.ID, "json_text").send_keys(
+    body = (
         '{"model": "gpt-image-2", "items": [{"id": "mug", "prompt": "A red mug"}, '
         '{"id": "cup", "prompt": "A blue cup"}], "labels": {"campaign": "autumn"}}'
     )
+    driver.find_element(By.ID, "json_text").send_keys(body)
     driver.find_element(By.CSS_SELECTOR, "button[value=estimate]").click()
     wait_until(
         lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=estimate]"), message="estimate"
@@ -247,6 +248,18 @@ def test_other_tenants_csrf_new_job_and_spend(world: World) -> None:
     wait_until(lambda: "/ui/jobs/job_" in driver.current_url, message="the new job's page")
     mine = driver.current_url.rsplit("/", 1)[-1]
     world.wait_final("rival", mine)
+
+    # The same job again: its estimate says both images are already there, at no cost.
+    world.go("/ui/new")
+    driver.find_element(By.CSS_SELECTOR, "input[value=json]").click()
+    driver.find_element(By.ID, "json_text").send_keys(body)
+    driver.find_element(By.CSS_SELECTOR, "button[value=estimate]").click()
+    wait_until(
+        lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=reuse]"),
+        message="the estimate to count reused images",
+    )
+    assert world.text("[data-testid=reuse]").startswith("2 of the 2 items match")
+    shot(driver, "new-job-reuse")
 
     world.go("/ui/spend")
     wait_until(

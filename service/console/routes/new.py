@@ -94,7 +94,7 @@ async def new_job(request: Request) -> Response:
             assert session.tenant is not None
             done = intake.submit(ctx, spec, session.tenant)
             return web.redirect(request, f"/ui/jobs/{done.job.id}")
-        estimate = intake.estimate(ctx, spec)
+        estimate = intake.estimate(ctx, spec, session.tenant)
     except Problem as exc:
         return web.page(request, "new.html", 422, nav="new", form=values, problem=exc)
     lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items)
@@ -104,6 +104,7 @@ async def new_job(request: Request) -> Response:
         nav="new",
         form=values,
         estimate=estimate.to_dict(),
+        total_items=len(spec.items),
         lane=lane,
         warnings=list(spec.warnings),
     )
