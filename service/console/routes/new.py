@@ -88,12 +88,13 @@ async def new_job(request: Request) -> Response:
     values = _defaults(request)
     body, ctype, query = _read_form(form, values)
     action = str(form.get("action") or "estimate")
+    assert session.tenant is not None
     try:
-        spec = intake.parse_body(ctx, body, ctype, query)
         if action == "submit":
-            assert session.tenant is not None
-            done = intake.submit(ctx, spec, session.tenant)
+            # The one way in, as POST /v1/jobs: validated for this tenant, budget-checked.
+            done = intake.submit_body(ctx, session.tenant, body, ctype, query)
             return web.redirect(request, f"/ui/jobs/{done.job.id}")
+        spec = intake.parse_body(ctx, body, ctype, query)
         estimate = intake.estimate(ctx, spec, session.tenant)
     except Problem as exc:
         return web.page(request, "new.html", 422, nav="new", form=values, problem=exc)
