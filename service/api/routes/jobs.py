@@ -153,7 +153,15 @@ def get_job(request: Request, job_id: str) -> dict[str, Any]:
     return views.job_view(ctx_of(request), own_job(request, job_id))
 
 
-@router.get("/{job_id}/items", summary="A job's items with state, error, storage keys and URLs")
+@router.get(
+    "/{job_id}/items",
+    summary="A job's items with state, error, storage keys and URLs",
+    description=(
+        "Items in index order from `cursor` on. A page filtered by `status` or `review` reads "
+        "at most 10,000 items: it may hold fewer than `limit` (even none) with a `next_cursor` "
+        "to go on from; `next_cursor` null means the end of the job."
+    ),
+)
 def get_items(
     request: Request,
     job_id: str,
