@@ -9,7 +9,6 @@ kept by CI as an artifact). The test is skipped where Chromium is not installed.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def start_browser(profile: Path, width: int = 1280, height: int = 900) -> Any:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()) and not shutil.which(
-        "chromedriver"
-    ):
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium-driver)")
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            f"{CHROMIUM} or {CHROMEDRIVER} is missing (apt-get install chromium chromium-driver;"
+            " .ci/run does)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
