@@ -24,6 +24,7 @@ from service.jobs.store import JobStore
 from service.models.lifecycle import ModelView, load_view, utc_today
 from service.queues import Enqueuer, producer
 from service.redis import keys
+from service.redis.client import connect, require_url
 from service.redis.leases import mark_once
 from service.settings import Settings
 from service.storage import Storage, open_storage
@@ -74,17 +75,12 @@ class Context:
 
 
 def redis_url(settings: Settings) -> str:
-    if not settings.redis_url:
-        raise RuntimeError(
-            "IMAGEBATCH_REDIS_URL is not set; run `imagebatch up` for the embedded Redis, "
-            "or point IMAGEBATCH_REDIS_URL at your Redis (redis://host:6379/0)"
-        )
-    return settings.redis_url
+    return require_url(settings)
 
 
 def build_context(settings: Settings, *, enqueue: Callable[..., Any] | None = None) -> Context:
     url = redis_url(settings)
-    client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    client = connect(settings)
     ctx = Context(
         settings=settings,
         redis=client,

@@ -12,6 +12,8 @@ from typing import Any
 
 from celery import Celery
 
+from service.redis.client import broker
+
 CONTROL, COLLECT, SYNC = "control", "collect", "sync"
 QUEUES = (CONTROL, COLLECT, SYNC)
 
@@ -43,12 +45,16 @@ ROUTES: dict[str, str] = {
 
 
 def producer(broker_url: str) -> Celery:
-    """A Celery app that only sends tasks (the API's view of the workers)."""
-    app = Celery("imagebatch-producer", broker=broker_url)
+    """A Celery app that only sends tasks (the API's view of the workers).
+
+    ``broker_url`` is ``IMAGEBATCH_REDIS_URL``, either form (``service.redis.client``)."""
+    target = broker(broker_url)
+    app = Celery("imagebatch-producer", broker=target.url)
     app.conf.update(
         broker_connection_retry_on_startup=True,
         task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": 3600, **target.transport_options},
+        task_publish_retry_policy=target.publish_retry_policy,
     )
     return app
 

@@ -25,6 +25,7 @@ from celery.signals import (
 
 from service import queues
 from service.context import Context, build_context, redis_url
+from service.redis.client import broker, connect
 from service.redis.leases import pause
 from service.settings import Settings, get_settings
 
@@ -82,7 +83,7 @@ def _start_heartbeat(**_: Any) -> None:
 
     from service import metrics
 
-    client = redis.Redis.from_url(redis_url(get_settings()))
+    client = connect(get_settings())
     name = worker_name()
 
     def beat() -> None:
@@ -109,13 +110,15 @@ def _close(**_: Any) -> None:
 
 
 def configure(settings: Settings) -> Celery:
-    url = redis_url(settings)
+    target = broker(redis_url(settings))
     app.conf.update(
-        broker_url=url,
+        broker_url=target.url,
         broker_connection_retry_on_startup=True,
         # Long enough that a slow collect is not redelivered while it still runs; the sweep
         # re-enqueues a collect whose lease lapsed well before this.
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": 3600, **target.transport_options},
+        # With Sentinel, publishing retries through a failover (service/redis/client.py).
+        task_publish_retry_policy=target.publish_retry_policy,
         task_routes={name: {"queue": q} for name, q in queues.ROUTES.items()},
         task_default_queue=queues.CONTROL,
         task_acks_late=True,

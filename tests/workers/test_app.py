@@ -70,6 +70,22 @@ def test_configure_makes_delivery_at_least_once_one_message_at_a_time(
     assert conf.broker_transport_options["visibility_timeout"] >= 3600
 
 
+def test_a_sentinel_url_makes_celery_use_its_sentinel_transport(tmp_path: Path) -> None:
+    url = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0"
+    conf = configure(Settings(redis_url=url, data_dir=tmp_path)).conf
+    try:
+        assert conf.broker_url == "sentinel://10.0.0.1:26379/0;sentinel://10.0.0.2:26379/0"
+        assert conf.broker_transport_options["master_name"] == "mymaster"
+        assert conf.broker_transport_options["visibility_timeout"] >= 3600
+        # The API's producer publishes to the same place, the same way.
+        producer = queues.producer(url).conf
+        assert producer.broker_url == conf.broker_url
+        assert producer.broker_transport_options == conf.broker_transport_options
+        assert producer.task_publish_retry_policy == conf.task_publish_retry_policy
+    finally:
+        configure(Settings(redis_url="redis://127.0.0.1:6390/4", data_dir=tmp_path))
+
+
 def test_beat_sweeps_every_poll_seconds_on_the_control_queue(settings: Settings) -> None:
     conf = configure(settings).conf
     entry = conf.beat_schedule["sweep"]
