@@ -1,5 +1,7 @@
 """deploy/k8s: every object valid against its schema (KEDA's included), the Deployments'
-commands, security and wiring, and autoscaling that matches the workers' queues and time limits.
+commands, security and wiring, and autoscaling that matches the workers' queues and time limits;
+the Sentinel overlay (deploy/k8s/sentinel) applied as kustomize would, valid too, its KEDA
+triggers on the sentinels and master of its IMAGEBATCH_REDIS_URL.
 
 Schemas are vendored in tests/deploy/schemas (README.md there says from where and why not
 kubeconform) and checked with jsonschema, strict: an unknown field is an error. The workers'
@@ -22,6 +24,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
+from service.redis.client import parse_sentinel
 from tests.deploy.conftest import (
     BOTO3_ENV,
     K8S,
@@ -383,3 +386,93 @@ def test_the_api_scales_on_cpu_between_two_and_more(
     (container,) = api["spec"]["template"]["spec"]["containers"]
     # Utilization is measured against the request: without one the HPA cannot act.
     assert container["resources"]["requests"]["cpu"]
+
+
+# --- the Sentinel overlay (deploy/k8s/sentinel) -------------------------------------------------
+
+SENTINEL = K8S / "sentinel"
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic-merge patch as kustomize applies these: maps merge key by key, and lists are
+    replaced whole (a custom resource has no merge keys; the ConfigMap patch has no lists)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return copy.deepcopy(patch)
+
+
+@pytest.fixture(scope="module")
+def sentinel_objects(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> dict[tuple[str, str], dict[str, Any]]:
+    overlay: dict[str, Any] = load_yaml(SENTINEL / "kustomization.yaml")
+    assert overlay["resources"] == [".."], "the overlay builds on deploy/k8s"
+    patched = copy.deepcopy(objects)
+    paths = [entry["path"] for entry in overlay["patches"]]
+    assert set(paths) == {p.name for p in SENTINEL.glob("*.yaml")} - {"kustomization.yaml"}
+    for path in paths:
+        (patch,) = load_yaml_all(SENTINEL / path)
+        target = (patch["kind"], patch["metadata"]["name"])
+        assert target in patched, f"{path} patches {target}, which the base does not have"
+        assert patch["apiVersion"] == patched[target]["apiVersion"], path
+        patched[target] = _merge(patched[target], patch)
+    return patched
+
+
+def test_the_sentinel_overlay_validates_against_the_schemas(
+    sentinel_objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    problems = [
+        f"{kind}/{name}: {error}"
+        for (kind, name), doc in sentinel_objects.items()
+        for error in schema_errors(doc)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_sentinel_overlay_scales_on_the_primary_the_service_uses(
+    objects: dict[tuple[str, str], dict[str, Any]],
+    sentinel_objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    config = sentinel_objects[("ConfigMap", "imagebatch-config")]["data"]
+    target = parse_sentinel(config["IMAGEBATCH_REDIS_URL"])
+    assert target is not None, "the overlay's IMAGEBATCH_REDIS_URL is not a redis+sentinel:// URL"
+    # Only the Redis URL changes; every other setting is the base's.
+    base_config = objects[("ConfigMap", "imagebatch-config")]["data"]
+    assert {k: v for k, v in config.items() if k != "IMAGEBATCH_REDIS_URL"} == {
+        k: v for k, v in base_config.items() if k != "IMAGEBATCH_REDIS_URL"
+    }
+    for name, doc in scaled_objects(sentinel_objects).items():
+        (trigger,) = doc["spec"]["triggers"]
+        (base,) = scaled_objects(objects)[name]["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-sentinel", name
+        addresses = [a.strip() for a in meta["addresses"].split(",")]
+        assert addresses == [f"{h}:{p}" for h, p in target.sentinels], name
+        assert meta["sentinelMaster"] == target.master, name
+        assert meta["databaseIndex"] == str(target.db), name
+        # The same list and targets as the single-Redis trigger: only the way to Redis differs.
+        for key in ("listName", "listLength", "activationListLength"):
+            assert meta[key] == base["metadata"][key], (name, key)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda m: m.pop("sentinelMaster"), "is not valid under any of the given schemas"),
+        (lambda m: m.update(sentinelMasterName="mymaster"), "sentinelMasterName"),
+        (lambda m: m.update(addresses="a:26379;b:26379"), "does not match"),
+        (lambda m: m.update(address="a:6379"), "'address' was unexpected"),
+    ],
+)
+def test_the_schema_check_rejects_a_broken_sentinel_trigger(
+    sentinel_objects: dict[tuple[str, str], dict[str, Any]], break_it: Any, expected: str
+) -> None:
+    doc = copy.deepcopy(scaled_objects(sentinel_objects)["imagebatch-worker-collect"])
+    assert schema_errors(doc) == []
+    break_it(doc["spec"]["triggers"][0]["metadata"])
+    errors = schema_errors(doc)
+    assert any(expected in e for e in errors), errors
