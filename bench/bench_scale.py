@@ -43,6 +43,7 @@ from service.jobs import intake
 from service.jobs.model import CHUNK_COLLECTING
 from service.jobs.spec import parse_job_json
 from service.lanes import collect, finalize, plan, submit, sweep
+from service.redis import keys
 from service.settings import Settings
 from tests.support.simulator import start_simulator
 
@@ -213,6 +214,24 @@ def redis_per_item(tmp: Path, redis_url: str, n: int) -> None:
         )
         _, sizes = job_memory(ctx.redis, job_id)
         print("   finished job's keys: " + ", ".join(f"{k} {v}B" for k, v in sorted(sizes.items())))
+        shared = {
+            key.decode(): int(ctx.redis.memory_usage(key, samples=0) or 0)
+            for key in ctx.redis.scan_iter(count=1000)
+            if job_id.encode() not in key
+        }
+        big = sorted(shared.items(), key=lambda kv: -kv[1])[:4]
+        print(
+            f"   keys no job owns, after it: {sum(shared.values()) / 1e6:.2f} MB in {len(shared)} "
+            "keys; largest " + ", ".join(f"{k} {v / 1e6:.2f}MB" for k, v in big)
+        )
+        entries_key, used_key = keys.reuse_index("default")
+        entries = int(ctx.redis.hlen(entries_key))
+        if entries:
+            per = (shared.get(entries_key, 0) + shared.get(used_key, 0)) / entries
+            print(
+                f"   reuse index (kept up to IMAGEBATCH_REUSE_MAX_ENTRIES per tenant): {entries:,} "
+                f"entries, {per:.0f} B each"
+            )
         ctx.redis.close()
     finally:
         sim.stop()
