@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import ipaddress
 from base64 import b64decode
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _string_list(value: Any) -> Any:
+    """A list setting from the environment: a JSON list, or comma-separated values."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return orjson.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -57,6 +69,10 @@ class Settings(BaseSettings):
     local_ref_roots: list[Path] = Field(
         default_factory=list,
         description="Directories whose files items may use as `file://` reference images (JSON list); empty = none.",
+    )
+    reference_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Where an open API's reference images may come from (comma-separated `s3://bucket/prefix/`, `https://host/path/`, `file:///dir/`); empty = only data: URLs and the job's own images. Tenants list theirs in the tenants file.",
     )
 
     # --- upstream ----------------------------------------------------------------------------
@@ -161,6 +177,22 @@ class Settings(BaseSettings):
     sync_tpm: int = Field(0, description="Cluster-wide sync tokens per minute; 0 = unlimited.")
     sync_concurrency: int = Field(8, description="Sync requests one worker process runs at once.")
 
+    # --- webhooks ----------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="`whsec_…` secret that signs an open API's webhooks (`python -m service.tenants new-webhook-secret`); unset = webhooks refused. Tenants set `webhook_secret` in the tenants file.",
+    )
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated CIDRs webhooks may reach although private, loopback or link-local (e.g. `10.20.0.0/16`); empty = public addresses only.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Deadline for one whole webhook attempt (connect, send, answer); retries back off for up to 24 h.",
+    )
+
     # --- metrics -----------------------------------------------------------------------------
     metrics_job_retention: dt.timedelta = Field(
         dt.timedelta(hours=24), description="How long finished jobs keep their per-job series."
@@ -168,10 +200,18 @@ class Settings(BaseSettings):
     metrics_max_jobs: int = Field(
         1000, description="Most jobs with per-job series at once (newest kept)."
     )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token `/metrics` requires (`Authorization: Bearer …`); required when tenants are configured, else `/metrics` is closed.",
+    )
 
     # --- processes ---------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Where the API listens.")
     api_port: int = Field(8000, description="The API's port.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names an open API answers to (comma-separated, `*` = any); empty = localhost, 127.0.0.1, ::1, the bind address and the host of IMAGEBATCH_PUBLIC_URL.",
+    )
     simulator_port: int = Field(8100, description="The embedded simulator's port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
@@ -195,6 +235,23 @@ class Settings(BaseSettings):
                     "expected 'whsec_' followed by base64, as OpenAI shows it"
                 ) from None
         return None if v is not None and not raw else v
+
+    @field_validator(
+        "reference_prefixes", "webhook_allowed_networks", "allowed_hosts", mode="before"
+    )
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _string_list(value)
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a network in CIDR form: {exc}") from None
+        return value
 
     @property
     def storage_location(self) -> str:

@@ -17,6 +17,9 @@ The file is TOML (``.toml``) or YAML (``.yaml`` / ``.yml``), chosen by its exten
     ]
     daily_usd = 50.0       # optional: cap on spend per UTC day
     monthly_usd = 1000.0   # optional: cap on spend per UTC calendar month
+    reference_prefixes = ["s3://catalog/team-a/", "https://cdn.example.com/team-a/"]
+    webhook_secret = "whsec_…"   # optional: signs this tenant's webhooks; none = no webhooks
+    file_ids = false       # optional: may items reference upstream files (file-…) directly?
 
     [tenants.marketing]
     key_sha256 = ["9a0c…", "b71e…"]   # several keys, e.g. while rotating one
@@ -29,12 +32,18 @@ The same in YAML::
         daily_usd: 50
         monthly_usd: 1000
 
+``reference_prefixes`` says where the tenant's reference images may come from (whole path
+segments: ``s3://catalog/team-a`` covers ``s3://catalog/team-a/x.png``, not ``team-ab/``); without
+it a tenant may use only ``data:`` URLs and the images of its own jobs. ``webhook_secret`` is a
+Standard Webhooks secret (``whsec_`` and base64); a tenant without one cannot ask for webhooks.
+
 A tenant id is 1-64 characters of ``[A-Za-z0-9._-]``. ``key_sha256`` is required (an empty list
 disables a tenant's access while keeping it known); each entry is 64 hex characters, and one digest
 may belong to only one tenant. Make a key and its digest with::
 
     python -m service.tenants new-key        # prints the key (give it to the caller) and its digest
     python -m service.tenants digest ib_…    # the digest of an existing key
+    python -m service.tenants new-webhook-secret   # a whsec_… secret for webhook_secret
 
 Failure semantics: :func:`load_tenants` raises :class:`TenantsFileError` naming the file, the
 tenant and the field for anything malformed (unknown fields included, so a typo such as
@@ -44,6 +53,8 @@ tenant and the field for anything malformed (unknown fields included, so a typo 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import math
@@ -52,18 +63,30 @@ import secrets
 import sys
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from service.jobs.params import RefPrefix, parse_ref_prefix
 
 DEFAULT_TENANT_ID = "default"
 KEY_PREFIX = "ib_"
 
 _TENANT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-_FIELDS = {"key_sha256", "daily_usd", "monthly_usd"}
+_FIELDS = {
+    "key_sha256",
+    "daily_usd",
+    "monthly_usd",
+    "reference_prefixes",
+    "webhook_secret",
+    "file_ids",
+}
+WEBHOOK_SECRET_PREFIX = "whsec_"
+# Standard Webhooks secrets are 24-64 random bytes; fewer than 16 is too weak to sign with.
+_SECRET_BYTES = (16, 128)
 
 
 class AuthError(Exception):
@@ -84,6 +107,9 @@ class Tenant:
     key_digests: frozenset[str]
     daily_usd: float | None = None
     monthly_usd: float | None = None
+    reference_prefixes: tuple[RefPrefix, ...] = ()
+    webhook_secret: str | None = field(default=None, repr=False)
+    file_ids: bool = False
 
 
 DEFAULT_TENANT = Tenant(id=DEFAULT_TENANT_ID, key_digests=frozenset())
@@ -97,6 +123,27 @@ def digest_key(key: str) -> str:
 def new_key() -> str:
     """A fresh API key: ``ib_`` and 43 URL-safe characters (256 random bits)."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret: ``whsec_`` and the base64 of 32 random bytes."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def webhook_secret_problem(secret: str) -> str | None:
+    """Why ``secret`` cannot sign webhooks, or None (``whsec_`` + base64 of 16-128 bytes)."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return (
+            "must start with whsec_ (make one with `python -m service.tenants new-webhook-secret`)"
+        )
+    try:
+        raw = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        return "must be whsec_ followed by base64"
+    low, high = _SECRET_BYTES
+    if not low <= len(raw) <= high:
+        return f"must hold {low} to {high} random bytes, not {len(raw)}"
+    return None
 
 
 class Tenants:
@@ -240,7 +287,41 @@ def _tenant(tenant_id: str, spec: Any, where: str) -> Tenant:
         key_digests=frozenset(digests),
         daily_usd=_usd(spec.get("daily_usd"), f"{prefix}: field `daily_usd`"),
         monthly_usd=_usd(spec.get("monthly_usd"), f"{prefix}: field `monthly_usd`"),
+        reference_prefixes=_prefixes(spec.get("reference_prefixes"), prefix),
+        webhook_secret=_secret(spec.get("webhook_secret"), prefix),
+        file_ids=_flag(spec.get("file_ids", False), f"{prefix}: field `file_ids`"),
     )
+
+
+def _prefixes(value: Any, where: str) -> tuple[RefPrefix, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, list):
+        raise TenantsFileError(f"{where}: field `reference_prefixes` must be a list of strings")
+    out = []
+    for i, text in enumerate(value):
+        try:
+            out.append(parse_ref_prefix(text))
+        except ValueError as exc:
+            raise TenantsFileError(f"{where}: field `reference_prefixes[{i}]`: {exc}") from None
+    return tuple(out)
+
+
+def _secret(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TenantsFileError(f"{where}: field `webhook_secret` must be a string")
+    problem = webhook_secret_problem(value.strip())
+    if problem:
+        raise TenantsFileError(f"{where}: field `webhook_secret` {problem}")
+    return value.strip()
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TenantsFileError(f"{what} must be true or false")
+    return value
 
 
 def _usd(value: Any, what: str) -> float | None:
@@ -255,17 +336,24 @@ def _usd(value: Any, what: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``new-key`` prints a fresh key and its digest; ``digest KEY`` prints a key's digest."""
+    """``new-key`` prints a fresh key and its digest; ``digest KEY`` prints a key's digest;
+    ``new-webhook-secret`` prints a secret for ``webhook_secret``."""
     args = sys.argv[1:] if argv is None else argv
     if args == ["new-key"]:
         key = new_key()
         print(f"key:        {key}")
         print(f"key_sha256: {digest_key(key)}")
         return 0
+    if args == ["new-webhook-secret"]:
+        print(new_webhook_secret())
+        return 0
     if len(args) == 2 and args[0] == "digest":
         print(digest_key(args[1]))
         return 0
-    print("usage: python -m service.tenants new-key | digest KEY", file=sys.stderr)
+    print(
+        "usage: python -m service.tenants new-key | digest KEY | new-webhook-secret",
+        file=sys.stderr,
+    )
     return 2
 
 
