@@ -60,6 +60,7 @@ OPENAI_WEBHOOKS_DUPLICATE = "imagebatch_openai_webhooks_duplicate_total"
 ITEMS_REUSED = "imagebatch_items_reused_total"
 REUSE_SAVED_USD = "imagebatch_reuse_saved_usd_total"
 SCHEDULE_RUNS = "imagebatch_schedule_runs_total"
+WEBHOOK_DELIVERIES = "imagebatch_webhook_deliveries_total"
 
 # name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -85,6 +86,12 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     SCHEDULE_RUNS: (
         "Schedule slots handled, by outcome (created, skipped, failed).",
+        ("outcome",),
+    ),
+    WEBHOOK_DELIVERIES: (
+        "Webhook delivery attempts by outcome: delivered, rejected (a 4xx, final), failed "
+        "(retried), timeout (the whole-attempt deadline passed, retried), blocked (a refused "
+        "address or no signing secret, final), expired (retries gave up after 24 h).",
         ("outcome",),
     ),
 }

@@ -2,8 +2,9 @@
 workers. The API sends tasks by name and never imports task bodies.
 
 Queues are split by the kind of work, so a collect streaming gigabytes never delays the sweep:
-``control`` (plan, submit, sweep, finalize, cancel, webhooks, the schedules' tick), ``collect`` (reading upstream
-output into storage) and ``sync`` (the full-price lane).
+``control`` (plan, submit, sweep, finalize, cancel, the schedules' tick), ``collect`` (reading
+upstream output into storage), ``sync`` (the full-price lane) and ``webhooks`` (telling callers a
+job finished: a slow receiver holds only a webhook worker, never another tenant's job).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from celery import Celery
 from service.redis.client import broker
 
 CONTROL, COLLECT, SYNC = "control", "collect", "sync"
-QUEUES = (CONTROL, COLLECT, SYNC)
+WEBHOOKS = "webhooks"
+QUEUES = (CONTROL, COLLECT, SYNC, WEBHOOKS)
 
 PLAN = "jobs.plan"
 SUBMIT = "batches.submit"
@@ -24,6 +26,7 @@ COLLECT_TASK = "batches.collect"
 FINALIZE = "jobs.finalize"
 CANCEL = "jobs.cancel"
 WEBHOOK = "jobs.webhook"
+WEBHOOK_SWEEP = "webhooks.sweep"
 SYNC_ITEMS = "sync.items"
 POLL = "batches.poll"
 MODELS_REFRESH = "models.refresh"
@@ -35,7 +38,8 @@ ROUTES: dict[str, str] = {
     SWEEP: CONTROL,
     FINALIZE: CONTROL,
     CANCEL: CONTROL,
-    WEBHOOK: CONTROL,
+    WEBHOOK: WEBHOOKS,
+    WEBHOOK_SWEEP: WEBHOOKS,
     COLLECT_TASK: COLLECT,
     SYNC_ITEMS: SYNC,
     POLL: CONTROL,

@@ -2,9 +2,9 @@
 
 Delivery is at least once (``acks_late``, ``reject_on_worker_lost``): a worker killed mid-task
 has its message redelivered, and every task is safe to run twice. The beat schedule holds the
-sweep, the refresh of upstream's model list and the schedules' tick (user schedules live in
-Redis, not in beat); nothing waits in a countdown, so the Redis visibility timeout never
-redelivers a long-waiting task.
+sweeps (batches, and webhooks due for another attempt), the refresh of upstream's model list and
+the schedules' tick (user schedules live in Redis, not in beat); nothing waits in a countdown, so
+the Redis visibility timeout never redelivers a long-waiting task.
 """
 
 from __future__ import annotations
@@ -148,6 +148,12 @@ def configure(settings: Settings) -> Celery:
                     "queue": queues.CONTROL,
                     "expires": max(settings.schedule_tick_seconds * 2, 5),
                 },
+            },
+            # Webhook retries wait in Redis, due at a time; this queues those that are due.
+            "webhooks": {
+                "task": queues.WEBHOOK_SWEEP,
+                "schedule": min(settings.poll_seconds, 5.0),
+                "options": {"queue": queues.WEBHOOKS, "expires": 10},
             },
         },
     )

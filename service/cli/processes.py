@@ -77,7 +77,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "you like, on as many machines, against the same Redis and storage.",
     )
     p.add_argument(
-        "--queues", default="control,collect,sync", help="comma list of control, collect, sync"
+        "--queues",
+        default="control,collect,sync,webhooks",
+        help="comma list of control, collect, sync, webhooks",
     )
     p.add_argument(
         "--concurrency", type=int, default=2, help="worker processes (or threads) (default 2)"

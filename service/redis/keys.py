@@ -185,6 +185,34 @@ SCHEDULES_DUE = f"{PREFIX}:schedules:due"
 SCHEDULE_TICKS = f"{PREFIX}:schedules:ticks"
 
 
+# STRING SHA-256 hex of the body an Idempotency-Key was first used with (same TTL as the key), so
+# the same key with another body is refused instead of answered with the first job.
+def idempotency_digest(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idem:{tenant}:{key}:sha256"
+
+
+# --- outbound webhooks (service.webhooks) -----------------------------------------------------
+# HASH: the delivery of a job's webhook: event_id, url, status (pending | delivered | failed),
+# attempts, first_at, next_at, last outcome. Expires some days after the delivery ends.
+def job_webhook(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:webhook"
+
+
+# LIST of JSON attempts (number, time, outcome, status code, duration, address, error), oldest
+# first, capped: what GET /v1/jobs/{id}/webhooks shows.
+def job_webhook_attempts(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:webhook:attempts"
+
+
+# ZSET job_id -> when its webhook's next attempt is due: what the webhook sweep enqueues.
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+
+
+# STRING lease (SET NX EX): a worker is sending this job's webhook now.
+def webhook_lock(job_id: str) -> str:
+    return f"{PREFIX}:lock:webhook:{job_id}"
+
+
 # --- leases and markers (SET NX EX) -----------------------------------------------------------
 def plan_lock(job_id: str) -> str:
     return f"{PREFIX}:lock:plan:{job_id}"

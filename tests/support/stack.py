@@ -62,7 +62,10 @@ class Stack:
         return proc
 
     def start_worker(
-        self, queues: str = "control,collect,sync", concurrency: int = 2, name: str | None = None
+        self,
+        queues: str = "control,collect,sync,webhooks",
+        concurrency: int = 2,
+        name: str | None = None,
     ) -> Proc:
         self._n += 1
         name = name or f"w{self._n}"
