@@ -20,7 +20,8 @@ DEFAULT_CATALOG_FILE = Path(__file__).parent / "data" / "catalog.toml"
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
 
-_SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+# ASCII digits only and nothing after them: \d would take '١٠٢٤' and $ a trailing newline.
+_SIZE_RE = re.compile(r"([0-9]{2,5})x([0-9]{2,5})", re.ASCII)
 
 # Limits on custom WxH sizes for models with ``custom_sizes`` (facts §3.1).
 _CUSTOM_MAX_EDGE = 3840
@@ -89,9 +90,9 @@ class Model:
             return (
                 f"size '{size}' is not supported by {self.id}; use one of {', '.join(self.sizes)}"
             )
-        m = _SIZE_RE.match(size)
+        m = _SIZE_RE.fullmatch(size)
         if not m:
-            return f"size '{size}' is not 'auto' or WIDTHxHEIGHT"
+            return f"size {size!r} is not 'auto' or WIDTHxHEIGHT"
         w, h = int(m.group(1)), int(m.group(2))
         if w % 16 or h % 16:
             return f"size '{size}': both sides must be multiples of 16"

@@ -226,6 +226,17 @@ def body_too_large(limit_bytes: int) -> Problem:
     )
 
 
+def too_large(field: str, detail: str) -> Problem:
+    """A 413 naming what made the request too large (a body, the prompts a template renders)."""
+    return Problem(
+        413,
+        "The request body is too large",
+        detail,
+        type_=TYPE_TOO_LARGE,
+        errors=[FieldError(field, detail)],
+    )
+
+
 def unsupported_media_type(got: str | None, accepted: tuple[str, ...]) -> Problem:
     """A 415: a content type intake does not read."""
     return Problem(

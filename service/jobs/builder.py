@@ -21,10 +21,25 @@ import re
 from typing import Any
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
-from service.errors import FieldErrors
+from service.errors import FieldErrors, too_large
 from service.jobs.csvform import MISSING, CsvRows, csv_refs
-from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
-from service.jobs.params import COMBO_PARAMS, combo_problem, param_problem, ref_problem, url_problem
+from service.jobs.messages import (
+    clip,
+    clip_key,
+    is_number,
+    json_type,
+    show,
+    unknown_message,
+)
+from service.jobs.messages import shown_id as shown_id_of
+from service.jobs.params import (
+    COMBO_PARAMS,
+    JobScope,
+    combo_problem,
+    param_problem,
+    ref_problem,
+    url_problem,
+)
 from service.jobs.schema import (
     ITEM_FIELDS,
     ITEM_ID_PATTERN,
@@ -64,6 +79,8 @@ class JobBuilder:
         today: dt.date | None,
         csv_form: bool = False,
         models: ModelView | None = None,
+        scope: JobScope | None = None,
+        prompt_bytes: int | None = None,
     ) -> None:
         self.catalog = catalog
         # The catalog merged with upstream's lifecycle and learned batch support; None = the
@@ -72,6 +89,10 @@ class JobBuilder:
         self.max_items = max_items
         self.today = today
         self.csv_form = csv_form
+        # Where this tenant's references and webhook may point; None checks only their shape.
+        self.scope = scope
+        # What rendered template prompts may add up to (they count against the body's budget).
+        self.prompt_bytes = prompt_bytes
         self.errors = FieldErrors()
         self.model: Model | None = None
         self.model_id = ""
@@ -216,7 +237,7 @@ class JobBuilder:
     def _check_max_cost(self, raw: Any) -> float | None:
         if raw is None:
             return None
-        if not _is_number(raw):
+        if not is_number(raw):
             self.errors.add("max_cost_usd", f"max_cost_usd must be a number, not {json_type(raw)}")
             return None
         try:
@@ -238,6 +259,8 @@ class JobBuilder:
             self.errors.add("webhook_url", f"webhook_url must be a string, not {json_type(raw)}")
             return None
         problem = url_problem(raw)
+        if problem is None and self.scope is not None and self.scope.webhook is not None:
+            problem = self.scope.webhook(raw)
         if problem:
             self.errors.add("webhook_url", problem)
             return None
@@ -312,12 +335,13 @@ class JobBuilder:
         out: list[ItemSpec] = []
         errs = self.errors
         for index, raw in enumerate(raw_items):
+            raw_items[index] = None  # the item's parsed tree goes once its spec is built
             path = f"items[{index}]"
             if not isinstance(raw, dict):
                 errs.add(path, f"an item must be an object, not {json_type(raw)}", index)
                 continue
             item_id = self._item_id(raw.get("id"), path, index, seen, "items")
-            shown_id = item_id if item_id is not None else _shown_id(raw.get("id"), index)
+            shown_id = item_id if item_id is not None else shown_id_of(raw.get("id"), index)
             params: dict[str, Any] | None = None
             ok = True
             for key, value in raw.items():
@@ -494,6 +518,8 @@ class JobBuilder:
             )
             return None
         problem = ref_problem(raw)
+        if problem is None and self.scope is not None:
+            problem = self.scope.problem(raw)
         if problem is not None:
             self.errors.add(path, problem, index, item_id)
             return None
@@ -558,9 +584,10 @@ class JobBuilder:
                 )
                 continue
             item_id = self._item_id(raw_id, path, index, seen, "rows")
-            shown_id = item_id if item_id is not None else _shown_id(raw_id, index)
+            shown_id = item_id if item_id is not None else shown_id_of(raw_id, index)
             prompt = render_template(parts, row, path, index, shown_id, where, errs)
             if prompt is not None:
+                self._spend_prompt(len(prompt))
                 prompt = self._prompt(prompt, f"{path}.prompt", index, shown_id)
             images = row.get(images_key) if images_key else None
             mask = row.get(mask_key) if mask_key else None
@@ -574,26 +601,19 @@ class JobBuilder:
                 out.append(spec)
         return out
 
+    def _spend_prompt(self, chars: int) -> None:
+        """Count a rendered prompt against the body's budget; a 413 as soon as it is spent."""
+        if self.prompt_bytes is None:
+            return
+        self.prompt_bytes -= chars
+        if self.prompt_bytes < 0:
+            raise too_large(
+                "template",
+                "the prompts the template renders, with the body, are over the body size "
+                "limit (IMAGEBATCH_MAX_BODY_BYTES); split the job",
+            )
+
     def _line(self, index: int) -> str:
         if self.row_lines is None:
             return ""
         return f" (CSV line {self.row_lines[index]})"
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _shown_id(raw: Any, index: int) -> str | None:
-    """The id to name in an error when the item's id itself is not usable."""
-    if raw is None:
-        return str(index)
-    if isinstance(raw, str):
-        return clip(raw, 128)
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return show(raw)
-    return None

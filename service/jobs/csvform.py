@@ -16,8 +16,9 @@ with more rows than a job may hold, which raise the 422 at once with the errors 
 from __future__ import annotations
 
 import csv
-import io
-from collections.abc import Iterable, Mapping
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,15 @@ from service.jobs.messages import clip, clip_key, json_type, show, unknown_messa
 from service.jobs.schema import CSV_PARAMS, PARAM_FIELDS
 
 _CSV_DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
+# A catalog has tens of columns; thousands are an attack on the parser, not a catalog.
+MAX_COLUMNS = 1000
+# Lines of the body, each with its terminator (a quoted field may span several).
+_LINE_RE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+# {name} placeholders of a template (literal {{ and }} skipped): the columns a row must keep.
+_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+# Whole numbers and decimals as a query parameter may spell them: ASCII digits, nothing else.
+_INT_RE = re.compile(r"[0-9]{1,9}", re.ASCII)
+_DECIMAL_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?", re.ASCII)
 
 # What csv_refs returns for a cell it has reported as malformed (None means an empty cell).
 MISSING: Any = object()
@@ -59,14 +69,8 @@ def csv_document(
         errs.add("delimiter", "delimiter must be one of ',', ';', '|' or 'tab'")
         delimiter = ","
 
-    try:
-        text = bytes(body).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise malformed(
-            f"The CSV is not UTF-8: byte 0x{exc.object[exc.start]:02x} at position {exc.start} "
-            f"cannot be decoded. Save the file as UTF-8."
-        ) from None
-    columns, rows, lines, ragged = _read_rows(text, delimiter, errs, max_items)
+    needed = _needed_columns(doc.get("template"), params)
+    columns, rows, lines, ragged = _read_rows(body, delimiter, errs, max_items, needed)
 
     id_key = _column(params, "id_column", ("id", "sku"), columns, errs)
     images_key = _column(params, "images_column", ("images",), columns, errs)
@@ -122,15 +126,15 @@ def _query_fields(params: Mapping[str, str], errs: FieldErrors) -> dict[str, Any
             else:
                 errs.add("labels", f"labels must be a JSON object, not {json_type(parsed)}")
         elif key in ("n", "output_compression"):
-            try:
-                defaults[key] = int(value.strip())
-            except ValueError:
-                errs.add(key, f"{key} must be a whole number, not {show(value)}")
+            if _INT_RE.fullmatch(value):
+                defaults[key] = int(value)
+            else:
+                errs.add(key, f"{key} must be a whole number (digits 0-9), not {show(value)}")
         elif key == "max_cost_usd":
-            try:
-                doc[key] = float(value.strip())
-            except ValueError:
-                errs.add(key, f"max_cost_usd must be a number, not {show(value)}")
+            if _DECIMAL_RE.fullmatch(value):
+                doc[key] = float(value)
+            else:
+                errs.add(key, f"max_cost_usd must be a number like 25 or 12.5, not {show(value)}")
         elif key in PARAM_FIELDS:
             defaults[key] = value
         elif key in ("model", "mode", "webhook_url", "template", "reuse"):
@@ -144,11 +148,47 @@ def _query_fields(params: Mapping[str, str], errs: FieldErrors) -> dict[str, Any
     return doc
 
 
+def _needed_columns(template: Any, params: Mapping[str, str]) -> set[str] | None:
+    """The columns rows must keep (placeholders, id, images, mask); None keeps them all."""
+    if template is None:
+        template = "{prompt}"
+    if not isinstance(template, str):
+        return None
+    names = {m.group(1) for m in _PLACEHOLDER_RE.finditer(template) if m.group(1)}
+    names.update(("id", "sku", "images", "mask"))
+    names.update(params[p] for p in ("id_column", "images_column", "mask_column") if p in params)
+    return names
+
+
+def _lines(body: bytes | bytearray | memoryview) -> Iterator[str]:
+    """The body's lines as text, decoded one at a time (a UTF-8 BOM skipped): the whole body is
+    never held twice."""
+    data = body if not isinstance(body, memoryview) else body.obj
+    for n, m in enumerate(_LINE_RE.finditer(data)):
+        raw = m.group()
+        try:
+            yield raw.decode("utf-8-sig" if n == 0 else "utf-8")
+        except UnicodeDecodeError as exc:
+            at = m.start() + exc.start
+            raise malformed(
+                f"The CSV is not UTF-8: byte 0x{raw[exc.start]:02x} at position {at} "
+                f"cannot be decoded. Save the file as UTF-8."
+            ) from None
+
+
 def _read_rows(
-    text: str, delimiter: str, errs: FieldErrors, max_items: int
+    body: bytes | bytearray | memoryview,
+    delimiter: str,
+    errs: FieldErrors,
+    max_items: int,
+    needed: set[str] | None,
 ) -> tuple[list[str], list[dict[str, str]], list[int], set[int]]:
-    """The header's columns, and the rows with their CSV line numbers and the ragged ones."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    """The header's columns, and the rows with their CSV line numbers and the ragged ones.
+
+    A row keeps only the ``needed`` columns, so memory follows what the job uses, not how wide
+    the catalog is.
+    """
+    reader = csv.reader(_lines(body), delimiter=delimiter, strict=True)
     try:
         header = next(reader, None)
         while header is not None and not any(h.strip() for h in header):
@@ -158,12 +198,17 @@ def _read_rows(
             errs.raise_if_any()
             raise AssertionError("unreachable")
         columns = [h.strip() for h in header]
-        dupes = sorted({c for c in columns if c and columns.count(c) > 1})
+        if len(columns) > MAX_COLUMNS:
+            errs.add("header", f"the CSV has {len(columns):,} columns; at most {MAX_COLUMNS:,}")
+            errs.raise_if_any()
+        counts = Counter(c for c in columns if c)
+        dupes = sorted(c for c, k in counts.items() if k > 1)
         if dupes:
             errs.add(
                 "header", f"column '{clip(dupes[0], 64)}' appears more than once in the header"
             )
         width = len(columns)
+        kept = [(i, c) for i, c in enumerate(columns) if needed is None or c in needed]
         rows: list[dict[str, str]] = []
         lines: list[int] = []
         ragged: set[int] = set()
@@ -185,7 +230,7 @@ def _read_rows(
                     index,
                 )
                 ragged.add(index)
-            rows.append(dict(zip(columns, record, strict=False)))
+            rows.append({c: record[i] for i, c in kept if i < len(record)})
             lines.append(reader.line_num)
     except csv.Error as exc:
         raise malformed(

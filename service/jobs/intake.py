@@ -12,11 +12,19 @@ An ``Idempotency-Key`` makes a submission safe to repeat: the same key from the 
 :data:`IDEMPOTENCY_TTL_SECONDS` returns the first job instead of making another. A repeat that
 arrives while the first is still being stored (a client that timed out and retried at once) is
 refused with 409 rather than given a second job; if the first submitter died mid-way, the key is
-free again after :data:`IDEMPOTENCY_PENDING_SECONDS`.
+free again after :data:`IDEMPOTENCY_PENDING_SECONDS`. The SHA-256 of the request (body, content
+type and query) is kept beside the key, so the same key with a different request is refused
+(422) rather than answered with a job that is not what was sent.
+
+A job may point only where its tenant may (:func:`job_scope`): references inside the tenant's
+reference prefixes or images of its own jobs, upstream file ids if allowed, and a webhook with a
+signing secret and an allowed address.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
 import time
 from collections.abc import Mapping
@@ -27,6 +35,7 @@ from service.context import Context
 from service.errors import FieldError, Problem, conflict
 from service.jobs import reuse
 from service.jobs.model import JOB_QUEUED, Job
+from service.jobs.params import JobScope, parse_ref_prefix, storage_prefix
 from service.jobs.request import request_record
 from service.jobs.spec import JobSpec, parse_job_csv, parse_job_json
 from service.models import capability
@@ -57,24 +66,95 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
 
 
+def media_type(content_type: str | None) -> str:
+    """``json`` or ``csv`` for a Content-Type intake reads; a 415 for anything else or none."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype == CSV_TYPE:
+        return "csv"
+    if ctype in JSON_TYPES or (ctype.startswith("application/") and ctype.endswith("+json")):
+        return "json"
+    got = f"not {ctype}" if ctype else "with a Content-Type header"
+    raise Problem(
+        415,
+        "Unsupported media type",
+        f"send the job as application/json or text/csv, {got}",
+        errors=[FieldError("Content-Type", "must be application/json or text/csv")],
+        extra={"accepted": ["application/json", "text/csv"]},
+    )
+
+
+def job_scope(ctx: Context, tenant_id: str) -> JobScope:
+    """Where ``tenant_id``'s references and webhook may point (see the module docstring)."""
+    from service.webhooks.outbound import url_checker
+
+    tenants = ctx.budgets.tenants
+    tenant = tenants.get(tenant_id)
+    if tenants.open:
+        texts = [*ctx.settings.reference_prefixes]
+        texts += [root.resolve().as_uri() for root in ctx.settings.local_ref_roots]
+        prefixes = tuple(parse_ref_prefix(t) for t in texts)
+        file_ids = True
+    else:
+        prefixes = tenant.reference_prefixes if tenant is not None else ()
+        file_ids = tenant is not None and tenant.file_ids
+
+    @functools.lru_cache(maxsize=1024)
+    def owns(job_id: str) -> bool:
+        job = ctx.store.job(job_id)
+        return job is not None and job.tenant == tenant_id
+
+    return JobScope(
+        prefixes=prefixes,
+        file_ids=file_ids,
+        storage=storage_prefix(ctx.settings.storage_location),
+        owns_job=owns,
+        webhook=url_checker(ctx, tenant_id),
+    )
+
+
 def parse_body(
-    ctx: Context, body: bytes, content_type: str | None, query: Mapping[str, str]
+    ctx: Context,
+    body: bytes | bytearray | memoryview,
+    content_type: str | None,
+    query: Mapping[str, str],
+    tenant: str | None = None,
 ) -> JobSpec:
-    """Validate a job body: JSON (a job), or ``text/csv`` (a catalog, job fields in ``query``)."""
-    ctype = (content_type or "application/json").split(";")[0].strip().lower()
+    """Validate a job body: JSON (a job), or ``text/csv`` (a catalog, job fields in ``query``).
+
+    With ``tenant``, references and the webhook are checked against where it may point.
+    """
+    kind = media_type(content_type)
     limit = ctx.settings.max_items_per_job
-    if ctype != CSV_TYPE and ctype not in JSON_TYPES and not ctype.endswith("+json"):
-        raise Problem(
-            415,
-            "Unsupported media type",
-            f"send the job as application/json or text/csv, not {ctype}",
-        )
+    scope = job_scope(ctx, tenant) if tenant is not None else None
+    # Rendered template prompts share the body's budget: a small CSV must not become 500 MB.
+    budget = max(0, ctx.settings.max_body_bytes - len(body))
     # The model is checked against upstream's lifecycle and what was learned, not the catalog
     # alone: a model upstream shut down or stopped offering is refused here.
     models = ctx.models()
-    if ctype == CSV_TYPE:
-        return parse_job_csv(body, dict(query), ctx.catalog, max_items=limit, models=models)
-    return parse_job_json(body, ctx.catalog, max_items=limit, models=models)
+    if kind == "csv":
+        return parse_job_csv(
+            body,
+            dict(query),
+            ctx.catalog,
+            max_items=limit,
+            models=models,
+            scope=scope,
+            prompt_bytes=budget,
+        )
+    return parse_job_json(
+        body, ctx.catalog, max_items=limit, models=models, scope=scope, prompt_bytes=budget
+    )
+
+
+def request_digest(
+    body: bytes | bytearray | memoryview, content_type: str | None, query: Mapping[str, str]
+) -> str:
+    """The SHA-256 of what a submission asked for (kept beside its Idempotency-Key)."""
+    h = hashlib.sha256()
+    h.update((content_type or "").encode() + b"\n")
+    h.update("&".join(f"{k}={v}" for k, v in sorted(query.items())).encode() + b"\n")
+    h.update(body)
+    return h.hexdigest()
 
 
 def estimate(ctx: Context, spec: JobSpec, tenant: str | None = None) -> pricing.Estimate:
@@ -97,13 +177,16 @@ def estimate(ctx: Context, spec: JobSpec, tenant: str | None = None) -> pricing.
 def submit_body(
     ctx: Context,
     tenant: str,
-    body: bytes,
+    body: bytes | bytearray | memoryview,
     content_type: str | None,
     query: Mapping[str, str],
     idempotency_key: str | None = None,
 ) -> Submission:
     """Validate and submit a job body (see :func:`parse_body` and :func:`submit`)."""
-    return submit(ctx, parse_body(ctx, body, content_type, query), tenant, idempotency_key)
+    _check_idempotency_key(idempotency_key)
+    digest = request_digest(body, content_type, query) if idempotency_key else None
+    spec = parse_body(ctx, body, content_type, query, tenant)
+    return submit(ctx, spec, tenant, idempotency_key, request_sha256=digest)
 
 
 def submit(
@@ -113,10 +196,13 @@ def submit(
     idempotency_key: str | None = None,
     *,
     job_id: str | None = None,
+    request_sha256: str | None = None,
 ) -> Submission:
     """Estimate, check the tenant's budget, store, record and enqueue a validated job.
 
     ``job_id`` is for callers that derive the id themselves (a schedule's slot); it must be new.
+    ``request_sha256`` (with an Idempotency-Key) is what the request asked for: a repeat of the
+    key with another digest is refused.
     """
     _check_idempotency_key(idempotency_key)
     cost = estimate(ctx, spec, tenant)
@@ -125,10 +211,14 @@ def submit(
     ctx.budgets.check_tenant(ctx.budgets.tenant(tenant), cost.nanousd(lane), lane)
     job_id = job_id or new_job_id()
     idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None
-    if idem is not None:
+    if idem is not None and idempotency_key is not None:
+        digest_key = keys.idempotency_digest(tenant, idempotency_key)
         existing = _claim_key(ctx, idem, job_id)
         if existing is not None:
+            _same_request(ctx, digest_key, existing, request_sha256)
             return Submission(existing, created=False, warnings=spec.warnings)
+        if request_sha256:
+            ctx.redis.set(digest_key, request_sha256, ex=IDEMPOTENCY_TTL_SECONDS)
     try:
         job = _store(ctx, spec, job_id, tenant, idempotency_key, cost, lane)
     except BaseException:
@@ -138,6 +228,22 @@ def submit(
     if idem is not None:
         ctx.redis.set(idem, job_id, ex=IDEMPOTENCY_TTL_SECONDS)
     return Submission(job, created=True, warnings=spec.warnings)
+
+
+def _same_request(ctx: Context, digest_key: str, job: Job, request_sha256: str | None) -> None:
+    """Refuse a repeat of an Idempotency-Key that asks for something else than the first did."""
+    first = _text(ctx.redis.get(digest_key))
+    if request_sha256 and first and first != request_sha256:
+        message = (
+            f"this key was used for job '{job.id}' with a different request; use a new key "
+            "for a different job"
+        )
+        raise Problem(
+            422,
+            "Idempotency-Key reused",
+            f"Idempotency-Key: {message}",
+            errors=[FieldError("Idempotency-Key", message)],
+        )
 
 
 def _claim_key(ctx: Context, idem: str, job_id: str) -> Job | None:

@@ -58,3 +58,18 @@ def unknown_message(key: str, known: Iterable[str], where: str) -> str:
     close = difflib.get_close_matches(str(key)[:64], list(known), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown field {show(key)} in {where}{hint}"
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown_id(raw: Any, index: int) -> str | None:
+    """The id to name in an error when the item's id itself is not usable."""
+    if raw is None:
+        return str(index)
+    if isinstance(raw, str):
+        return clip(raw, 128)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return show(raw)
+    return None

@@ -284,9 +284,9 @@ class JobScope:
 
     def _own_image_problem(self, key: str) -> str | None:
         parts = key.split("/")
-        if len(parts) == 4 and parts[0] == "jobs" and parts[2] == "images" and parts[3]:
-            if self.owns_job is not None and self.owns_job(parts[1]):
-                return None
+        image = len(parts) == 4 and parts[0] == "jobs" and parts[2] == "images" and parts[3]
+        if image and self.owns_job is not None and self.owns_job(parts[1]):
+            return None
         return (
             "the reference is in imagebatch's own storage: only images of this tenant's own "
             "jobs (.../jobs/<job id>/images/<file>) may be used"

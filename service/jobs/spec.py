@@ -52,13 +52,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-import orjson
-
 from service.catalog import Catalog
-from service.errors import invalid, malformed
+from service.errors import invalid
+from service.jobs import jsonbody
 from service.jobs.builder import JobBuilder
 from service.jobs.csvform import csv_document
 from service.jobs.messages import json_type
+from service.jobs.params import JobScope
 from service.jobs.schema import (
     ALPHA_FORMATS,
     BACKGROUNDS,
@@ -129,24 +129,30 @@ def parse_job_json(
     max_items: int,
     today: dt.date | None = None,
     models: ModelView | None = None,
+    scope: JobScope | None = None,
+    prompt_bytes: int | None = None,
 ) -> JobSpec:
-    """Parse and validate a JSON job body. Raises :class:`Problem` (400 or 422).
+    """Parse and validate a JSON job body. Raises :class:`Problem` (400, 413 or 422).
 
     ``models`` is the lifecycle view (upstream's shutdowns, learned batch support); without it
-    the catalog's own dates are checked against ``today``."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise malformed(
-            f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
-            f"(byte {exc.pos}).",
-            extra={"line": exc.lineno, "column": exc.colno, "position": exc.pos},
-        ) from None
-    except TypeError:
-        raise malformed("The body must be bytes of JSON text.") from None
+    the catalog's own dates are checked against ``today``. ``scope`` says where the tenant's
+    references and webhook may point (None: their shape only); ``prompt_bytes`` caps what the
+    prompts a template renders may add (None: no cap).
+    """
+    data = body.encode("utf-8") if isinstance(body, str) else body
+    doc = jsonbody.load(data, jsonbody.prescan(data, max_items))
+    del data, body  # the caller's buffer may go as soon as the caller lets it
     if not isinstance(doc, dict):
         raise invalid("", f"the body must be a JSON object (a job), not {json_type(doc)}")
-    return JobBuilder(catalog, max_items=max_items, today=today, models=models).build(doc)
+    builder = JobBuilder(
+        catalog,
+        max_items=max_items,
+        today=today,
+        models=models,
+        scope=scope,
+        prompt_bytes=prompt_bytes,
+    )
+    return builder.build(doc)
 
 
 def parse_job_csv(
@@ -157,6 +163,8 @@ def parse_job_csv(
     max_items: int,
     today: dt.date | None = None,
     models: ModelView | None = None,
+    scope: JobScope | None = None,
+    prompt_bytes: int | None = None,
 ) -> JobSpec:
     """Parse and validate a CSV catalog: one row per item. Raises :class:`Problem` (400 or 422).
 
@@ -174,6 +182,14 @@ def parse_job_csv(
       present). A cell holds one reference, or a JSON array of them; an empty cell means none.
     * ``delimiter``: ``,`` (default), ``;``, ``|`` or ``tab``.
     """
-    builder = JobBuilder(catalog, max_items=max_items, today=today, csv_form=True, models=models)
+    builder = JobBuilder(
+        catalog,
+        max_items=max_items,
+        today=today,
+        csv_form=True,
+        models=models,
+        scope=scope,
+        prompt_bytes=prompt_bytes,
+    )
     doc, rows = csv_document(body, params, builder.errors, max_items=max_items)
     return builder.build(doc, csv_rows=rows)

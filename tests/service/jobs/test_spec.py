@@ -667,8 +667,17 @@ def test_csv_semicolon_delimiter_and_tab() -> None:
             "sku,title\n1,mug\n",
             {"template": "{title}", "max_cost_usd": "nan"},
             "max_cost_usd",
+            "must be a number like 25",
+        ),
+        (
+            "sku,title\n1,mug\n",
+            {"template": "{title}", "max_cost_usd": "0"},
+            "max_cost_usd",
             "more than 0",
         ),
+        # Only ASCII digits, and nothing around them: '٣' is a digit to int(), not to a caller.
+        ("sku,title\n1,mug\n", {"template": "{title}", "n": "\u0663"}, "n", "whole number"),
+        ("sku,title\n1,mug\n", {"template": "{title}", "n": " 2"}, "n", "whole number"),
         ("sku,title\n1,mug\n", {"template": "{title}", "labels": "{"}, "labels", "JSON object"),
         ("sku,title\n1,mug\n", {"template": "{title}", "labels": "[1]"}, "labels", "JSON object"),
         (
