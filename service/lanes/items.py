@@ -19,12 +19,21 @@ import pybase64
 from service import pricing
 from service.budgets.daily import daily_field, utc_day
 from service.context import Context
+from service.jobs.intake import job_scope
 from service.jobs.model import CANCELLED, FAILED, PENDING, Job
+from service.jobs.params import JobScope, ref_problem
 from service.jobs.request import RequestLine
 from service.jobs.store import DAILY, SPEND, TOTAL_COST, TOTAL_IMAGES, TOTAL_TOKENS
 from service.models import capability
 from service.redis import keys
-from service.storage import ObjectNotFound, ObjectTooLarge, image_key
+from service.storage import (
+    MAX_REF_BYTES,
+    ObjectNotFound,
+    ObjectTooLarge,
+    ReferenceUnreadable,
+    image_key,
+)
+from service.storage.port import read_capped
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Error codes of lines that never ran: worth another attempt.
@@ -32,23 +41,42 @@ RETRYABLE_CODES = {"batch_expired", "batch_cancelled", "missing_result"}
 
 
 class BadReference(Exception):
-    """A caller's reference image that cannot be read: missing, too large, or not allowed."""
+    """A caller's reference image that cannot be used; ``code`` is the item error's code:
+    ``reference_unreadable`` (missing, access denied, no such bucket), ``reference_not_allowed``
+    (outside the tenant's scope) or ``invalid_image_reference`` (too large, not a file)."""
+
+    def __init__(self, message: str, code: str = "invalid_image_reference"):
+        super().__init__(message)
+        self.code = code
 
 
 class RefResolver:
     """Turns a caller's image references into what an upstream request can carry.
 
-    ``https://`` and ``data:`` URLs go as ``image_url``; ``file-…`` ids as ``file_id``; images in
-    our storage or a bucket (``s3://``, ``file://``) are uploaded once per job (purpose
-    ``vision``) and referenced by file id, remembered in Redis so a retry uploads nothing again.
+    Every reference is checked against the job's tenant's scope again (intake did, but a tenant's
+    prefixes may have changed since), so nothing outside it is ever read. ``https://`` and
+    ``data:`` URLs go as ``image_url``; ``file-…`` ids as ``file_id``; images in a bucket or a
+    directory (``s3://``, ``file://``) and the tenant's own job images are uploaded once per job
+    (purpose ``vision``) and referenced by file id, remembered in Redis so a retry uploads
+    nothing again. A reference storage refuses (missing, denied, no such bucket) fails its item
+    at once: retrying cannot make it readable.
     """
 
-    def __init__(self, ctx: Context, job_id: str):
+    def __init__(self, ctx: Context, job_id: str, scope: JobScope | None = None):
         self.ctx, self.job_id = ctx, job_id
         self.key = keys.job_refs(job_id)
+        if scope is None:
+            job = ctx.store.job(job_id)
+            scope = job_scope(ctx, job.tenant) if job is not None else JobScope()
+        self.scope = scope
 
     def ref(self, value: str) -> dict[str, str]:
-        if value.startswith(("https://", "http://", "data:")):
+        problem = ref_problem(value) or self.scope.problem(value)
+        if problem is not None:
+            raise BadReference(
+                f"reference image {value!r} may not be used: {problem}", "reference_not_allowed"
+            )
+        if value.startswith(("https://", "data:")):
             return {"image_url": value}
         if value.startswith("file-"):
             return {"file_id": value}
@@ -63,11 +91,27 @@ class RefResolver:
 
     def read(self, value: str) -> bytes:
         """The bytes of an ``s3://`` or ``file://`` reference (for upload, or to fingerprint
-        the item: every read of a caller's reference goes through here)."""
+        the item: every read of a caller's reference goes through here, and so through the
+        tenant's scope)."""
+        problem = ref_problem(value) or self.scope.problem(value)
+        if problem is not None:
+            raise BadReference(
+                f"reference image {value!r} may not be used: {problem}", "reference_not_allowed"
+            )
+        own = self.scope.own_image_key(value)
         try:
-            return self.ctx.storage.read_ref(value)
-        except (ObjectNotFound, ObjectTooLarge, ValueError) as exc:
+            return self._read_own(own) if own is not None else self.ctx.storage.read_ref(value)
+        except (ObjectNotFound, ReferenceUnreadable) as exc:
+            raise BadReference(
+                f"reference image {value!r} cannot be read: {exc}", "reference_unreadable"
+            ) from exc
+        except (ObjectTooLarge, ValueError) as exc:
             raise BadReference(f"reference image {value!r} cannot be used: {exc}") from exc
+
+    def _read_own(self, key: str) -> bytes:
+        """One of the tenant's own stored images, read by key (never as a path)."""
+        with self.ctx.storage.open(key) as fh:
+            return read_capped(fh, MAX_REF_BYTES, what=f"reference image {key}")
 
     def resolve(self, body: dict[str, Any]) -> dict[str, Any]:
         if "images" not in body and "mask" not in body:
@@ -190,7 +234,7 @@ def record_failure(
 def fail_bad_reference(
     ctx: Context, job: Job, chunk: int, line: RequestLine, exc: BadReference
 ) -> None:
-    error = {"code": "invalid_image_reference", "message": str(exc)}
+    error = {"code": exc.code, "message": str(exc)}
     record_failure(ctx, job, chunk, line, error, "fail")
 
 

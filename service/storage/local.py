@@ -51,6 +51,7 @@ from service.storage.port import (
     ObjectInfo,
     ObjectNotFound,
     ObjectTooLarge,
+    ReferenceUnreadable,
     StorageError,
     check_key,
     check_metadata,
@@ -495,6 +496,10 @@ class LocalStorage:
         except OSError as exc:
             if isinstance(exc, _NOT_FOUND_ERRORS):
                 raise ObjectNotFound(f"reference image {uri} does not exist", key=uri) from exc
+            if isinstance(exc, PermissionError):
+                raise ReferenceUnreadable(
+                    f"reference image {uri}: permission denied", key=uri
+                ) from exc
             raise StorageError(
                 f"cannot read reference image {uri}: {exc.strerror}", key=uri
             ) from exc

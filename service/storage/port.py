@@ -8,6 +8,8 @@ Failure semantics, the same for both adapters:
 
 * :class:`ObjectNotFound` - the object (or reference image) does not exist. Permanent.
 * :class:`ObjectTooLarge` - a reference image is over :data:`MAX_REF_BYTES`. Permanent.
+* :class:`ReferenceUnreadable` - a caller's reference image cannot be read with our credentials:
+  access denied, no such bucket (or no such key). Permanent: a retry reads it no better.
 * :class:`StorageError` - anything else (unreachable endpoint, missing bucket, access denied,
   disk full, throttling that outlived the client's retries). Callers treat it as transient and
   retry with backoff; the message names the object and the cause. ``exc.transient`` is False
@@ -78,6 +80,12 @@ class ObjectNotFound(StorageError):
 
 class ObjectTooLarge(StorageError):
     """The object is larger than the caller may read (a reference image over 50 MB)."""
+
+    transient = False
+
+
+class ReferenceUnreadable(StorageError):
+    """A caller's reference image that storage refuses to give us (denied, no such bucket)."""
 
     transient = False
 

@@ -6,6 +6,9 @@ every thread) and the translation of botocore/boto3 errors into :mod:`service.st
 * ``NoSuchKey`` / ``404`` -> :class:`ObjectNotFound`
 * ``NoSuchBucket``        -> :class:`StorageError` naming the bucket
 * ``AccessDenied`` / 403, rejected or missing credentials -> :class:`StorageError` saying so
+* reading a caller's reference (:meth:`S3Storage.read_ref`): ``AccessDenied`` and
+  ``NoSuchBucket`` -> :class:`ReferenceUnreadable`, permanent (our own bucket stays transient:
+  a permission being fixed is worth waiting for; someone else's bucket is not)
 * connection failures and timeouts -> :class:`StorageError` naming the endpoint
 * anything else from botocore -> :class:`StorageError` with S3's code and message
 
@@ -48,6 +51,7 @@ from service.storage.port import (
     ObjectInfo,
     ObjectNotFound,
     ObjectTooLarge,
+    ReferenceUnreadable,
     StorageError,
     check_key,
     check_metadata,
@@ -381,6 +385,12 @@ class S3Storage:
             raise ValueError(f"reference image {uri!r} has no key: use s3://bucket/key")
         try:
             resp = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _DENIED or code == "NoSuchBucket":
+                why = "access denied" if code in _DENIED else f"bucket {bucket!r} does not exist"
+                raise ReferenceUnreadable(f"reference image {uri}: {why}", key=uri) from exc
+            raise self._error(exc, "read", None, where=uri, bucket=bucket) from exc
         except _VENDOR_ERRORS as exc:
             raise self._error(exc, "read", None, where=uri, bucket=bucket) from exc
         body = resp["Body"]
