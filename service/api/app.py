@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from service import metrics, tokens
 from service.api import problems
+from service.api.guard import RequestGuard, allowed_hosts
 from service.api.routes import jobs, models, objects, schedules, webhooks
 from service.api.routes import service as service_routes
 from service.console import install as install_console
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(RequestGuard, hosts=allowed_hosts(settings))
     for router in (
         jobs.router,
         objects.router,

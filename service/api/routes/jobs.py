@@ -1,4 +1,9 @@
-"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel, retry, review."""
+"""``/v1/jobs``: submit, estimate, list, read, items, manifest, cancel, retry, review, webhook
+deliveries.
+
+Parsing and storing a job run in a worker thread (``run_in_threadpool``): the event loop keeps
+answering ``/healthz`` and every other request while a large body is validated.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,27 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ctx_of, own_job, read_body, tenant_of
+from service.api.deps import (
+    ctx_of,
+    index_cursor,
+    own_job,
+    read_body,
+    read_body_buffer,
+    score_cursor,
+    tenant_of,
+)
+from service.api.problems import COMMON, documented
+from service.context import Context
 from service.errors import FieldError, Problem
 from service.jobs import intake, retry, views
 from service.jobs import review as reviews
 from service.jobs.model import JOB_CANCELLING, JOB_LIVE, STATUS_NAMES
 from service.queues import CANCEL
+from service.webhooks import outbound
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON)
 
 JOB_BODY_EXAMPLE = {
     "model": "gpt-image-2",
@@ -50,22 +67,23 @@ JOB_BODY_DOC: dict[str, Any] = {
     status_code=202,
     openapi_extra=JOB_BODY_DOC,
     summary="Submit a job (JSON items or template+rows, or a CSV catalog)",
+    responses=documented(409, 413, 415),
 )
 async def submit(
     request: Request, idempotency_key: Annotated[str | None, Header()] = None
 ) -> JSONResponse:
     tenant = tenant_of(request)
-    body = await read_body(request)
+    ctype = request.headers.get("content-type")
+    intake.media_type(ctype)  # a 415 before the body is read
+    body = await read_body_buffer(request)
     ctx = ctx_of(request)
-    done = intake.submit_body(
-        ctx,
-        tenant,
-        body,
-        request.headers.get("content-type"),
-        request.query_params,
-        idempotency_key,
-    )
-    view = views.job_view(ctx, done.job)
+    query = dict(request.query_params)
+
+    def work() -> tuple[dict[str, Any], intake.Submission]:
+        done = intake.submit_body(ctx, tenant, body, ctype, query, idempotency_key)
+        return views.job_view(ctx, done.job), done
+
+    view, done = await run_in_threadpool(work)
     view["warnings"] = list(done.warnings)
     headers = {"Location": f"/v1/jobs/{done.job.id}"}
     if not done.created:
@@ -77,13 +95,21 @@ async def submit(
     "/estimate",
     openapi_extra=JOB_BODY_DOC,
     summary="Estimate tokens and USD (batch and sync) for a job body; creates nothing",
+    responses=documented(413, 415),
 )
 async def estimate(request: Request) -> dict[str, Any]:
     tenant = tenant_of(request)
-    body = await read_body(request)
+    ctype = request.headers.get("content-type")
+    intake.media_type(ctype)
+    body = await read_body_buffer(request)
     ctx = ctx_of(request)
-    spec = intake.parse_body(ctx, body, request.headers.get("content-type"), request.query_params)
-    return {**intake.estimate(ctx, spec, tenant).to_dict(), "warnings": list(spec.warnings)}
+    query = dict(request.query_params)
+
+    def work(ctx: Context) -> dict[str, Any]:
+        spec = intake.parse_body(ctx, body, ctype, query, tenant)
+        return {**intake.estimate(ctx, spec, tenant).to_dict(), "warnings": list(spec.warnings)}
+
+    return await run_in_threadpool(work, ctx)
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -101,18 +127,6 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return wanted
 
 
-def _cursor(cursor: str | None) -> float | None:
-    try:
-        return float(cursor) if cursor else None
-    except ValueError:
-        raise Problem(
-            422,
-            "Invalid request",
-            "cursor: not a cursor from a previous page",
-            errors=[FieldError("cursor", "malformed")],
-        ) from None
-
-
 @router.get("", summary="List jobs, newest first")
 def list_jobs(
     request: Request,
@@ -127,7 +141,7 @@ def list_jobs(
     wanted = _labels(label or [])
     if schedule:
         wanted["schedule"] = schedule  # every run's job carries the label
-    before = _cursor(cursor)
+    before = score_cursor(cursor)
     out: list[dict[str, Any]] = []
     next_cursor = None
     while len(out) < limit:
@@ -166,7 +180,7 @@ def get_items(
     request: Request,
     job_id: str,
     status: str | None = None,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     review: Annotated[
         str | None, Query(description="approved, rejected or unreviewed (images not yet reviewed)")
@@ -180,6 +194,7 @@ def get_items(
             f"review: must be one of {', '.join(reviews.FILTERS)}",
             errors=[FieldError("review", "unknown review decision")],
         )
+    start = index_cursor(cursor)
     valid = set(STATUS_NAMES.values())
     if status is not None and status not in valid:
         raise Problem(
@@ -188,11 +203,15 @@ def get_items(
             f"status: must be one of {', '.join(sorted(valid))}",
             errors=[FieldError("status", "unknown item status")],
         )
-    items, nxt = views.items_page(ctx_of(request), job, status, cursor, limit, review)
+    items, nxt = views.items_page(ctx_of(request), job, status, start, limit, review)
     return {"object": "list", "data": items, "next_cursor": nxt}
 
 
-@router.get("/{job_id}/manifest", summary="The manifest (JSONL, streamed) of a finished job")
+@router.get(
+    "/{job_id}/manifest",
+    summary="The manifest (JSONL, streamed) of a finished job",
+    responses=documented(409),
+)
 def get_manifest(request: Request, job_id: str) -> StreamingResponse:
     job = own_job(request, job_id)
     if not job.is_final:
@@ -205,7 +224,12 @@ def get_manifest(request: Request, job_id: str) -> StreamingResponse:
     return StreamingResponse(stream, media_type="application/jsonl")
 
 
-@router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job (finished images are kept)")
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    summary="Cancel a job (finished images are kept)",
+    responses=documented(409),
+)
 def cancel(request: Request, job_id: str) -> JSONResponse:
     job = own_job(request, job_id)
     ctx = ctx_of(request)
@@ -284,3 +308,12 @@ async def review(request: Request, job_id: str) -> dict[str, Any]:
     done = reviews.review(ctx, job, decisions)
     counts = ctx.store.counts(job_id)
     return {**done, "review": views.review_counts(ctx, job, counts.get("succeeded", 0))}
+
+
+@router.get(
+    "/{job_id}/webhooks",
+    summary="The job's webhook delivery: status, next attempt, and every attempt made",
+)
+def get_webhooks(request: Request, job_id: str) -> dict[str, Any]:
+    job = own_job(request, job_id)
+    return outbound.delivery_view(ctx_of(request), job)
