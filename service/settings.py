@@ -253,6 +253,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"{cidr!r} is not a network in CIDR form: {exc}") from None
         return value
 
+    @field_validator("metrics_token", "webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # Compose passes `${VAR:-}`: an empty secret is no secret, never the empty password.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = value.get_secret_value()
+            try:
+                raw = b64decode(text.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                raw = b""
+            if not text.startswith("whsec_") or len(raw) < 16:
+                raise ValueError(
+                    "must be whsec_ and the base64 of 16 or more random bytes "
+                    "(python -m service.tenants new-webhook-secret)"
+                )
+        return value
+
     @property
     def storage_location(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "storage").as_uri()
