@@ -37,7 +37,7 @@ DASHBOARD_FILE = DEPLOY / "grafana" / "dashboards" / "imagebatch.json"
 K8S = DEPLOY / "k8s"
 
 # The services built from deploy/Dockerfile (one image, different commands).
-IMAGEBATCH_SERVICES = ("api", "worker", "worker-sync", "beat", "simulator")
+IMAGEBATCH_SERVICES = ("api", "worker", "worker-sync", "worker-webhooks", "beat", "simulator")
 
 # name -> (type, label names) of every series the service exposes (service/metrics.py).
 # Histograms are listed by base name and appear as _bucket/_sum/_count.

@@ -20,6 +20,8 @@ from tests.deploy.conftest import DEPLOY, METRICS
 from tests.deploy.test_image import healthcheck_command
 from tests.support.procs import free_port, start_server
 
+METRICS_TOKEN = (DEPLOY / "prometheus" / "metrics-token").read_text().strip()
+
 
 @pytest.fixture(scope="module")
 def api_port(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[int]:
@@ -36,6 +38,8 @@ def api_port(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
         "OPENAI_API_KEY": "sk-test",
         # Nothing listens there: the API must start and answer without reaching upstream.
         "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        # With tenants /metrics needs the token Prometheus sends from prometheus/metrics-token.
+        "IMAGEBATCH_METRICS_TOKEN": METRICS_TOKEN,
     }
     console_script = Path(sys.executable).parent / "imagebatch"
     proc = start_server([str(console_script), "api"], port, tmp / "api.log", env=env, cwd=tmp)
@@ -59,7 +63,9 @@ def test_readyz_reports_redis_and_storage(api_port: int) -> None:
 def test_metrics_expose_every_series_deploy_uses_and_pass_promtools_lint(
     api_port: int, promtool: str, tmp_path: Path
 ) -> None:
-    resp = httpx2.get(f"http://127.0.0.1:{api_port}/metrics", timeout=10)
+    url = f"http://127.0.0.1:{api_port}/metrics"
+    assert httpx2.get(url, timeout=10).status_code == 401  # tenants: never without the token
+    resp = httpx2.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
     assert resp.status_code == 200
     types = {
         parts[2]: parts[3]

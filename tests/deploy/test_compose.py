@@ -36,6 +36,7 @@ EXPECTED_SERVICES = {
     "api",
     "worker",
     "worker-sync",
+    "worker-webhooks",
     "beat",
     "simulator",
     "prometheus",
@@ -107,6 +108,7 @@ def test_each_process_runs_its_command(services: dict[str, Any]) -> None:
     assert services["api"]["command"] == ["api"]
     assert services["worker"]["command"] == ["worker", "--queues", "control,collect"]
     assert services["worker-sync"]["command"] == ["worker", "--queues", "sync"]
+    assert services["worker-webhooks"]["command"] == ["worker", "--queues", "webhooks"]
     assert services["beat"]["command"] == ["beat"]
     sim = services["simulator"]["command"]
     assert sim[0] == "simulator"
@@ -116,7 +118,9 @@ def test_each_process_runs_its_command(services: dict[str, Any]) -> None:
     from service.queues import QUEUES
 
     consumed = {
-        q for name in ("worker", "worker-sync") for q in services[name]["command"][2].split(",")
+        q
+        for name in ("worker", "worker-sync", "worker-webhooks")
+        for q in services[name]["command"][2].split(",")
     }
     assert consumed == set(QUEUES)
 
@@ -245,7 +249,7 @@ def test_published_ports_listen_on_localhost_only(compose: dict[str, Any]) -> No
 
 def test_tenants_overlay_reaches_every_process_that_checks_budgets() -> None:
     overlay = load_yaml(TENANTS_OVERLAY)["services"]
-    assert set(overlay) == {"api", "worker", "worker-sync", "beat"}
+    assert set(overlay) == {"api", "worker", "worker-sync", "worker-webhooks", "beat"}
     for name, service in overlay.items():
         target = env_of(service)["IMAGEBATCH_TENANTS_FILE"]
         (volume,) = service["volumes"]

@@ -36,7 +36,7 @@ from tests.deploy.conftest import (
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 # The Celery queue groups, each on workers of its own.
-QUEUES = ("control", "collect", "sync")
+QUEUES = ("control", "collect", "sync", "webhooks")
 COMMANDS = {
     "imagebatch-api": ["api"],
     **{
