@@ -242,13 +242,21 @@ def test_webhook_is_called_when_the_job_finishes(make_simulator, make_stack):
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
+    from standardwebhooks import Webhook
+
+    from service.tenants import new_webhook_secret
+
+    secret = new_webhook_secret()
     received: list[dict] = []
+    ids: list[str] = []
     calls = {"n": 0}
 
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self):
             calls["n"] += 1
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            ids.append(self.headers["webhook-id"])
+            body = Webhook(secret).verify(raw, dict(self.headers))  # raises unless signed by us
             if calls["n"] == 1:  # the receiver is briefly down: the webhook must be retried
                 self.send_response(503)
             else:
@@ -263,7 +271,12 @@ def test_webhook_is_called_when_the_job_finishes(make_simulator, make_stack):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         sim = make_simulator()
-        stack = make_stack(sim).start()
+        # The receiver is on loopback: allowed only because the operator says so.
+        env = {
+            "IMAGEBATCH_WEBHOOK_SECRET": secret,
+            "IMAGEBATCH_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        }
+        stack = make_stack(sim, env=env).start()
         url = f"http://127.0.0.1:{server.server_port}/hooks/imagebatch"
         job = stack.wait_job(stack.submit(job_body(5, webhook_url=url))["id"])
         assert job["status"] == "succeeded"
@@ -271,6 +284,7 @@ def test_webhook_is_called_when_the_job_finishes(make_simulator, make_stack):
         assert received[0]["event"] == "job.finished"
         assert received[0]["job"]["id"] == job["id"] and received[0]["job"]["status"] == "succeeded"
         assert calls["n"] == 2
+        assert ids[0] == ids[1]  # one event, one webhook-id, however many attempts
     finally:
         server.shutdown()
 
@@ -288,22 +302,27 @@ def test_edits_with_reference_images_and_bad_references_fail_alone(
     stack = make_stack(
         sim,
         storage_url="s3://e2e-edits/prod",
-        env={"IMAGEBATCH_S3_ENDPOINT_URL": s3_endpoint, "IMAGEBATCH_S3_PATH_STYLE": "true"},
+        env={
+            "IMAGEBATCH_S3_ENDPOINT_URL": s3_endpoint,
+            "IMAGEBATCH_S3_PATH_STYLE": "true",
+            "IMAGEBATCH_REFERENCE_PREFIXES": "s3://catalog/,s3://e2e-gone-bucket/",
+        },
     ).start()
     body = job_body(5)
     for item in body["items"][:3]:
         item["images"] = ["s3://catalog/1002.png"]
     body["items"][3]["images"] = ["s3://catalog/missing.png"]
-    body["items"][4]["images"] = ["file:///etc/hostname"]  # never read: not a file of this storage
+    body["items"][4]["images"] = ["s3://e2e-gone-bucket/1002.png"]  # no such bucket
     job = stack.wait_job(stack.submit(body)["id"])
     assert job["status"] == "partially_failed", stack.logs()
     assert job["counts"]["succeeded"] == 3 and job["counts"]["failed"] == 2
     assert job["tokens"]["image_input"] > 0  # the reference images were billed as image input
     manifest = {m["id"]: m for m in stack.manifest(job["id"])}
+    # Unreadable references fail their own item at once, with the reason; they are not retried.
     for bad in ("sku-3", "sku-4"):
-        assert manifest[bad]["error"]["code"] == "invalid_image_reference"
+        assert manifest[bad]["error"]["code"] == "reference_unreadable"
     assert "missing.png" in manifest["sku-3"]["error"]["message"]
-    assert "file:///etc/hostname" in manifest["sku-4"]["error"]["message"]
+    assert "does not exist" in manifest["sku-4"]["error"]["message"]
     got = s3.get_object(Bucket="e2e-edits", Key=f"prod/jobs/{job['id']}/images/sku-0.png")[
         "Body"
     ].read()
