@@ -238,7 +238,6 @@ def test_s3_storage_over_http(make_simulator, make_stack, s3_endpoint):
 
 
 def test_webhook_is_called_when_the_job_finishes(make_simulator, make_stack):
-    import json
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
