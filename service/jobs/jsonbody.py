@@ -1,149 +1,173 @@
-"""Reading a JSON job body within a memory budget: a pre-scan, the parse, duplicate keys.
+"""Reading a JSON job body within a memory and time budget.
 
-A parsed JSON document can be far bigger than its text: ``{}`` is 3 bytes of body and 72 bytes of
-Python, so ten million empty items (30 MB) would grow the API by 700 MB before any check saw
-them. :func:`prescan` measures the document at C speed before it is parsed (strings are cut out
-with one regular expression, then the structural characters are counted) and refuses what
-cannot be a job, or would cost more than :data:`DENSITY` times the body to hold. Only then does
-:func:`load` parse it with orjson, straight from the buffer (no copy), and check that no object
-repeats a key: orjson keeps the last value silently, and a job whose ``"quality"`` appears twice
-means something the caller did not write. Duplicates are found by comparing the keys the parse
-kept with the keys the text holds; only a body that has some is parsed again, slowly, to name
-the first one.
+A parsed JSON document can be far bigger than its text: ``{}`` is 3 bytes of body and 72 bytes
+of Python, so ten million empty items (30 MB) would grow the API by 700 MB before any check saw
+them, and a one-shot C parser holds the GIL for the whole parse, so the event loop (``/healthz``)
+stalls for as long. :func:`load` therefore builds the document itself from ijson's event stream
+(yajl2's C tokenizer, fed 64 KB at a time), which lets it:
+
+* keep an account of what the tree costs (``sys.getsizeof`` of each value, containers' slots)
+  and refuse the body (413) the moment the account passes :data:`DENSITY` times the body
+  (:data:`FLOOR_BYTES` at least), before the rest is built;
+* refuse more items (or rows) than a job may hold the moment there is one too many (422 on
+  ``items``), and nesting deeper than a job ever is;
+* refuse a key an object already has (422 naming its path: orjson and ``json`` keep the last
+  value silently, so a job whose ``"quality"`` appears twice would mean what the caller did not
+  write);
+* give the interpreter back between events, so other threads (the event loop) run while a
+  large body parses.
+
+Keys are interned: 100,000 items share one ``"prompt"`` string.
 
 Failure semantics: every refusal is a :class:`~service.errors.Problem`: 400 for text that is not
-JSON, 413 for a body too dense to hold, 422 naming ``items`` (too many objects to be a job) or
-the path of a duplicated key.
+JSON (with the line and column when the body is small enough to ask orjson where), 413 for a body
+too dense to hold, 422 naming ``items``/``rows``, a duplicated key's path, or a too-deep value.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import sys
 from typing import Any
 
+import ijson
 import orjson
 
 from service.errors import Problem, invalid, malformed
 from service.jobs.messages import clip
 
-# Every JSON string literal, escapes included (the unrolled loop keeps the regex linear).
-_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-# What holding a parsed value costs, in bytes (CPython 3.11 on 64-bit, measured with
-# tracemalloc on orjson's output): a container, a slot in one, a dict entry, a string object
-# (keys are interned by orjson and cost only their entry), a number.
-_CONTAINER, _SLOT, _ENTRY, _STRING, _NUMBER = 72, 8, 80, 56, 32
-# A body whose parse would cost more than this many times its size is refused...
-DENSITY = 4
-# ...unless that is under this floor: small bodies are never refused for their shape.
+# A body whose parsed tree would cost more than this many times its size is refused...
+DENSITY = 2
+# ...unless the tree stays under this: small bodies are never refused for their shape.
 FLOOR_BYTES = 64 * 1024 * 1024
-# Objects and arrays one item may bring (the item and its images), and the job's own few.
-_CONTAINERS_PER_ITEM, _CONTAINERS_PER_JOB = 2, 16
+# Deeper than any job (an item's images list is at depth 3).
+MAX_DEPTH = 16
+# Bytes handed to the tokenizer at a time (and held besides the body).
+CHUNK_BYTES = 64 * 1024
+# A malformed body up to this size is parsed again by orjson to say where it breaks.
+_LOCATE_BYTES = 8 * 1024 * 1024
+# What a container costs before its contents, and per slot (CPython 3.11, 64-bit).
+_DICT, _DICT_ENTRY, _LIST, _LIST_SLOT = 64, 40, 56, 8
+_SEQUENCES = ("items", "rows")
 
 
-def prescan(body: bytes | bytearray | memoryview, max_items: int) -> int:
-    """Refuse a body that cannot be a job or would cost too much to parse; the keys it holds."""
-    stripped, strings = _STRING_RE.subn(b'""', body)
-    containers = stripped.count(b"{") + stripped.count(b"[")
-    keys = stripped.count(b":")
-    slots = stripped.count(b",") + containers
-    payload = len(body) - len(stripped) + 2 * strings
-    del stripped
-    if containers > _CONTAINERS_PER_ITEM * max_items + _CONTAINERS_PER_JOB:
-        raise invalid(
-            "items",
-            f"the body holds {containers:,} JSON objects and arrays: more than a job of "
-            f"{max_items:,} items (the most one job may hold) can have; split it into several jobs",
-        )
-    numbers = max(0, slots - strings - containers)
-    cost = (
-        containers * _CONTAINER
-        + slots * _SLOT
-        + keys * _ENTRY
-        + (strings - keys) * _STRING
-        + payload
-        + numbers * _NUMBER
-    )
-    if cost > max(DENSITY * len(body), FLOOR_BYTES):
-        raise Problem(
-            413,
-            "The request body is too large",
-            f"The body's {slots:,} JSON values would take about {cost // 2**20:,} MB to hold, "
-            f"more than {DENSITY}x its {len(body):,} bytes; a job has far fewer, larger values.",
-            extra={"values": slots},
-        )
-    return keys
+class _Reader:
+    """A file-like view of the body for ijson: chunks are copied out, the body never is."""
+
+    def __init__(self, body: bytes | bytearray | memoryview) -> None:
+        self.view, self.pos = memoryview(body), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.view) if size < 0 else self.pos + size
+        chunk = bytes(self.view[self.pos : end])
+        self.pos += len(chunk)
+        return chunk
 
 
-def load(body: bytes | bytearray | memoryview, keys: int) -> Any:
-    """Parse the body; ``keys`` is what :func:`prescan` counted, to find duplicated keys."""
+def load(body: bytes | bytearray | memoryview, *, max_items: int) -> Any:
+    """The parsed body; a Problem for anything it must not cost or cannot be."""
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise malformed(
-            f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
-            f"(byte {exc.pos}).",
-            extra={"line": exc.lineno, "column": exc.colno, "position": exc.pos},
-        ) from None
-    except TypeError:
-        raise malformed("The body must be bytes of JSON text.") from None
-    if _count_keys(doc) != keys:
-        found = _first_duplicate(body)
-        if found is not None:
-            path, key, index = found
-            raise invalid(path, f"the key '{key}' appears more than once in this object", index)
-    return doc
+        return _build(body, max_items)
+    except ijson.JSONError as exc:
+        if "overflow" in str(exc) and len(body) <= _LOCATE_BYTES:
+            # yajl stops at numbers past 64 bits, which JSON allows; a small body is parsed
+            # whole instead, so the field that holds one is named (max_cost_usd: 1e400).
+            try:
+                return orjson.loads(body)
+            except orjson.JSONDecodeError:
+                pass
+        raise _not_json(body, exc) from None
 
 
-def _count_keys(doc: Any) -> int:
-    """Keys of every object in the document (an explicit stack: nesting depth is the caller's)."""
-    total, stack = 0, [doc]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            total += len(value)
-            stack.extend(v for v in value.values() if isinstance(v, dict | list))
-        elif isinstance(value, list):
-            stack.extend(v for v in value if isinstance(v, dict | list))
-    return total
-
-
-class _Marked(dict[str, Any]):
-    """An object of the slow parse that remembers the first key it saw twice."""
-
-    duplicate: str | None = None
-
-
-def _first_duplicate(body: bytes | bytearray | memoryview) -> tuple[str, str, int | None] | None:
-    """(field path, key, item index) of the first repeated key in document order; the slow
-    path, taken only for a body that has one."""
-
-    def pairs(items: list[tuple[str, Any]]) -> _Marked:
-        obj = _Marked()
-        for key, value in items:
-            if key in obj and obj.duplicate is None:
-                obj.duplicate = key
-            obj[key] = value
-        return obj
-
-    try:
-        doc = json.loads(bytes(body).decode("utf-8"), object_pairs_hook=pairs)
-    except ValueError:
-        return None
-    stack: list[tuple[Any, str, int | None]] = [(doc, "", None)]
-    while stack:
-        value, path, index = stack.pop()
-        if isinstance(value, _Marked):
-            if value.duplicate is not None:
-                key = clip(value.duplicate, 64)
-                return (f"{path}.{key}" if path else key), key, index
-            children = [(v, f"{path}.{k}" if path else k, index) for k, v in value.items()]
-        elif isinstance(value, list):
-            children = [
-                (v, f"{path}[{i}]", i if path in ("items", "rows") else index)
-                for i, v in enumerate(value)
-            ]
-        else:
+def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
+    budget = max(DENSITY * len(body), FLOOR_BYTES)
+    cost = 0
+    interned: dict[str, str] = {}
+    stack: list[Any] = []  # open containers, outermost first
+    where: list[str | int] = []  # the key or index each open container sits under
+    key: list[str | None] = []  # per open object: the key whose value comes next
+    root: Any = None
+    for event, value in ijson.basic_parse(_Reader(body), use_float=True, buf_size=CHUNK_BYTES):
+        if event == "map_key":
+            top = stack[-1]
+            name = interned.setdefault(value, value)
+            if name in top:
+                path, index = _path(where, name)
+                raise invalid(
+                    path, f"the key '{clip(name, 64)}' appears twice in this object", index
+                )
+            key[-1] = name
+            if name is value:
+                cost += sys.getsizeof(name)
             continue
-        stack.extend(reversed(children))
-    return None
+        if event in ("end_map", "end_array"):
+            stack.pop(), where.pop(), key.pop()
+            continue
+        if event == "start_map":
+            new: Any = {}
+            cost += _DICT
+        elif event == "start_array":
+            new = []
+            cost += _LIST
+        else:
+            new = value
+            cost += 0 if value is None or value is True or value is False else sys.getsizeof(value)
+        # Attach the value to its container.
+        if not stack:
+            root = new
+            slot: str | int = ""
+        elif type(stack[-1]) is dict:
+            slot = key[-1] or ""
+            stack[-1][slot] = new
+            cost += _DICT_ENTRY
+        else:
+            slot = len(stack[-1])
+            stack[-1].append(new)
+            cost += _LIST_SLOT
+            if slot >= max_items and len(stack) == 2 and where[-1] in _SEQUENCES:
+                raise invalid(
+                    str(where[-1]),
+                    f"the job has {slot + 1:,} items or more; a job may hold at most "
+                    f"{max_items:,} (split it into several jobs)",
+                )
+        if cost > budget:
+            raise Problem(
+                413,
+                "The request body is too large",
+                f"The body would take more than {budget // 2**20:,} MB to hold once parsed "
+                f"({DENSITY}x its {len(body):,} bytes): it has far more, far smaller values "
+                "than a job does.",
+                errors=[],
+            )
+        if event in ("start_map", "start_array"):
+            if len(stack) >= MAX_DEPTH:
+                path, index = _path([*where[1:], slot], "")
+                raise invalid(path.rstrip("."), f"values nest more than {MAX_DEPTH} deep", index)
+            stack.append(new)
+            where.append(slot)
+            key.append(None)
+    return root
+
+
+def _path(where: list[str | int], name: str) -> tuple[str, int | None]:
+    """A field path like ``items[3].quality`` (the root's own slot skipped), and the item index."""
+    parts = ""
+    for seg in where[1:]:
+        parts += f"[{seg}]" if isinstance(seg, int) else (f".{seg}" if parts else str(seg))
+    if name:
+        parts = f"{parts}.{clip(name, 64)}" if parts else clip(name, 64)
+    index = where[2] if len(where) > 2 and where[1] in _SEQUENCES else None
+    return parts, index if isinstance(index, int) else None
+
+
+def _not_json(body: bytes | bytearray | memoryview, exc: Exception) -> Problem:
+    if len(body) <= _LOCATE_BYTES:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as located:
+            return malformed(
+                f"The body is not valid JSON: {located.msg} at line {located.lineno} column "
+                f"{located.colno} (byte {located.pos}).",
+                extra={"line": located.lineno, "column": located.colno, "position": located.pos},
+            )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "it ends too early"
+    return malformed(f"The body is not valid JSON: {first}.")

@@ -140,8 +140,7 @@ def parse_job_json(
     prompts a template renders may add (None: no cap).
     """
     data = body.encode("utf-8") if isinstance(body, str) else body
-    doc = jsonbody.load(data, jsonbody.prescan(data, max_items))
-    del data, body  # the caller's buffer may go as soon as the caller lets it
+    doc = jsonbody.load(data, max_items=max_items)
     if not isinstance(doc, dict):
         raise invalid("", f"the body must be a JSON object (a job), not {json_type(doc)}")
     builder = JobBuilder(
