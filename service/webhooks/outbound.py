@@ -132,20 +132,29 @@ def deliver(ctx: Context, job_id: str) -> str | None:
     with lease.held() as got:
         if not got:
             return None
-        # This task is running: the sweep may queue the next attempt once it is due.
-        unmark(ctx.redis, keys.enqueued(WEBHOOK, job_id))
-        state = _state(ctx.redis, job_id)
-        job = ctx.store.job(job_id)
-        if job is None or state.get("status") != PENDING:
-            ctx.redis.zrem(keys.WEBHOOKS_DUE, job_id)
-            return None
-        if float(state.get("next_at", 0)) > time.time() + 1:
-            return None  # a duplicate task: the next attempt is not due yet
-        attempt = int(state.get("attempts", 0)) + 1
-        record = _attempt(ctx, job, state["event_id"], state["url"])
-        record["attempt"] = attempt
-        _record(ctx, job_id, attempt, record, float(state.get("first_at", time.time())))
-        return str(record["outcome"])
+        try:
+            return _deliver_once(ctx, job_id)
+        finally:
+            # Whatever happened, the sweep may queue the next attempt once it is due.
+            unmark(ctx.redis, keys.enqueued(WEBHOOK, job_id))
+
+
+def _deliver_once(ctx: Context, job_id: str) -> str | None:
+    state = _state(ctx.redis, job_id)
+    job = ctx.store.job(job_id)
+    if job is None or state.get("status") != PENDING:
+        ctx.redis.zrem(keys.WEBHOOKS_DUE, job_id)
+        return None
+    if float(state.get("next_at", 0)) > time.time() + 1:
+        return None  # a duplicate task: the next attempt is not due yet
+    # In flight: the sweep leaves it alone until the attempt must have ended (a worker that dies
+    # mid-attempt is retried from here).
+    ctx.redis.zadd(keys.WEBHOOKS_DUE, {job_id: time.time() + _enqueue_ttl(ctx)})
+    attempt = int(state.get("attempts", 0)) + 1
+    record = _attempt(ctx, job, state["event_id"], state["url"])
+    record["attempt"] = attempt
+    _record(ctx, job_id, attempt, record, float(state.get("first_at", time.time())))
+    return str(record["outcome"])
 
 
 def _attempt(ctx: Context, job: Job, event: str, url: str) -> dict[str, Any]:

@@ -135,6 +135,8 @@ def test_a_5xx_is_retried_later_with_the_same_webhook_id(make_ctx) -> None:
     job = finished_job(ctx, hook.url)
     outbound.schedule(ctx, job)
     assert outbound.deliver(ctx, job.id) == "failed"
+    # The attempt is over: nothing keeps the sweep from queueing the retry when it is due.
+    assert not ctx.redis.exists(keys.enqueued(WEBHOOK, job.id))
     first = attempts(ctx, job)[0]
     assert first["status_code"] == 503 and first["next_attempt_at"]
     due = ctx.redis.zscore(keys.WEBHOOKS_DUE, job.id)
