@@ -8,6 +8,7 @@ never runs the lanes itself. Routes live in :mod:`service.api.routes`, one modul
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +65,10 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         )
         tokens.encoding()  # load the tokenizer now, not on the first request
         await _read_upstream_models(ctx)
+        # What startup built lives as long as the process: keep the collector's full passes
+        # (which hold the GIL, and so the event loop) from walking it again and again.
+        gc.collect()
+        gc.freeze()
         yield
         ctx.redis.close()
 

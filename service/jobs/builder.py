@@ -566,7 +566,11 @@ class JobBuilder:
                 return []
         seen: dict[str, int] = {}
         out: list[ItemSpec] = []
+        # What each rendered prompt adds to the body: the template's own text (the values it
+        # fills in are already in the body).
+        literal = sum(len(part) for part in parts[0::2])
         for index, row in enumerate(rows):
+            rows[index] = None  # the row goes once its spec is built
             path = f"rows[{index}]"
             where = self._line(index)
             if not isinstance(row, dict):
@@ -587,7 +591,7 @@ class JobBuilder:
             shown_id = item_id if item_id is not None else shown_id_of(raw_id, index)
             prompt = render_template(parts, row, path, index, shown_id, where, errs)
             if prompt is not None:
-                self._spend_prompt(len(prompt))
+                self._spend_prompt(literal)
                 prompt = self._prompt(prompt, f"{path}.prompt", index, shown_id)
             images = row.get(images_key) if images_key else None
             mask = row.get(mask_key) if mask_key else None
@@ -602,7 +606,7 @@ class JobBuilder:
         return out
 
     def _spend_prompt(self, chars: int) -> None:
-        """Count a rendered prompt against the body's budget; a 413 as soon as it is spent."""
+        """Count what a rendered prompt adds against the body's budget; 413 once it is spent."""
         if self.prompt_bytes is None:
             return
         self.prompt_bytes -= chars

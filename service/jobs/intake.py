@@ -34,6 +34,7 @@ from service import pricing
 from service.context import Context
 from service.errors import FieldError, Problem, conflict
 from service.jobs import reuse
+from service.jobs.jsonbody import paused_gc
 from service.jobs.model import JOB_QUEUED, Job
 from service.jobs.params import JobScope, parse_ref_prefix, storage_prefix
 from service.jobs.request import request_record
@@ -112,9 +113,32 @@ def job_scope(ctx: Context, tenant_id: str) -> JobScope:
     )
 
 
+class Body:
+    """A request body handed to intake, which lets go of it once it is parsed.
+
+    The body is the biggest thing a submission holds; once the document is built from it, only
+    the document matters. Passed as a Body (not as bytes every caller's frame keeps a reference
+    to), it is freed before the job is validated and stored.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data: bytes | bytearray | memoryview | None = data
+        self.size = len(data)
+
+    def peek(self) -> bytes | bytearray | memoryview:
+        if self._data is None:
+            raise RuntimeError("the body was already handed over")
+        return self._data
+
+    def take(self) -> bytes | bytearray | memoryview:
+        data = self.peek()
+        self._data = None
+        return data
+
+
 def parse_body(
     ctx: Context,
-    body: bytes | bytearray | memoryview,
+    body: bytes | bytearray | memoryview | Body,
     content_type: str | None,
     query: Mapping[str, str],
     tenant: str | None = None,
@@ -127,23 +151,33 @@ def parse_body(
     limit = ctx.settings.max_items_per_job
     scope = job_scope(ctx, tenant) if tenant is not None else None
     # Rendered template prompts share the body's budget: a small CSV must not become 500 MB.
-    budget = max(0, ctx.settings.max_body_bytes - len(body))
+    if not isinstance(body, Body):
+        body = Body(body)
+    budget = max(0, ctx.settings.max_body_bytes - body.size)
     # The model is checked against upstream's lifecycle and what was learned, not the catalog
     # alone: a model upstream shut down or stopped offering is refused here.
     models = ctx.models()
-    if kind == "csv":
-        return parse_job_csv(
-            body,
-            dict(query),
+    with paused_gc():
+        # take(): from here the parser holds the only reference, so the body goes when it can.
+        if kind == "csv":
+            params = dict(query)
+            return parse_job_csv(
+                body.take(),
+                params,
+                ctx.catalog,
+                max_items=limit,
+                models=models,
+                scope=scope,
+                prompt_bytes=budget,
+            )
+        return parse_job_json(
+            body.take(),
             ctx.catalog,
             max_items=limit,
             models=models,
             scope=scope,
             prompt_bytes=budget,
         )
-    return parse_job_json(
-        body, ctx.catalog, max_items=limit, models=models, scope=scope, prompt_bytes=budget
-    )
 
 
 def request_digest(
@@ -177,14 +211,16 @@ def estimate(ctx: Context, spec: JobSpec, tenant: str | None = None) -> pricing.
 def submit_body(
     ctx: Context,
     tenant: str,
-    body: bytes | bytearray | memoryview,
+    body: bytes | bytearray | memoryview | Body,
     content_type: str | None,
     query: Mapping[str, str],
     idempotency_key: str | None = None,
 ) -> Submission:
     """Validate and submit a job body (see :func:`parse_body` and :func:`submit`)."""
     _check_idempotency_key(idempotency_key)
-    digest = request_digest(body, content_type, query) if idempotency_key else None
+    if not isinstance(body, Body):
+        body = Body(body)
+    digest = request_digest(body.peek(), content_type, query) if idempotency_key else None
     spec = parse_body(ctx, body, content_type, query, tenant)
     return submit(ctx, spec, tenant, idempotency_key, request_sha256=digest)
 

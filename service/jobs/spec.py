@@ -141,6 +141,7 @@ def parse_job_json(
     """
     data = body.encode("utf-8") if isinstance(body, str) else body
     doc = jsonbody.load(data, max_items=max_items)
+    del data, body  # the body may be freed now (the caller handed it over; see intake.Body)
     if not isinstance(doc, dict):
         raise invalid("", f"the body must be a JSON object (a job), not {json_type(doc)}")
     builder = JobBuilder(
@@ -191,4 +192,5 @@ def parse_job_csv(
         prompt_bytes=prompt_bytes,
     )
     doc, rows = csv_document(body, params, builder.errors, max_items=max_items)
+    del body  # the rows are read: the body may be freed now (see intake.Body)
     return builder.build(doc, csv_rows=rows)

@@ -81,6 +81,9 @@ class JobStore:
             count += 1
             if len(batch) >= _BATCH * 5:
                 pipe.hset(items_key, mapping=batch)
+                # Sent now, not all at the end: a 100k-item job never sits packed in memory
+                # whole. Nobody reads the items before the job hash below exists.
+                pipe.execute()
                 batch = {}
         if batch:
             pipe.hset(items_key, mapping=batch)

@@ -66,6 +66,8 @@ def render_template(
 
     ``where`` ends the missing-value message: the CSV line, or nothing for JSON rows.
     """
+    if len(parts) == 3 and not parts[0] and not parts[2] and isinstance(row.get(parts[1]), str):
+        return str(row[parts[1]])  # "{prompt}": the value itself, not a copy of it
     out = [parts[0]]
     for k in range(1, len(parts), 2):
         name = parts[k]

@@ -75,7 +75,7 @@ async def submit(
     tenant = tenant_of(request)
     ctype = request.headers.get("content-type")
     intake.media_type(ctype)  # a 415 before the body is read
-    body = await read_body_buffer(request)
+    body = intake.Body(await read_body_buffer(request))  # handed over: freed once parsed
     ctx = ctx_of(request)
     query = dict(request.query_params)
 
@@ -101,7 +101,7 @@ async def estimate(request: Request) -> dict[str, Any]:
     tenant = tenant_of(request)
     ctype = request.headers.get("content-type")
     intake.media_type(ctype)
-    body = await read_body_buffer(request)
+    body = intake.Body(await read_body_buffer(request))
     ctx = ctx_of(request)
     query = dict(request.query_params)
 
