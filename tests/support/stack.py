@@ -45,6 +45,9 @@ class Stack:
         }
         self.procs: dict[str, Proc] = {}
         self._n = 0
+        # Sent with every request of client(): e.g. {"Authorization": "Bearer <key>"} to act as a
+        # tenant when the stack has a tenants file.
+        self.headers: dict[str, str] = {}
 
     # --- processes ----------------------------------------------------------------------------
     def _exe(self, *args: str) -> list[str]:
@@ -112,7 +115,7 @@ class Stack:
         return f"http://127.0.0.1:{self.api_port}"
 
     def client(self, **kw: Any) -> httpx2.Client:
-        return httpx2.Client(base_url=self.api, timeout=60, **kw)
+        return httpx2.Client(base_url=self.api, timeout=60, headers=self.headers, **kw)
 
     def submit(self, body: dict[str, Any], **headers: str) -> dict[str, Any]:
         with self.client() as c:
