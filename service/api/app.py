@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         version="1",
         summary="Large batches of image prompts to images in storage through OpenAI's Batch API.",
         lifespan=lifespan,
+        # The problem answers any route may give, documented on every route of every router.
+        responses=problems.ANY_ROUTE,
     )
     problems.install(app)
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings))

@@ -84,6 +84,9 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # What any route may answer (auth, a bad Host, an unexpected error, storage down).
 COMMON = documented(400, 401, 403, 404, 422, 500, 503)
+# The same, plus what a route that reads a body may answer: documented by the app for every
+# router, those added later included.
+ANY_ROUTE = documented(400, 401, 403, 404, 413, 415, 422, 500, 503)
 
 
 async def _problem(_: Request, exc: Exception) -> JSONResponse:

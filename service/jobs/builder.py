@@ -36,8 +36,9 @@ from service.jobs.params import (
     COMBO_PARAMS,
     JobScope,
     combo_problem,
+    images_check,
     param_problem,
-    ref_problem,
+    ref_check,
     url_problem,
 )
 from service.jobs.schema import (
@@ -45,7 +46,6 @@ from service.jobs.schema import (
     ITEM_ID_PATTERN,
     LABEL_KEY_PATTERN,
     MAX_COST_USD,
-    MAX_IMAGES,
     MAX_LABEL_VALUE_CHARS,
     MAX_LABELS,
     MAX_PROMPT_CHARS,
@@ -487,43 +487,17 @@ class JobBuilder:
         return ItemSpec(index, item_id, endpoint, body)
 
     def _images(self, raw: Any, path: str, index: int, item_id: str | None) -> list[str] | None:
-        if not isinstance(raw, list):
-            self.errors.add(
-                path,
-                f"images must be an array of 1 to {MAX_IMAGES} references, not {json_type(raw)}",
-                index,
-                item_id,
-            )
-            return None
-        if not 1 <= len(raw) <= MAX_IMAGES:
-            self.errors.add(
-                path,
-                f"images must hold 1 to {MAX_IMAGES} references, got {len(raw)}",
-                index,
-                item_id,
-            )
-            return None
-        refs: list[str] = []
-        for k, ref in enumerate(raw):
-            checked = self._ref(ref, f"{path}[{k}]", index, item_id)
-            if checked is None:
-                return None
-            refs.append(checked)
+        refs, where, why = images_check(raw, self.scope)
+        if refs is None:
+            self.errors.add(path + where, why, index, item_id)
         return refs
 
     def _ref(self, raw: Any, path: str, index: int, item_id: str | None) -> str | None:
-        if not isinstance(raw, str):
-            self.errors.add(
-                path, f"an image reference must be a string, not {json_type(raw)}", index, item_id
-            )
+        why = ref_check(raw, self.scope)
+        if why is not None:
+            self.errors.add(path, why, index, item_id)
             return None
-        problem = ref_problem(raw)
-        if problem is None and self.scope is not None:
-            problem = self.scope.problem(raw)
-        if problem is not None:
-            self.errors.add(path, problem, index, item_id)
-            return None
-        return raw
+        return str(raw)
 
     # -- template and rows --------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from service.jobs.schema import (
     COMPRESSIBLE_FORMATS,
     DEFAULT_OUTPUT_FORMAT,
     MAX_IMAGE_URL_CHARS,
+    MAX_IMAGES,
     MAX_N,
     MAX_REF_URL_CHARS,
     MAX_WEBHOOK_URL_CHARS,
@@ -137,6 +138,30 @@ def ref_problem(ref: str) -> str | None:
         f"{show(ref)} is not an image reference: use s3://bucket/key, https://..., "
         f"data:image/...;base64,..., an upstream file id (file-...), or file:///path"
     )
+
+
+def ref_check(raw: Any, scope: JobScope | None) -> str | None:
+    """Why ``raw`` is not a reference this job may use (its shape, then the tenant's scope)."""
+    if not isinstance(raw, str):
+        return f"an image reference must be a string, not {json_type(raw)}"
+    problem = ref_problem(raw)
+    if problem is None and scope is not None:
+        problem = scope.problem(raw)
+    return problem
+
+
+def images_check(raw: Any, scope: JobScope | None) -> tuple[list[str] | None, str, str]:
+    """An item's ``images``: (the references, "", "") or (None, the sub-path at fault, why)."""
+    if not isinstance(raw, list):
+        kind = json_type(raw)
+        return None, "", f"images must be an array of 1 to {MAX_IMAGES} references, not {kind}"
+    if not 1 <= len(raw) <= MAX_IMAGES:
+        return None, "", f"images must hold 1 to {MAX_IMAGES} references, got {len(raw)}"
+    for k, ref in enumerate(raw):
+        problem = ref_check(ref, scope)
+        if problem is not None:
+            return None, f"[{k}]", problem
+    return list(raw), "", ""
 
 
 def url_problem(

@@ -164,7 +164,13 @@ def ctx(
     tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle
 ) -> Iterator[Context]:
     (tmp_path / "refs").mkdir()
-    context = make_context(tmp_path, redis_url, sim.url, local_ref_roots=[tmp_path / "refs"])
+    context = make_context(
+        tmp_path,
+        redis_url,
+        sim.url,
+        local_ref_roots=[tmp_path / "refs"],
+        reference_prefixes=["https://cdn.example.test/"],
+    )
     yield context
     context.redis.close()
 
@@ -179,11 +185,16 @@ def vision_files(sim: SimulatorHandle) -> list[str]:
     return [f.id for f in sim.client().files.list(purpose="vision")]
 
 
+def resolver(ctx: Context, job_id: str) -> RefResolver:
+    """References resolved for the open API's tenant (the jobs here exist only by id)."""
+    return RefResolver(ctx, job_id, intake.job_scope(ctx, "default"))
+
+
 def test_urls_and_file_ids_pass_through_without_an_upload(
     ctx: Context, sim: SimulatorHandle
 ) -> None:
     before = vision_files(sim)
-    refs = RefResolver(ctx, "job_1")
+    refs = resolver(ctx, "job_1")
     assert refs.ref("https://cdn.example.test/a.png") == {
         "image_url": "https://cdn.example.test/a.png"
     }
@@ -202,17 +213,17 @@ def test_a_stored_reference_is_uploaded_once_per_job(
     uri = photo.as_uri()
     before = set(vision_files(sim))
     body = {"model": "gpt-image-2", "prompt": "x", "images": [uri, uri], "mask": uri}
-    resolved = RefResolver(ctx, "job_1").resolve(body)
+    resolved = resolver(ctx, "job_1").resolve(body)
     (file_id,) = set(vision_files(sim)) - before
     assert resolved["images"] == [{"file_id": file_id}, {"file_id": file_id}]
     assert resolved["mask"] == {"file_id": file_id}
     assert body["images"] == [uri, uri]  # the stored request is not changed
     # Another worker resolving for the same job (a retried item) uploads nothing again.
-    assert RefResolver(ctx, "job_1").ref(uri) == {"file_id": file_id}
+    assert resolver(ctx, "job_1").ref(uri) == {"file_id": file_id}
     assert len(set(vision_files(sim)) - before) == 1
     assert sim.client().files.content(file_id).content == photo.read_bytes()
     # Another job uploads its own copy.
-    other = RefResolver(ctx, "job_2").ref(uri)["file_id"]
+    other = resolver(ctx, "job_2").ref(uri)["file_id"]
     assert other != file_id and len(set(vision_files(sim)) - before) == 2
 
 
@@ -220,16 +231,17 @@ def test_a_reference_that_cannot_be_read_is_a_bad_reference(
     ctx: Context, sim: SimulatorHandle, tmp_path: Path
 ) -> None:
     before = vision_files(sim)
-    refs = RefResolver(ctx, "job_1")
+    refs = resolver(ctx, "job_1")
     missing = (tmp_path / "refs" / "gone.png").as_uri()
     with pytest.raises(BadReference, match=r"gone\.png"):
         refs.ref(missing)
     outside = tmp_path / "secret.png"
     outside.write_bytes(png())
-    with pytest.raises(BadReference, match="IMAGEBATCH_LOCAL_REF_ROOTS"):
-        refs.ref(outside.as_uri())
+    with pytest.raises(BadReference, match="outside the prefixes") as caught:
+        refs.ref(outside.as_uri())  # not under IMAGEBATCH_LOCAL_REF_ROOTS: never read
+    assert caught.value.code == "reference_not_allowed"
     with pytest.raises(BadReference):
-        refs.ref("s3://bucket/key.png")  # local storage reads only file:// references
+        refs.ref("s3://bucket/key.png")  # no prefix allows it (and local storage reads no s3)
     assert vision_files(sim) == before
 
 
@@ -253,15 +265,17 @@ def test_a_bucket_reference_is_uploaded_once(
         s3_endpoint_url=s3_endpoint,
         s3_region="us-east-1",
         s3_path_style=True,
+        reference_prefixes=["s3://catalog-photos/"],
     )
     try:
         before = set(vision_files(sim))
-        refs = RefResolver(ctx, "job_1")
+        refs = resolver(ctx, "job_1")
         first = refs.ref("s3://catalog-photos/mugs/blue.png")
         assert refs.ref("s3://catalog-photos/mugs/blue.png") == first
         assert set(vision_files(sim)) - before == {first["file_id"]}
-        with pytest.raises(BadReference):
+        with pytest.raises(BadReference) as caught:
             refs.ref("s3://catalog-photos/mugs/none.png")
+        assert caught.value.code == "reference_unreadable"
     finally:
         ctx.redis.close()
 
