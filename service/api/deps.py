@@ -45,7 +45,8 @@ def tenant_of(request: Request) -> str:
 
 
 def no_job(job_id: str) -> Problem:
-    return Problem(404, "Job not found", f"no job {job_id[:80]!r}")
+    detail = f"no job {job_id[:80]!r}"
+    return Problem(404, "Job not found", detail, errors=[FieldError("job_id", detail)])
 
 
 def own_job(request: Request, job_id: str) -> Job:

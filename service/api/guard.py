@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PROBLEM_CONTENT_TYPE, Problem
+from service.errors import PROBLEM_CONTENT_TYPE, FieldError, Problem
 from service.settings import Settings
 
 log = logging.getLogger("imagebatch.api")
@@ -111,20 +111,18 @@ class RequestGuard:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_of(headers.get("host", ""))
         if host not in self.hosts:
-            return Problem(
-                400,
-                "Host not allowed",
+            detail = (
                 f"this API answers to {', '.join(sorted(self.hosts))}, not {host[:100]!r}; "
-                "set IMAGEBATCH_ALLOWED_HOSTS to reach it by another name",
+                "set IMAGEBATCH_ALLOWED_HOSTS to reach it by another name"
             )
+            return Problem(400, "Host not allowed", detail, errors=[FieldError("Host", detail)])
         origin = headers.get("origin")
         if origin and scope.get("method") not in _SAFE_METHODS:
             name = urlsplit(origin).hostname or ""
             if name not in self.hosts:
+                detail = f"a page from {origin[:100]!r} may not change anything through this API"
                 return Problem(
-                    403,
-                    "Cross-site request refused",
-                    f"a page from {origin[:100]!r} may not change anything through this API",
+                    403, "Cross-site request refused", detail, errors=[FieldError("Origin", detail)]
                 )
         return None
 

@@ -95,7 +95,9 @@ async def _problem(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _auth(_: Request, exc: Exception) -> JSONResponse:
-    resp = problem_response(Problem(401, "Unauthorized", str(exc)))
+    detail = str(exc)
+    field = [FieldError("Authorization", detail)]
+    resp = problem_response(Problem(401, "Unauthorized", detail, errors=field))
     resp.headers["WWW-Authenticate"] = 'Bearer realm="imagebatch"'
     return resp
 
@@ -126,7 +128,8 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
         allow = (exc.headers or {}).get("Allow", "")
         detail = f"{request.method} is not allowed here; allowed: {allow}"
     headers = dict(exc.headers) if exc.headers else None
-    return problem_response(Problem(exc.status_code, title, detail, headers=headers))
+    errors = [FieldError("method", detail)] if exc.status_code == 405 else None
+    return problem_response(Problem(exc.status_code, title, detail, headers=headers, errors=errors))
 
 
 async def _storage(_: Request, exc: Exception) -> JSONResponse:

@@ -36,7 +36,7 @@ from typing import Any
 import ijson
 import orjson
 
-from service.errors import Problem, invalid, malformed
+from service.errors import FieldError, Problem, invalid, malformed
 from service.jobs.messages import clip
 
 # A body whose parsed tree would cost more than this many times its size is refused...
@@ -169,7 +169,7 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
                 f"The body would take more than {budget // 2**20:,} MB to hold once parsed "
                 f"({DENSITY}x its {len(body):,} bytes): it has far more, far smaller values "
                 "than a job does.",
-                errors=[],
+                errors=[FieldError("body", "too many, too small values to hold")],
             )
         if event in ("start_map", "start_array"):
             if len(stack) >= MAX_DEPTH:
