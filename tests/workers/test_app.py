@@ -98,7 +98,7 @@ def test_beat_sweeps_every_poll_seconds_on_the_control_queue(settings: Settings)
 
 def test_beat_reads_upstreams_model_list_every_refresh_period(settings: Settings) -> None:
     conf = configure(settings.model_copy(update={"models_refresh_seconds": 900.0})).conf
-    assert set(conf.beat_schedule) == {"sweep", "models-refresh", "schedules"}
+    assert set(conf.beat_schedule) == {"sweep", "models-refresh", "schedules", "webhooks"}
     entry = conf.beat_schedule["models-refresh"]
     assert entry["task"] == queues.MODELS_REFRESH and entry["schedule"] == 900.0
     assert entry["options"] == {"queue": queues.CONTROL, "expires": 900.0}
@@ -110,6 +110,14 @@ def test_beat_wakes_the_schedules_runner_every_tick_period(settings: Settings) -
     assert entry["task"] == queues.SCHEDULES_TICK and entry["schedule"] == 10.0
     # A tick not taken within two periods is dropped: the next one finds the same due slots.
     assert entry["options"] == {"queue": queues.CONTROL, "expires": 20.0}
+
+
+def test_beat_queues_the_webhook_retries_that_are_due(settings: Settings) -> None:
+    conf = configure(settings.model_copy(update={"poll_seconds": 0.5})).conf
+    entry = conf.beat_schedule["webhooks"]
+    assert entry["task"] == queues.WEBHOOK_SWEEP and entry["schedule"] == 0.5
+    # On the webhooks queue: a slow receiver delays the retries of webhooks, nothing else.
+    assert entry["options"] == {"queue": queues.WEBHOOKS, "expires": 10}
 
 
 def test_the_apis_producer_routes_tasks_as_the_workers_expect(settings: Settings) -> None:

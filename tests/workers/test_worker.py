@@ -1,8 +1,8 @@
 """A real worker process (``imagebatch worker``, prefork, the broker on the test Redis) retries a
 task whose step failed transiently until it succeeds, and does not retry one that failed for good.
 
-Tasks are counted two ways a user could: what reached the outside (deliveries at a webhook
-receiver) and how often a task ran (the task duration histogram /metrics shows).
+Tasks are counted two ways a user could: what they left behind (a finished job and its
+manifest) and how often a task ran (the task duration histogram /metrics shows).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from service.redis import keys
 from service.storage import request_key
 from tests.support.context import make_context
 from tests.support.procs import Proc, free_port, wait_until
-from tests.support.receiver import receiving
 from tests.support.stack import job_body
 
 
@@ -87,22 +86,29 @@ def new_job(ctx: Context, **extra: Any) -> str:
 def test_a_transient_failure_is_retried_by_the_worker_until_it_succeeds(
     worker: tuple[Proc, Path], ctx: Context, broker_url: str
 ) -> None:
-    proc, _ = worker
-    before = runs(ctx, queues.WEBHOOK)
-    with receiving([503, 200]) as receiver:
-        job_id = new_job(ctx, webhook_url=f"{receiver.url}/hook")
-        send(broker_url, queues.WEBHOOK, job_id)
-        wait_until(
-            lambda: f"{queues.WEBHOOK}[" in proc.log_text() and "succeeded" in proc.log_text(),
-            timeout=60,
-            message="the webhook task to succeed",
-        )
-    assert receiver.count() == 2  # the 503, then the retry the receiver took
-    assert all(r.json()["job"]["id"] == job_id for r in receiver.requests)
-    assert runs(ctx, queues.WEBHOOK) - before == 2
-    log = proc.log_text()
-    assert "transient WebhookRetry, retry 1" in log
-    assert "succeeded" in log and "200" in log.split("succeeded")[-1].splitlines()[0]
+    proc, tmp = worker
+    before = runs(ctx, queues.FINALIZE)
+    job_id = new_job(ctx)
+    ctx.store.cancel_unsubmitted(job_id, [])  # every item final: the job can finalize
+    # A directory where the manifest goes: storage cannot write it (a transient StorageError)...
+    blocker = tmp / "storage" / "jobs" / job_id / "manifest.jsonl"
+    blocker.mkdir(parents=True)
+    send(broker_url, queues.FINALIZE, job_id)
+    wait_until(
+        lambda: "transient StorageError, retry 1" in proc.log_text(),
+        timeout=60,
+        message="the finalize task to fail transiently",
+    )
+    blocker.rmdir()  # ...until it can: the worker's retry then finishes the job
+    job = wait_until(
+        lambda: (j := ctx.store.job(job_id)) is not None and j.is_final and j,
+        timeout=60,
+        message="the retried finalize to finish the job",
+    )
+    assert job.status == "failed"  # every item was cancelled before it was sent
+    assert ctx.storage.exists(f"jobs/{job_id}/manifest.jsonl")
+    # The failed run and the retry that succeeded (observed as each run ends).
+    wait_until(lambda: runs(ctx, queues.FINALIZE) - before == 2, timeout=30, message="two runs")
 
 
 def test_a_permanent_failure_is_not_retried(
