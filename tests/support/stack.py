@@ -114,8 +114,11 @@ class Stack:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def client(self, **kw: Any) -> httpx2.Client:
-        return httpx2.Client(base_url=self.api, timeout=60, headers=self.headers, **kw)
+    def client(self, headers: dict[str, str] | None = None, **kw: Any) -> httpx2.Client:
+        """A client of the API with the stack's headers, plus ``headers`` (they win)."""
+        return httpx2.Client(
+            base_url=self.api, timeout=60, headers={**self.headers, **(headers or {})}, **kw
+        )
 
     def submit(self, body: dict[str, Any], **headers: str) -> dict[str, Any]:
         with self.client() as c:
