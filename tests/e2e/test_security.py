@@ -21,6 +21,7 @@ import orjson
 import pytest
 from PIL import Image
 
+from service.redis.leases import pause
 from service.tenants import digest_key, new_webhook_secret
 from tests.support.procs import wait_until
 from tests.support.stack import Stack, job_body
@@ -133,7 +134,7 @@ def trickler() -> Iterator[tuple[str, list[float]]]:
         with conn:
             conn.recv(65536)
             for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
-                if stop.wait(2.0):
+                if pause(stop, 2.0):  # not stop.wait(2.0): it never returns under faketime
                     return
                 try:
                     conn.sendall(bytes([byte]))
