@@ -27,6 +27,12 @@ class Recorder:
         """The arguments of every task ``name`` enqueued so far."""
         return [tuple(rest) for task, *rest in self.sent if task == name]
 
+    def take(self, name: str) -> list[tuple[Any, ...]]:
+        """Like :meth:`named`, and forget them: the test has run those steps itself."""
+        mine = self.named(name)
+        self.sent = [sent for sent in self.sent if sent[0] != name]
+        return mine
+
 
 def make_context(
     tmp_path: Path, redis_url: str, upstream_url: str | None = None, **settings: Any

@@ -113,3 +113,11 @@ class SimulatorHandle:
 def start_simulator(tmp_path: Path, **flags: Any) -> SimulatorHandle:
     """Start ``python -m simulator`` on a free port with its data under ``tmp_path``."""
     return SimulatorHandle(Path(tmp_path), flags).start()
+
+
+def start_instant_simulator(tmp_path: Path, **flags: Any) -> SimulatorHandle:
+    """A simulator whose batches validate and finalize at once and whose rate is no constraint,
+    for tests of our own steps (``flags`` add to or override those)."""
+    return start_simulator(
+        tmp_path, **{"rate": 2000, "validate_seconds": 0, "finalize_seconds": 0, **flags}
+    )

@@ -10,27 +10,20 @@ from typing import Any
 import orjson
 import pytest
 
-from service.context import Context, build_context
+from service.context import Context
 from service.errors import Problem
 from service.jobs import retry
 from service.lanes import finalize, plan
-from service.settings import Settings
 from service.storage import request_version_key
-from tests.service.lanes.test_batch_lane import Recorder
 from tests.service.lanes.test_reuse_lane import accept, billed_images, manifest, run
-from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.context import make_context
+from tests.support.simulator import SimulatorHandle, start_instant_simulator
 from tests.support.stack import job_body
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
-    handle = start_simulator(
-        tmp_path_factory.mktemp("sim"),
-        rate=2000,
-        validate_seconds=0,
-        finalize_seconds=0,
-        moderation_words="forbidden",
-    )
+    handle = start_instant_simulator(tmp_path_factory.mktemp("sim"), moderation_words="forbidden")
     yield handle
     handle.stop()
 
@@ -39,14 +32,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
 def ctx(
     tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle
 ) -> Iterator[Context]:
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=(tmp_path / "storage").as_uri(),
-        data_dir=tmp_path,
-        openai_base_url=sim.url,
-        openai_api_key="sk-test",
-    )
-    context = build_context(settings, enqueue=Recorder())
+    context = make_context(tmp_path, redis_url, sim.url)
     yield context
     context.redis.close()
 

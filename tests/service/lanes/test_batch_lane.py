@@ -13,50 +13,30 @@ from typing import Any
 import orjson
 import pytest
 
-from service.context import Context, build_context
+from service.context import Context
 from service.jobs import intake
 from service.jobs import model as js
 from service.jobs.spec import parse_job_json
 from service.lanes import collect, finalize, items, plan, submit, sweep
-from service.settings import Settings
 from service.storage import image_key
+from tests.support.context import make_context
 from tests.support.procs import wait_until
-from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.simulator import SimulatorHandle, start_instant_simulator
 from tests.support.stack import job_body
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
-    handle = start_simulator(
-        tmp_path_factory.mktemp("sim"), rate=2000, validate_seconds=0, finalize_seconds=0
-    )
+    handle = start_instant_simulator(tmp_path_factory.mktemp("sim"))
     yield handle
     handle.stop()
-
-
-class Recorder:
-    """Stands in for the broker: remembers what would have been enqueued."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
-
-    def __call__(self, name: str, *args: Any) -> None:
-        self.sent.append((name, *args))
 
 
 @pytest.fixture
 def ctx(
     tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle
 ) -> Iterator[Context]:
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=(tmp_path / "storage").as_uri(),
-        data_dir=tmp_path,
-        openai_base_url=sim.url,
-        openai_api_key="sk-test",
-        batch_max_lines=10,
-    )
-    context = build_context(settings, enqueue=Recorder())
+    context = make_context(tmp_path, redis_url, sim.url, batch_max_lines=10)
     yield context
     context.redis.close()
 
@@ -183,18 +163,8 @@ def test_token_limit_exceeded_upstream_puts_the_chunk_back_to_wait(
 ) -> None:
     # Upstream's enqueued-token limit is lower than we were told (ours is unset): the second
     # job's batch is created, then fails with token_limit_exceeded, as OpenAI does.
-    sim = start_simulator(
-        tmp_path / "sim", rate=8, validate_seconds=0, finalize_seconds=0, batch_queue_tokens=200
-    )
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=(tmp_path / "storage").as_uri(),
-        data_dir=tmp_path,
-        openai_base_url=sim.url,
-        openai_api_key="sk-test",
-        poll_seconds=0.2,
-    )
-    ctx = build_context(settings, enqueue=Recorder())
+    sim = start_instant_simulator(tmp_path / "sim", rate=8, batch_queue_tokens=200)
+    ctx = make_context(tmp_path, redis_url, sim.url, poll_seconds=0.2)
     try:
         first, second = accept(ctx, 10, prefix="a"), accept(ctx, 10, prefix="b")
         (n1,) = plan.plan_job(ctx, first)

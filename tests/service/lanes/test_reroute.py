@@ -16,17 +16,17 @@ import orjson
 import pytest
 
 from service.catalog import cached_catalog
-from service.context import Context, build_context
+from service.context import Context
 from service.jobs import intake
 from service.jobs import model as js
 from service.lanes import collect, finalize, plan, submit, sweep, sync
 from service.models import capability
 from service.queues import SYNC_ITEMS
-from service.settings import Settings
 from service.storage import manifest_key
 from tests.support.catalog import catalog_variant
+from tests.support.context import Recorder, make_context
 from tests.support.procs import wait_until
-from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.simulator import SimulatorHandle, start_instant_simulator
 
 MODEL = "gpt-image-2.6-sunburst"
 
@@ -40,48 +40,25 @@ def catalog_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory, catalog_file: Path) -> Iterator[SimulatorHandle]:
-    handle = start_simulator(
-        tmp_path_factory.mktemp("sim"),
-        catalog_file=catalog_file,
-        batch_unsupported=MODEL,
-        rate=2000,
-        validate_seconds=0,
-        finalize_seconds=0,
+    handle = start_instant_simulator(
+        tmp_path_factory.mktemp("sim"), catalog_file=catalog_file, batch_unsupported=MODEL
     )
     yield handle
     handle.stop()
-
-
-class Recorder:
-    """Stands in for the broker: remembers what would have been enqueued."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
-
-    def __call__(self, name: str, *args: Any) -> None:
-        self.sent.append((name, *args))
-
-    def take(self, name: str) -> list[tuple[Any, ...]]:
-        mine = [args for (task, *args) in self.sent if task == name]
-        self.sent = [s for s in self.sent if s[0] != name]
-        return mine
 
 
 @pytest.fixture
 def ctx(
     tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle, catalog_file: Path
 ) -> Iterator[Context]:
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=(tmp_path / "storage").as_uri(),
-        data_dir=tmp_path,
-        openai_base_url=sim.url,
-        openai_api_key="sk-test",
+    context = make_context(
+        tmp_path,
+        redis_url,
+        sim.url,
         catalog_file=catalog_file,
         batch_max_lines=10,
         sync_max_items=5,
     )
-    context = build_context(settings, enqueue=Recorder())
     assert context.catalog.models[MODEL].batch  # the catalog claims batch support
     yield context
     context.redis.close()

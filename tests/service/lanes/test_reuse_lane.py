@@ -14,25 +14,22 @@ import orjson
 import pytest
 from PIL import Image
 
-from service.context import Context, build_context
+from service.context import Context
 from service.jobs import intake
 from service.jobs import model as js
 from service.jobs.reuse import ReuseIndex
 from service.jobs.spec import parse_job_json
 from service.lanes import collect, finalize, plan, submit, sweep, sync
-from service.settings import Settings
 from service.storage import image_key
-from tests.service.lanes.test_batch_lane import Recorder
+from tests.support.context import make_context
 from tests.support.procs import wait_until
-from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.simulator import SimulatorHandle, start_instant_simulator
 from tests.support.stack import job_body
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
-    handle = start_simulator(
-        tmp_path_factory.mktemp("sim"), rate=2000, validate_seconds=0, finalize_seconds=0
-    )
+    handle = start_instant_simulator(tmp_path_factory.mktemp("sim"))
     yield handle
     handle.stop()
 
@@ -41,15 +38,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
 def ctx(
     tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle
 ) -> Iterator[Context]:
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=(tmp_path / "storage").as_uri(),
-        data_dir=tmp_path,
-        openai_base_url=sim.url,
-        openai_api_key="sk-test",
-        local_ref_roots=[tmp_path / "refs"],
-    )
-    context = build_context(settings, enqueue=Recorder())
+    context = make_context(tmp_path, redis_url, sim.url, local_ref_roots=[tmp_path / "refs"])
     yield context
     context.redis.close()
 

@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 
-from service.context import Context, build_context
+from service.context import Context
 from service.errors import Problem
 from service.schedules import define, runner
 from service.schedules.store import ScheduleStore
-from service.settings import Settings
-from tests.service.lanes.test_batch_lane import Recorder
 from tests.service.schedules.test_slots import ts
+from tests.support.context import make_context
 from tests.support.stack import job_body
 
 T0 = ts(2031, 3, 10, 9, 0)  # a Monday, 09:00 UTC
@@ -26,16 +25,9 @@ T0 = ts(2031, 3, 10, 9, 0)  # a Monday, 09:00 UTC
 @pytest.fixture
 def ctx(tmp_path: Path, redis_url: str, redis_client: Any) -> Iterator[Context]:
     (tmp_path / "catalogs").mkdir()
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=(tmp_path / "storage").as_uri(),
-        data_dir=tmp_path,
-        openai_base_url="http://127.0.0.1:9/v1",
-        openai_api_key="sk-test",
-        local_ref_roots=[tmp_path / "catalogs"],
-        schedule_late_seconds=60,
+    context = make_context(
+        tmp_path, redis_url, local_ref_roots=[tmp_path / "catalogs"], schedule_late_seconds=60
     )
-    context = build_context(settings, enqueue=Recorder())
     yield context
     context.redis.close()
 
