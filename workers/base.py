@@ -1,7 +1,7 @@
 """The house way to declare a task.
 
 ``@task("batches.collect", time_limit=3600)`` gives a Celery task with a stable dotted name, its
-queue from :mod:`service.queues`, ``acks_late`` (every task is idempotent), no result backend,
+queue from :mod:`service.queues` (through the app's ``task_routes``), ``acks_late`` (every task is idempotent), no result backend,
 soft and hard time limits, a duration histogram and a worker heartbeat, and retries only for
 what is transient (upstream 429/5xx/connection errors, storage and Redis hiccups) with capped
 exponential backoff. Task bodies call plain functions in ``service/`` with a Context and ids.
@@ -20,7 +20,6 @@ from celery import Task
 
 from service import metrics
 from service.errors import ImagebatchError
-from service.queues import ROUTES
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")
@@ -72,7 +71,6 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
         return app_module.app.task(
             bind=True,
             name=name,
-            queue=ROUTES[name],
             acks_late=True,
             ignore_result=True,
             soft_time_limit=time_limit,
