@@ -61,6 +61,8 @@ ITEMS_REUSED = "imagebatch_items_reused_total"
 REUSE_SAVED_USD = "imagebatch_reuse_saved_usd_total"
 SCHEDULE_RUNS = "imagebatch_schedule_runs_total"
 WEBHOOK_DELIVERIES = "imagebatch_webhook_deliveries_total"
+# Graceful handover (service/handover.py): long tasks a shutting-down worker sent again.
+TASK_HANDOVERS = "imagebatch_task_handovers_total"
 
 # name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -93,6 +95,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "(retried), timeout (the whole-attempt deadline passed, retried), blocked (a refused "
         "address or no signing secret, final), expired (retries gave up after 24 h).",
         ("outcome",),
+    ),
+    TASK_HANDOVERS: (
+        "Tasks a shutting-down worker stopped at a unit boundary and sent again for another.",
+        ("task",),
     ),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {

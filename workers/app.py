@@ -1,7 +1,10 @@
 """The Celery app: broker, queues, routing, beat schedule, and the per-process context.
 
 Delivery is at least once (``acks_late``, ``reject_on_worker_lost``): a worker killed mid-task
-has its message redelivered, and every task is safe to run twice. The beat schedule holds the
+has its message redelivered, and every task is safe to run twice. SIGTERM to the main process
+starts Celery's warm shutdown (no new tasks) and a graceful handover (:mod:`service.handover`):
+every pool process is told, and long tasks (collect, sync slices) save their place, release their
+lease and are sent again for another worker, so the warm shutdown ends within seconds. The beat schedule holds the
 sweeps (batches, and webhooks due for another attempt), the refresh of upstream's model list and
 the schedules' tick (user schedules live in Redis, not in beat); nothing waits in a countdown, so
 the Redis visibility timeout never redelivers a long-waiting task.
@@ -9,6 +12,7 @@ the Redis visibility timeout never redelivers a long-waiting task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,13 +21,15 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import (
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 
-from service import queues
+from service import handover, queues
 from service.context import Context, build_context, redis_url
 from service.redis.client import broker, connect
 from service.redis.leases import pause
@@ -69,6 +75,47 @@ def _fresh_context(**_: Any) -> None:
     # A forked child must not share its parent's Redis or HTTP connections.
     global _ctx
     _ctx = None
+    # The main process asks for a handover with a signal (see _hand_over).
+    handover.reset()
+    handover.install_signal()
+
+
+# The WorkController of this process, when it is a worker's main process: its pool's processes
+# are told to hand over when the worker shuts down.
+_worker: Any = None
+
+
+@worker_init.connect
+def _remember_worker(sender: Any = None, **_: Any) -> None:
+    global _worker
+    _worker = sender
+
+
+@worker_shutting_down.connect
+def _hand_over(sig: str = "", how: str = "", **_: Any) -> None:
+    """The main process begins to shut down (run from its signal handler, so nothing here may
+    block): long tasks in this process (threads or solo pool) and in every pool process stop at
+    their next unit and are sent again. Celery's warm shutdown then waits only for that."""
+    handover.request()
+    pids = _pool_pids(_worker)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # the process ended meanwhile
+            os.kill(pid, handover.SIGNAL)
+    log.warning(
+        "%s shutdown on %s: handing over the work of %d pool processes", how, sig, len(pids)
+    )
+
+
+def _pool_pids(worker: Any) -> list[int]:
+    """The pool processes of a prefork worker (none for the threads and solo pools)."""
+    pool = getattr(worker, "pool", None)
+    if pool is None:
+        return []
+    try:
+        pids = pool.info.get("processes") or []
+    except Exception:  # the pool is stopping: nothing to tell
+        return []
+    return [int(pid) for pid in pids if pid and int(pid) != os.getpid()]
 
 
 # The worker's main process says it is alive every HEARTBEAT_SECONDS, busy or idle, so the

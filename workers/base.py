@@ -5,10 +5,16 @@ queue from :mod:`service.queues` (through the app's ``task_routes``), ``acks_lat
 soft and hard time limits, a duration histogram and a worker heartbeat, and retries only for
 what is transient (upstream 429/5xx/connection errors, storage and Redis hiccups) with capped
 exponential backoff. Task bodies call plain functions in ``service/`` with a Context and ids.
+
+A task whose worker shuts down may stop early with :class:`service.handover.Handover` (it saved
+its place and released its lease first): it is sent again, as it was, for another worker, and
+this run ends as done (acknowledged). ``handover_seconds`` says how long such a task may still
+run after the worker asked (the unit in hand); the deployments' grace periods are set from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -20,6 +26,7 @@ from celery import Task
 
 from service import metrics
 from service.errors import ImagebatchError
+from service.handover import Handover
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")
@@ -35,7 +42,13 @@ RETRIED: tuple[type[BaseException], ...] = (
 )
 
 
-def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[[F], Task]:
+def task(
+    name: str,
+    *,
+    time_limit: int = 600,
+    max_retries: int = 8,
+    handover_seconds: int | None = None,
+) -> Callable[[F], Task]:
     def wrap(fn: F) -> Task:
         @functools.wraps(fn)
         def run(self: Task, *args: Any) -> Any:
@@ -43,6 +56,13 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
             start = time.monotonic()
             try:
                 return fn(ctx, *args)
+            except Handover as exc:
+                # Its lease is released and its place saved: another worker takes it from here.
+                ctx.enqueue(name, *args)
+                with contextlib.suppress(redis.RedisError):
+                    metrics.count(ctx.redis, metrics.TASK_HANDOVERS, {"task": name})
+                log.warning("%s%s: %s; sent again", name, args, exc)
+                return None
             except RETRIED as exc:
                 if not getattr(exc, "transient", True):
                     raise  # a refusal, a missing or oversized object: retrying cannot help
@@ -75,6 +95,8 @@ def task(name: str, *, time_limit: int = 600, max_retries: int = 8) -> Callable[
             ignore_result=True,
             soft_time_limit=time_limit,
             time_limit=time_limit + 60,
+            # None: the task does not hand over; a worker's warm shutdown waits for its end.
+            handover_seconds=handover_seconds,
         )(run)
 
     return wrap

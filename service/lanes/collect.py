@@ -11,10 +11,17 @@ its model does not support the Batch API is rerouted (:mod:`service.lanes.rerout
 At least once: a lease (``SET NX PX``, renewed as lines arrive) keeps two collectors off one
 chunk, and the sweep hands a chunk whose lease lapsed to another worker; every image is written
 under a deterministic key (a repeat overwrites it) and every item's usage is counted once.
+
+Handover: a cursor in Redis says how many leading lines of the output file are stored and
+recorded (saved every few seconds, and when the worker shuts down). A worker asked to hand over
+(:mod:`service.handover`) stops reading between lines, lets the lines in hand finish, saves the
+cursor, releases the lease and raises :class:`~service.handover.Handover`; the next collect of
+the chunk skips the lines before the cursor without parsing them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -24,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from service import metrics
+from service import handover, metrics
 from service.context import Context
 from service.jobs.model import (
     CHUNK_COLLECTING,
@@ -51,6 +58,11 @@ from service.redis.leases import Lease
 from service.upstream import Batch
 
 log = logging.getLogger("imagebatch.batches")
+
+# How often a collect saves its cursor while it runs (a crash then redoes at most this much), and
+# how long a saved cursor is kept (a chunk is collected within hours; the key is dropped then).
+CURSOR_SAVE_SECONDS = 5.0
+CURSOR_TTL_SECONDS = 7 * 86_400
 
 
 @dataclass
@@ -105,11 +117,14 @@ def _collect(
         return result  # budget pressure: the chunk goes back to waiting as it is
     if batch.status == "failed" and reroute.refused_batch(ctx, job, chunk, batch):
         return result  # the model cannot be batched: its items went to the sync lane or failed
-    if batch.status != "failed":
-        if batch.output_file_id:
+    try:
+        if batch.status != "failed" and batch.output_file_id:
             _collect_output(ctx, job, chunk, batch.output_file_id, lease, result, threads, account)
-        if batch.error_file_id:
+        if batch.status != "failed" and batch.error_file_id:
             _collect_errors(ctx, job, chunk, batch.error_file_id, lease, result)
+    except handover.Handover:  # what was stored counts, also when the collect hands over
+        metrics.count(ctx.redis, metrics.COLLECT_BYTES, None, result.bytes)
+        raise
     metrics.count(ctx.redis, metrics.COLLECT_BYTES, None, result.bytes)
     # Lines that came back in neither file never ran.
     _settle_missing(ctx, job, chunk, result, _batch_error(batch))
@@ -123,6 +138,7 @@ def _collect(
         upstream_status=batch.status,
     )
     ctx.store.unmark(chunk.job_id, chunk.number)
+    ctx.redis.delete(keys.collect_cursor(chunk.job_id, chunk.number))
     ctx.budgets.release_chunk(job, chunk, spent)
     after_chunk(ctx, chunk.job_id)
     return result
@@ -222,6 +238,9 @@ def _collect_errors(
     with ctx.upstream.file_lines(file_id) as lines:
         for raw in lines:
             lease.refresh()
+            if handover.requested():
+                # Error lines are cheap to read again; the output file's cursor is saved.
+                raise handover.Handover(f"collect {chunk.ref}, in its error file")
             rec = orjson.loads(raw)
             try:
                 index = int(rec["custom_id"])
@@ -236,6 +255,46 @@ def _collect_errors(
             _line_failed(ctx, job, chunk.number, index, error_from_line(rec), result)
 
 
+class _Cursor:
+    """How many leading lines of one output file are stored and recorded, kept in Redis.
+
+    Lines are handed to a thread pool in order and end in any order; the cursor is the first line
+    not yet ended (a line that raised never ends, so the cursor stays before it).
+    """
+
+    def __init__(self, ctx: Context, chunk: Chunk, file_id: str):
+        self.r, self.file_id = ctx.redis, file_id
+        self.key = keys.collect_cursor(chunk.job_id, chunk.number)
+        saved = self.r.get(self.key)
+        name, _, lines = (saved or b"").decode().partition(" ")
+        self.start = int(lines) if name == file_id and lines.isdigit() else 0
+        self.saved, self.saved_at = self.start, time.monotonic()
+        self._next = self.start
+        self._open: set[int] = set()
+        self._lock = threading.Lock()
+
+    def begin(self, line: int) -> None:
+        with self._lock:
+            self._open.add(line)
+            self._next = line + 1
+
+    def end(self, line: int) -> None:
+        with self._lock:
+            self._open.discard(line)
+
+    def save(self, force: bool = False) -> int:
+        """Write the cursor if it moved (at most every CURSOR_SAVE_SECONDS unless forced)."""
+        if not force and time.monotonic() - self.saved_at < CURSOR_SAVE_SECONDS:
+            return self.saved
+        with self._lock:
+            at = min(self._open) if self._open else self._next
+        if at > self.saved:
+            self.r.set(self.key, f"{self.file_id} {at}", ex=CURSOR_TTL_SECONDS)
+            self.saved = at
+        self.saved_at = time.monotonic()
+        return at
+
+
 def _collect_output(
     ctx: Context,
     job: Job,
@@ -246,12 +305,18 @@ def _collect_output(
     threads: int,
     account: bool,
 ) -> None:
-    """Stream the output file; each line's images are decoded, stored and recorded in a pool."""
+    """Stream the output file; each line's images are decoded, stored and recorded in a pool.
+
+    Lines before the saved cursor were done by an earlier collect and are skipped unread. Raises
+    :class:`~service.handover.Handover` (cursor saved) when the worker is shutting down.
+    """
     slots = threading.BoundedSemaphore(threads * 2)
     errors: list[BaseException] = []
     lock = threading.Lock()
+    cursor = _Cursor(ctx, chunk, file_id)
+    stopped = False
 
-    def done(fut: Future[tuple[bool, int]]) -> None:
+    def done(line: int, fut: Future[tuple[bool, int]]) -> None:
         slots.release()
         exc = fut.exception()
         if exc is not None:
@@ -264,19 +329,32 @@ def _collect_output(
                 result.succeeded += 1
             else:
                 result.duplicates += 1
+        cursor.end(line)
 
     with (
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool,
         ctx.upstream.file_lines(file_id) as lines,
     ):
-        for raw in lines:
+        for line, raw in enumerate(lines):
             lease.refresh()
+            if line < cursor.start:
+                continue  # stored and recorded by a collect that handed over or died
             if errors:
                 break
+            if handover.requested():
+                stopped = True
+                break
             slots.acquire()
-            pool.submit(_store_line, ctx, job, chunk.number, raw, account).add_done_callback(done)
+            cursor.begin(line)
+            future = pool.submit(_store_line, ctx, job, chunk.number, raw, account)
+            future.add_done_callback(functools.partial(done, line))
+            cursor.save()
     if errors:
+        cursor.save(force=True)
         raise errors[0]
+    if stopped:
+        at = cursor.save(force=True)
+        raise handover.Handover(f"collect {chunk.ref} at output line {at}")
 
 
 def _store_line(

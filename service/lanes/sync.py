@@ -27,6 +27,11 @@ waits for the first to end and then finds its items done; if the worker running 
 lapses within :data:`SLICE_LEASE_SECONDS` and the redelivered slice sends what was left (an item
 that was in flight is sent again: at least once). A slice that finds the job cancelled cancels its
 unsent items, those waiting for the rate limit too (they look once a second).
+
+Handover (:mod:`service.handover`): when its worker shuts down, a slice sends no further item
+(items waiting for the rate limit give up their turn within a second), lets the requests in
+flight finish and be stored, releases its lease and raises
+:class:`~service.handover.Handover`; the slice is sent again and another worker sends the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from service import metrics, pricing
+from service import handover, metrics, pricing
 from service.budgets.policy import item_spend_key
 from service.budgets.ratelimit import SyncLimiter, WaitAbandoned, retry_after_seconds
 from service.context import Context
@@ -65,6 +70,7 @@ SLICE = 8  # items per task: small enough that two workers share even a short jo
 # whose worker died blocks the sweep from sending it again.
 SLICE_LEASE_SECONDS = 30.0
 _ASSIGN_PAGE = 2000
+HANDED_OVER = "handed_over"  # an item left queued for the next worker (the worker shuts down)
 
 
 def limiter(ctx: Context) -> SyncLimiter:
@@ -152,9 +158,15 @@ def _run_slice(
     estimates = {line.index: pricing.estimate_item(line.item(), ctx.catalog) for line in todo}
     sender = _Sender(ctx, job)
     workers = max(1, min(ctx.settings.sync_concurrency, len(todo) or 1))
+    left = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(lambda line: sender.item(line, estimates[line.index]), todo):
-            outcome[result] += 1
+            if result == HANDED_OVER:
+                left += 1
+            else:
+                outcome[result] += 1
+    if left:
+        raise handover.Handover(f"sync slice {job.id}:{start}-{end}, {left} items not sent")
     if unfinished(ctx.store.counts(job.id)) <= 0:
         ctx.enqueue(FINALIZE, job.id)
     return outcome
@@ -175,6 +187,8 @@ class _Sender:
     def item(self, line: RequestLine, estimate: pricing.Tokens) -> str:
         """Check, hold budget for and send one item; its outcome."""
         ctx, job = self.ctx, self.job
+        if handover.requested():
+            return HANDED_OVER  # nothing reserved or sent: the next worker sends it
         current = ctx.store.job(job.id)
         if current is None or current.status != JOB_RUNNING or current.budget_exhausted:
             self._cancel(line, current)
@@ -189,6 +203,8 @@ class _Sender:
         ok = self._send(line, estimate)
         if ok is None:
             ctx.budgets.release_spend(job, key)
+            if handover.requested():
+                return HANDED_OVER
             self._cancel(line, ctx.store.job(job.id))
             return "cancelled"
         if not ok:
@@ -209,7 +225,8 @@ class _Sender:
 
     def _send(self, line: RequestLine, estimate: pricing.Tokens) -> bool | None:
         """Send one item until it succeeds or fails for good; None when the job was cancelled
-        while the item waited for the rate limit (nothing sent)."""
+        while the item waited for the rate limit, or the worker is handing over (nothing sent,
+        or a transient failure not retried here)."""
         ctx, job = self.ctx, self.job
         try:
             body = self.refs.resolve(line.body)
@@ -219,6 +236,8 @@ class _Sender:
         attempts = 0
         last_error: dict[str, Any] = {}
         while attempts < ctx.settings.max_attempts:
+            if handover.requested():
+                return None  # not sent (again): the item waits for the next worker
             try:
                 self._wait_turn(line, estimate)
             except WaitAbandoned:
@@ -254,7 +273,9 @@ class _Sender:
             line.images,
             estimate.total,
             time.monotonic() + 3600,
-            abandon=lambda: self.ctx.store.job_status(job_id) != JOB_RUNNING,
+            abandon=lambda: (
+                handover.requested() or self.ctx.store.job_status(job_id) != JOB_RUNNING
+            ),
         )
         if waited > 0.5:
             metrics.observe(self.ctx.redis, metrics.BUDGET_WAIT, waited)

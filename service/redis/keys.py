@@ -230,6 +230,12 @@ def collect_lease(job_id: str, n: int | str) -> str:
     return f"{PREFIX}:lease:collect:{job_id}:{n}"
 
 
+# STRING "<output file id> <lines>" (TTL): how many leading lines of a chunk's output file are
+# stored and recorded; a collect handed over mid-file (service/handover.py) resumes after them.
+def collect_cursor(job_id: str, n: int | str) -> str:
+    return f"{PREFIX}:cursor:collect:{job_id}:{n}"
+
+
 def submit_lock(job_id: str, n: int | str) -> str:
     return f"{PREFIX}:lock:submit:{job_id}:{n}"
 

@@ -8,7 +8,9 @@ from service.lanes import sync
 from workers.base import task
 
 
-@task(queues.SYNC_ITEMS, time_limit=3600)
+# On shutdown a slice sends no further item; the requests in flight finish (each bounded by
+# IMAGEBATCH_OPENAI_TIMEOUT_SECONDS, 600 s by default: an image already paid for is kept).
+@task(queues.SYNC_ITEMS, time_limit=3600, handover_seconds=660)
 def sync_items(
     ctx: Context, job_id: str, start: int | None = None, end: int | None = None
 ) -> object:
