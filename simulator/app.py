@@ -453,16 +453,24 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
         fd = os.open(sim.files.data_path(file_id), os.O_RDONLY)
         size = os.fstat(fd).st_size
 
+        pace = sim.config.download_bytes_per_second
+        # Paced downloads go out in tenths of a second's worth, so a reader sees a steady trickle.
+        step = min(CONTENT_CHUNK, max(1, pace // 10)) if pace else CONTENT_CHUNK
+
         async def chunks() -> AsyncIterator[bytes]:
             # Page-cache reads of 1 MiB are quicker inline than a thread hop per chunk.
             try:
-                offset = 0
+                offset, began = 0, time.monotonic()
                 while offset < size:
-                    chunk = os.pread(fd, CONTENT_CHUNK, offset)
+                    chunk = os.pread(fd, step, offset)
                     if not chunk:
                         break
                     offset += len(chunk)
                     yield chunk
+                    if pace:
+                        ahead = offset / pace - (time.monotonic() - began)
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
             finally:
                 os.close(fd)
 

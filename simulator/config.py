@@ -68,6 +68,11 @@ class SimulatorConfig(BaseSettings):
         0.0, ge=0, le=1, description="Share of sync requests and batch lines answered with a 500."
     )
     latency_ms: float = Field(0.0, ge=0, description="Added latency of each sync image request.")
+    download_bytes_per_second: int = Field(
+        0,
+        ge=0,
+        description="Pace of file downloads (output files are read this slowly); 0 = full speed.",
+    )
     moderation_words: str = Field(
         "",
         description="Comma list of words that get a prompt blocked; 'word=category' names the category.",

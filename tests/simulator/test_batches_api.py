@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -408,3 +409,17 @@ def test_streamed_content_is_the_file_on_disk(client, sim):
         == len(resp.content)
         == client.files.retrieve(done.output_file_id or "").bytes
     )
+
+
+def test_downloads_can_be_paced_to_play_a_slow_upstream(make_sim):
+    sim = make_sim(download_bytes_per_second=200_000)
+    client = sim.client(max_retries=0)
+    body = b"x" * 300_000 + b"\n"
+    f = client.files.create(file=("big.jsonl", body), purpose="batch")
+    start = time.monotonic()
+    with client.files.with_streaming_response.content(f.id) as resp:
+        got = b"".join(resp.iter_bytes(65536))
+    took = time.monotonic() - start
+    # 300 kB at 200 kB/s: about 1.5 s, the same bytes as unpaced.
+    assert got == body
+    assert 1.3 <= took < 10, took
