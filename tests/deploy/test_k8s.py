@@ -276,7 +276,9 @@ limits = {}
 for task in app.tasks.values():
     if task.name.startswith("celery."):
         continue
-    limits.setdefault(task.queue, {})[task.name] = [task.soft_time_limit, task.time_limit]
+    limits.setdefault(task.queue, {})[task.name] = [
+        task.soft_time_limit, task.time_limit, getattr(task, "handover_seconds", None)
+    ]
 print(json.dumps({
     "prefetch_multiplier": app.conf.worker_prefetch_multiplier,
     "acks_late": app.conf.task_acks_late,
@@ -335,7 +337,7 @@ def test_queue_length_is_honest_one_reserved_task_per_process() -> None:
     assert facts["acks_late"] is True and facts["tasks_acks_late"] is True
 
 
-def test_grace_periods_outlast_the_longest_task_on_each_queue(
+def test_grace_periods_outlast_what_a_warm_shutdown_waits_for_on_each_queue(
     objects: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     limits = celery_facts()["limits"]
@@ -344,10 +346,27 @@ def test_grace_periods_outlast_the_longest_task_on_each_queue(
         grace = deps[f"imagebatch-worker-{queue}"]["spec"]["template"]["spec"][
             "terminationGracePeriodSeconds"
         ]
-        soft = max(s for s, _ in limits[queue].values())
-        hard = max(h for _, h in limits[queue].values())
-        # Above the hard limit: Celery's warm shutdown always gets to end a task itself.
-        assert grace > hard >= soft, (queue, grace, limits[queue])
+        # A task that hands over (service/handover.py) stops within its handover_seconds of
+        # SIGTERM; any other runs to its end, at most its hard limit. The grace period is above
+        # the longest of these: Celery's warm shutdown always gets to end or hand over a task.
+        waits = [h if handover is None else handover for _, h, handover in limits[queue].values()]
+        assert all(s <= h for s, h, _ in limits[queue].values()), limits[queue]
+        assert grace > max(waits), (queue, grace, limits[queue])
+
+
+def test_collect_and_sync_hand_over_so_their_grace_is_minutes_not_hours(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    limits = celery_facts()["limits"]
+    deps = deployments(objects)
+    for queue in ("collect", "sync"):
+        grace = deps[f"imagebatch-worker-{queue}"]["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+        longest = max(h for _, h, _ in limits[queue].values())
+        assert all(ho is not None for _, _, ho in limits[queue].values()), limits[queue]
+        # A scale-down no longer waits for the longest collect (4 h) or slice (1 h).
+        assert grace <= 900 < longest, (queue, grace, longest)
 
 
 def test_every_scaled_deployment_has_a_disruption_budget(
