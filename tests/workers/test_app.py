@@ -124,3 +124,31 @@ def test_the_apis_producer_routes_tasks_as_the_workers_expect(settings: Settings
     producer = queues.producer(settings.redis_url or "")
     assert producer.conf.task_routes == worker_routes
     assert worker_routes == {name: {"queue": q} for name, q in queues.ROUTES.items()}
+
+
+def test_only_the_long_tasks_hand_over_and_sooner_than_they_could_run(
+    tasks: dict[str, Task],
+) -> None:
+    bounds = {name: getattr(t, "handover_seconds", None) for name, t in tasks.items()}
+    assert {name for name, b in bounds.items() if b is not None} == {
+        queues.COLLECT_TASK,
+        queues.SYNC_ITEMS,
+    }
+    for name in (queues.COLLECT_TASK, queues.SYNC_ITEMS):
+        bound = bounds[name]
+        assert bound is not None and 0 < bound < (tasks[name].soft_time_limit or 0)
+
+
+def test_a_shutting_down_worker_asks_its_own_process_to_hand_over() -> None:
+    # With the threads or solo pool, tasks run in the main process itself: the flag is set here
+    # (the prefork pool's processes get the signal; tests/e2e/test_handover.py).
+    from celery.signals import worker_shutting_down
+
+    from service import handover
+
+    handover.reset()
+    try:
+        worker_shutting_down.send(sender="test@host", sig="SIGTERM", how="Warm", exitcode=0)
+        assert handover.requested()
+    finally:
+        handover.reset()
