@@ -271,12 +271,14 @@ import json
 from service.settings import Settings
 from workers.app import app, configure
 configure(Settings(redis_url="redis://127.0.0.1:1/0"))
+from service.queues import ROUTES
 app.loader.import_default_modules()
 limits = {}
 for task in app.tasks.values():
     if task.name.startswith("celery."):
         continue
-    limits.setdefault(task.queue, {})[task.name] = [
+    # A task's queue is its route (tasks carry no queue attribute of their own).
+    limits.setdefault(ROUTES[task.name], {})[task.name] = [
         task.soft_time_limit, task.time_limit, getattr(task, "handover_seconds", None)
     ]
 print(json.dumps({
