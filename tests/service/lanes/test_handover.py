@@ -24,7 +24,7 @@ from service.redis import keys
 from service.storage.port import Storage
 from tests.support.context import make_context
 from tests.support.procs import wait_until
-from tests.support.simulator import SimulatorHandle, start_simulator
+from tests.support.simulator import SimulatorHandle, start_instant_simulator
 from tests.support.stack import job_body
 
 
@@ -48,13 +48,7 @@ class Writes:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
-    handle = start_simulator(
-        tmp_path_factory.mktemp("sim"),
-        rate=2000,
-        validate_seconds=0,
-        finalize_seconds=0,
-        plain_images=True,
-    )
+    handle = start_instant_simulator(tmp_path_factory.mktemp("sim"), plain_images=True)
     yield handle
     handle.stop()
 
