@@ -74,7 +74,11 @@ def run_handover(
     other = pair[1 - pair.index(holder)]
 
     assert len(images(stack, job_id)) < ITEMS, "the collect ended before the worker was stopped"
-    sent_ns, sent = time.time_ns(), time.monotonic()
+    # The signal's time on the clock the images' mtimes are on (the kernel's): a new file's.
+    # Not time.time_ns(): the clock-ahead run fakes this process's clock, not the files'.
+    marker = stack.tmp / f"signal-{sig.name}.mark"
+    marker.write_bytes(b"")
+    sent_ns, sent = marker.stat().st_mtime_ns, time.monotonic()
     if sig == signal.SIGTERM:
         os.kill(holder.pid, sig)  # the main process only, as Kubernetes sends it
     else:
