@@ -307,7 +307,7 @@ def _collect_output(
 ) -> None:
     """Stream the output file; each line's images are decoded, stored and recorded in a pool.
 
-    Lines before the saved cursor were done by an earlier collect and are skipped unread. Raises
+    Lines before the saved cursor were done by an earlier collect: read past, not parsed. Raises
     :class:`~service.handover.Handover` (cursor saved) when the worker is shutting down.
     """
     slots = threading.BoundedSemaphore(threads * 2)
