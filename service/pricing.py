@@ -271,6 +271,10 @@ class Estimate:
         return out
 
 
+# Prompts whose token count is kept while a job is estimated (jobs repeat a few prompts).
+_PROMPT_CACHE_SIZE = 4096
+
+
 def estimate_job(
     items: Iterable[ItemSpec],
     catalog: Catalog,
@@ -305,6 +309,10 @@ def estimate_job(
         prompt = body["prompt"]
         text = prompt_cache.get(prompt)
         if text is None:
+            if len(prompt_cache) >= _PROMPT_CACHE_SIZE:
+                # Bounded: the items are read one at a time, and the cache must not end up
+                # holding every prompt of the job.
+                prompt_cache.clear()
             text = prompt_cache[prompt] = len(encode(prompt)) + overhead
         acc.text_input += text
         key = (model_id, body.get("size"), body.get("quality"))

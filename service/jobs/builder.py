@@ -18,11 +18,13 @@ import datetime as dt
 import difflib
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, too_large
 from service.jobs.csvform import MISSING, CsvRows, csv_refs
+from service.jobs.jsonbody import RawSeq
 from service.jobs.messages import (
     clip,
     clip_key,
@@ -53,7 +55,7 @@ from service.jobs.schema import (
     PARAM_FIELDS,
     REUSE_MODES,
     TOP_FIELDS,
-    ItemSpec,
+    ItemList,
     JobSpec,
     Mode,
 )
@@ -125,17 +127,17 @@ class JobBuilder:
             errs.add("reuse", f"reuse must be one of {', '.join(REUSE_MODES)}, not {show(reuse)}")
             reuse = "auto"
 
-        items: list[ItemSpec] = []
+        items = ItemList(self.model_id, defaults)
         has_items = doc.get("items") is not None
         has_template = doc.get("template") is not None or doc.get("rows") is not None
         if csv_rows is not None:
-            items = self._rows(doc.get("template"), csv_rows.rows, defaults, csv_rows)
+            self._rows(items, doc.get("template"), csv_rows.rows, defaults, csv_rows)
         elif has_items and has_template:
             errs.add("items", "give either items, or template with rows, not both")
         elif has_items:
-            items = self._items(doc["items"], defaults)
+            self._items(items, doc["items"], defaults)
         elif has_template:
-            items = self._rows(doc.get("template"), doc.get("rows"), defaults, None)
+            self._rows(items, doc.get("template"), doc.get("rows"), defaults, None)
         else:
             errs.add("items", "the job has no items: give items, or template with rows")
 
@@ -313,7 +315,7 @@ class JobBuilder:
     # -- items --------------------------------------------------------------------------------
 
     def _count_ok(self, path: str, raw: Any, what: str) -> bool:
-        if not isinstance(raw, list):
+        if not isinstance(raw, (list, RawSeq)):
             self.errors.add(path, f"{path} must be an array of {what}, not {json_type(raw)}")
             return False
         if not raw:
@@ -328,21 +330,19 @@ class JobBuilder:
             return False
         return True
 
-    def _items(self, raw_items: Any, defaults: dict[str, Any]) -> list[ItemSpec]:
+    def _items(self, out: ItemList, raw_items: Any, defaults: dict[str, Any]) -> None:
         if not self._count_ok("items", raw_items, "objects"):
-            return []
+            return
         seen: dict[str, int] = {}
-        out: list[ItemSpec] = []
         errs = self.errors
-        for index, raw in enumerate(raw_items):
-            raw_items[index] = None  # the item's parsed tree goes once its spec is built
+        for index, raw in enumerate(_elements(raw_items)):
             path = f"items[{index}]"
             if not isinstance(raw, dict):
                 errs.add(path, f"an item must be an object, not {json_type(raw)}", index)
                 continue
             item_id = self._item_id(raw.get("id"), path, index, seen, "items")
             shown_id = item_id if item_id is not None else shown_id_of(raw.get("id"), index)
-            params: dict[str, Any] | None = None
+            overrides: dict[str, Any] | None = None
             ok = True
             for key, value in raw.items():
                 if key in _PARAMS:
@@ -353,9 +353,9 @@ class JobBuilder:
                         errs.add(f"{path}.{key}", problem, index, shown_id)
                         ok = False
                     else:
-                        if params is None:
-                            params = dict(defaults)
-                        params[key] = value
+                        if overrides is None:
+                            overrides = {}
+                        overrides[key] = value
                 elif key not in _ITEM_FIELDS:
                     if key == "model":
                         message = "model is set once for the whole job, not per item"
@@ -363,10 +363,8 @@ class JobBuilder:
                         message = unknown_message(key, ITEM_FIELDS, "an item")
                     errs.add(f"{path}.{clip_key(key)}", message, index, shown_id)
                     ok = False
-            if params is None:
-                params = defaults
-            elif not COMBO_PARAMS.isdisjoint(raw):
-                combo = combo_problem(params)
+            if overrides is not None and not COMBO_PARAMS.isdisjoint(raw):
+                combo = combo_problem({**defaults, **overrides})
                 if combo is not None:
                     name, message = combo
                     # Blame what this item set: the defaults were checked on their own.
@@ -374,12 +372,9 @@ class JobBuilder:
                     errs.add(f"{path}.{blamed}", message, index, shown_id)
                     ok = False
             prompt = self._prompt(raw.get("prompt"), f"{path}.prompt", index, shown_id)
-            spec = self._finish(
-                index, item_id, prompt, params, raw.get("images"), raw.get("mask"), path, shown_id
-            )
-            if ok and spec is not None:
-                out.append(spec)
-        return out
+            refs = self._finish(index, prompt, raw.get("images"), raw.get("mask"), path, shown_id)
+            if ok and refs is not None and item_id is not None and prompt is not None:
+                out.append(index, item_id, refs[0], prompt, overrides, refs[1], refs[2])
 
     def _item_id(
         self, raw: Any, path: str, index: int, seen: dict[str, int], what: str
@@ -442,15 +437,14 @@ class JobBuilder:
     def _finish(
         self,
         index: int,
-        item_id: str | None,
         prompt: str | None,
-        params: dict[str, Any],
         images: Any,
         mask: Any,
         path: str,
         shown_id: str | None,
-    ) -> ItemSpec | None:
-        """Check the edit references and build the item (None when anything was wrong)."""
+    ) -> tuple[str, list[str] | None, str | None] | None:
+        """Check the edit references: the item's endpoint, images and mask (None when anything
+        was wrong, the prompt included)."""
         endpoint = GENERATIONS
         refs: list[str] | None = None
         mask_ref: str | None = None
@@ -476,15 +470,9 @@ class JobBuilder:
                 shown_id,
             )
             ok = False
-        if not ok or prompt is None or item_id is None or model is None:
+        if not ok or prompt is None or model is None:
             return None
-        body: dict[str, Any] = {"model": self.model_id, "prompt": prompt}
-        body.update(params)
-        if refs is not None:
-            body["images"] = refs
-            if mask_ref is not None:
-                body["mask"] = mask_ref
-        return ItemSpec(index, item_id, endpoint, body)
+        return endpoint, refs, mask_ref
 
     def _images(self, raw: Any, path: str, index: int, item_id: str | None) -> list[str] | None:
         refs, where, why = images_check(raw, self.scope)
@@ -503,11 +491,12 @@ class JobBuilder:
 
     def _rows(
         self,
+        out: ItemList,
         template: Any,
         rows: Any,
         defaults: dict[str, Any],
         csv_rows: CsvRows | None,
-    ) -> list[ItemSpec]:
+    ) -> None:
         errs = self.errors
         if template is None:
             errs.add("template", "template is required with rows (placeholders like {title})")
@@ -519,11 +508,11 @@ class JobBuilder:
             parts = compile_template(template, errs)
         if rows is None:
             errs.add("rows", "rows are required with a template")
-            return []
+            return
         if not self._count_ok("rows", rows, "objects"):
-            return []
+            return
         if parts is None:
-            return []
+            return
         id_key: str | None = "id"
         images_key: str | None = "images"
         mask_key: str | None = "mask"
@@ -537,14 +526,12 @@ class JobBuilder:
                     f"placeholder {{{clip(missing[0], 64)}}} is not a column of the CSV; "
                     f"its columns are: {clip(', '.join(csv_rows.columns), 400)}",
                 )
-                return []
+                return
         seen: dict[str, int] = {}
-        out: list[ItemSpec] = []
         # What each rendered prompt adds to the body: the template's own text (the values it
         # fills in are already in the body).
         literal = sum(len(part) for part in parts[0::2])
-        for index, row in enumerate(rows):
-            rows[index] = None  # the row goes once its spec is built
+        for index, row in enumerate(_elements(rows)):
             path = f"rows[{index}]"
             where = self._line(index)
             if not isinstance(row, dict):
@@ -574,10 +561,9 @@ class JobBuilder:
                 mask = mask or None
                 if images is MISSING:
                     continue
-            spec = self._finish(index, item_id, prompt, defaults, images, mask, path, shown_id)
-            if spec is not None:
-                out.append(spec)
-        return out
+            refs = self._finish(index, prompt, images, mask, path, shown_id)
+            if refs is not None and item_id is not None and prompt is not None:
+                out.append(index, item_id, refs[0], prompt, None, refs[1], refs[2])
 
     def _spend_prompt(self, chars: int) -> None:
         """Count what a rendered prompt adds against the body's budget; 413 once it is spent."""
@@ -595,3 +581,13 @@ class JobBuilder:
         if self.row_lines is None:
             return ""
         return f" (CSV line {self.row_lines[index]})"
+
+
+def _elements(seq: list[Any] | RawSeq) -> Iterator[Any]:
+    """The items or rows one at a time, each let go of once read (the caller keeps no tree)."""
+    if isinstance(seq, RawSeq):
+        yield from seq.drain()
+        return
+    for index, value in enumerate(seq):
+        seq[index] = None
+        yield value

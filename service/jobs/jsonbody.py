@@ -17,7 +17,11 @@ stalls for as long. :func:`load` therefore builds the document itself from ijson
 * give the interpreter back between events, so other threads (the event loop) run while a
   large body parses.
 
-Keys are interned: 100,000 items share one ``"prompt"`` string.
+Keys are interned: 100,000 items share one ``"prompt"`` string. A job's ``items`` (or ``rows``)
+are not kept as a tree at all: each element, once read, is kept as its compact JSON text in a
+:class:`RawSeq` (a few buffers, no Python object per item) and its tree is dropped, so the parse
+holds about the body's size again, not several times it, and the builder reads the elements back
+one at a time.
 
 Failure semantics: every refusal is a :class:`~service.errors.Problem`: 400 for text that is not
 JSON (with the line and column when the body is small enough to ask orjson where), 413 for a body
@@ -30,6 +34,7 @@ import contextlib
 import gc
 import sys
 import threading
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,6 +57,8 @@ _LOCATE_BYTES = 8 * 1024 * 1024
 # What a container costs before its contents, and per slot (CPython 3.11, 64-bit).
 _DICT, _DICT_ENTRY, _LIST, _LIST_SLOT = 64, 40, 56, 8
 _SEQUENCES = ("items", "rows")
+# A RawSeq's buffers are this big: what is freed at a time as the builder reads them.
+_SEGMENT_BYTES = 1024 * 1024
 
 
 _gc_lock = threading.Lock()
@@ -81,6 +88,52 @@ def paused_gc() -> Iterator[None]:
             _gc_pausers -= 1
             if _gc_pausers == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+class RawSeq:
+    """A job's ``items`` or ``rows`` as read: each element's compact JSON text, in segments.
+
+    What the builder iterates instead of a list of parsed items: :meth:`drain` gives the elements
+    back parsed, one at a time, and lets go of each segment once it has passed it, so the text
+    and the items built from it are never both held whole.
+    """
+
+    __slots__ = ("_buffer", "_buffer_ends", "_count", "_segments", "started")
+
+    def __init__(self) -> None:
+        self._segments: list[tuple[bytearray, array[int]] | None] = []
+        self._buffer = bytearray()
+        self._buffer_ends: array[int] = array("Q")
+        self.started = 0  # elements begun (the one being read included)
+        self._count = 0
+
+    def append_json(self, text: bytes) -> None:
+        self._buffer += text
+        self._buffer_ends.append(len(self._buffer))
+        self._count += 1
+        if len(self._buffer) >= _SEGMENT_BYTES:
+            self._segments.append((self._buffer, self._buffer_ends))
+            self._buffer, self._buffer_ends = bytearray(), array("Q")
+
+    def __len__(self) -> int:
+        return self._count
+
+    def drain(self) -> Iterator[Any]:
+        """Each element, parsed, in order; the text is released as it is read (once only)."""
+        if self._buffer:
+            self._segments.append((self._buffer, self._buffer_ends))
+            self._buffer, self._buffer_ends = bytearray(), array("Q")
+        for i, segment in enumerate(self._segments):
+            assert segment is not None, "a RawSeq is drained once"
+            self._segments[i] = None
+            data, ends = segment
+            start = 0
+            with memoryview(data) as view:
+                for end in ends:
+                    yield orjson.loads(view[start:end])
+                    start = end
+            del data, segment
+        self._count = 0
 
 
 class _Reader:
@@ -119,6 +172,7 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
     where: list[str | int] = []  # the key or index each open container sits under
     key: list[str | None] = []  # per open object: the key whose value comes next
     root: Any = None
+    element_cost = 0
     for event, value in ijson.basic_parse(_Reader(body), use_float=True, buf_size=CHUNK_BYTES):
         if event == "map_key":
             top = stack[-1]
@@ -133,7 +187,13 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
                 cost += sys.getsizeof(name)
             continue
         if event in ("end_map", "end_array"):
-            stack.pop(), where.pop(), key.pop()
+            done = stack.pop()
+            where.pop(), key.pop()
+            if stack and type(stack[-1]) is RawSeq:
+                # An element of items/rows is read: kept as its text, its tree dropped.
+                text = orjson.dumps(done)
+                stack[-1].append_json(text)
+                cost = element_cost + len(text) + _LIST_SLOT
             continue
         if event == "start_map":
             new: Any = {}
@@ -143,25 +203,38 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
             cost += _LIST
         else:
             new = value
-            cost += 0 if value is None or value is True or value is False else sys.getsizeof(value)
+            size = 0 if value is None or value is True or value is False else sys.getsizeof(value)
+            cost += size
         # Attach the value to its container.
         if not stack:
             root = new
             slot: str | int = ""
         elif type(stack[-1]) is dict:
             slot = key[-1] or ""
+            if event == "start_array" and len(stack) == 1 and slot in _SEQUENCES:
+                new = RawSeq()
             stack[-1][slot] = new
             cost += _DICT_ENTRY
-        else:
-            slot = len(stack[-1])
-            stack[-1].append(new)
-            cost += _LIST_SLOT
-            if slot >= max_items and len(stack) == 2 and where[-1] in _SEQUENCES:
+        elif type(stack[-1]) is RawSeq:
+            seq = stack[-1]
+            slot = seq.started
+            seq.started += 1
+            if slot >= max_items:
                 raise invalid(
                     str(where[-1]),
                     f"the job has {slot + 1:,} items or more; a job may hold at most "
                     f"{max_items:,} (split it into several jobs)",
                 )
+            if event in ("start_map", "start_array"):
+                element_cost = cost  # what the tree cost before this element
+            else:
+                text = orjson.dumps(new)
+                seq.append_json(text)
+                cost += len(text) + _LIST_SLOT - size
+        else:
+            slot = len(stack[-1])
+            stack[-1].append(new)
+            cost += _LIST_SLOT
         if cost > budget:
             raise Problem(
                 413,

@@ -23,7 +23,7 @@ generates the item. Redis errors propagate (the caller's task retries).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,20 +154,32 @@ class ReuseEstimate:
 
 def estimate(
     index: ReuseIndex | None, catalog: Catalog, items: Sequence[ItemSpec]
-) -> tuple[list[ItemSpec], ReuseEstimate]:
+) -> tuple[Iterable[ItemSpec], ReuseEstimate]:
     """The items intake should price (those not found in the index), and what was found.
 
     Generations (and edits whose references are ``data:`` or upstream file ids) are looked up;
     edits with ``s3://`` / ``file://`` references would have to be read, which intake does not
     do: they are priced in full and counted as ``unchecked``. Without an index (``reuse:
-    never``, or a tenant with nothing recorded) every item is priced.
+    never``, or a tenant with nothing recorded) every item is priced. The items are read a page
+    at a time and the rest is a view of ``items`` (no copy of a large job is made).
     """
     found = ReuseEstimate()
     if index is None or not items:
-        return list(items), found
+        return items, found
     snapshots: dict[str, str] = {}
-    prints: list[str | None] = []
-    for item in items:
+    reused: set[int] = set()  # positions in items
+    page: list[tuple[int, int, str | None]] = []  # position, images, fingerprint
+
+    def look_up() -> None:
+        entries = index.lookup([value for _, _, value in page])
+        for (position, images, _), entry in zip(page, entries, strict=True):
+            if entry is not None:
+                reused.add(position)
+                found.items += 1
+                found.images += images
+        page.clear()
+
+    for position, item in enumerate(items):
         snap = snapshots.get(item.model)
         if snap is None:
             snap = snapshots[item.model] = fp.snapshot(catalog, item.model)
@@ -177,19 +189,26 @@ def estimate(
             value = None
         if value is None and item.is_edit:
             found.unchecked += 1
-        prints.append(value)
-    rest: list[ItemSpec] = []
-    for item, entry in zip(items, index.lookup(prints), strict=True):
-        if entry is None:
-            rest.append(item)
-        else:
-            found.items += 1
-            found.images += item.n
-    return rest, found
+        page.append((position, item.n, value))
+        if len(page) >= _PAGE:
+            look_up()
+    look_up()
+    return _Rest(items, reused), found
+
+
+class _Rest:
+    """``items`` without those at the ``skipped`` positions (iterable again and again)."""
+
+    def __init__(self, items: Sequence[ItemSpec], skipped: set[int]) -> None:
+        self.items, self.skipped = items, skipped
+
+    def __iter__(self) -> Iterator[ItemSpec]:
+        skipped = self.skipped
+        return (item for i, item in enumerate(self.items) if i not in skipped)
 
 
 def saved_estimate(
-    rest: Sequence[ItemSpec],
+    rest: Iterable[ItemSpec],
     found: ReuseEstimate,
     catalog: Catalog,
     learned: Mapping[str, Mapping[tuple[str, str], Any]] | None = None,

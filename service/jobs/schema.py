@@ -2,7 +2,8 @@
 
 Owns the vocabulary every part of job parsing checks against (the field lists, the enumerations,
 the upstream limits and our own) and the validated result: a :class:`JobSpec` holding one
-:class:`ItemSpec` per image request. The job body itself is described in
+:class:`ItemSpec` per image request (held compactly by an :class:`ItemList` when intake made
+them). The job body itself is described in
 :mod:`service.jobs.spec`, which parses it into these types.
 
 Failure semantics: nothing here validates. :meth:`ItemSpec.from_dict` reads back a job that was
@@ -12,11 +13,14 @@ already accepted and trusts it; a damaged record raises as Python does (``KeyErr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
-from service.catalog import EDITS, Catalog
+import orjson
+
+from service.catalog import EDITS, GENERATIONS, Catalog
 
 Mode = Literal["batch", "sync", "auto"]
 
@@ -144,16 +148,100 @@ class ItemSpec:
         return cls(int(raw["index"]), str(raw["id"]), str(raw["endpoint"]), dict(raw["body"]))
 
 
+class ItemList(Sequence[ItemSpec]):
+    """A job's validated items, held as compact JSON text: one buffer, no object per item.
+
+    What intake builds and keeps while it estimates and stores a job. An item is its own part of
+    the request (id, prompt, the parameters it set itself, its references), as JSON text; the
+    model and the job's defaults are held once. Reading an item (indexing, iterating) builds its
+    :class:`ItemSpec` then, with the same body a list of ItemSpec would hold, so 100,000 items
+    cost about their text, not a dict and a dozen strings each.
+    """
+
+    __slots__ = ("_data", "_ends", "defaults", "model")
+
+    def __init__(self, model: str, defaults: Mapping[str, Any]) -> None:
+        self.model = model
+        self.defaults = dict(defaults)
+        self._data = bytearray()
+        self._ends: array[int] = array("Q")
+
+    def append(
+        self,
+        index: int,
+        item_id: str,
+        endpoint: str,
+        prompt: str,
+        overrides: Mapping[str, Any] | None = None,
+        images: list[str] | None = None,
+        mask: str | None = None,
+    ) -> None:
+        """Add an item: ``overrides`` are the parameters it sets over the defaults."""
+        edit = 1 if endpoint == EDITS else 0
+        record = [index, item_id, edit, prompt, overrides or None, images, mask]
+        self._data += orjson.dumps(record)
+        self._ends.append(len(self._data))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, i: int) -> ItemSpec: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ItemSpec]: ...
+    def __getitem__(self, i: int | slice) -> ItemSpec | list[ItemSpec]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("item index out of range")
+        start = self._ends[i - 1] if i else 0
+        return self._item(orjson.loads(bytes(self._data[start : self._ends[i]])))
+
+    def __iter__(self) -> Iterator[ItemSpec]:
+        start = 0
+        with memoryview(self._data) as view:
+            for end in self._ends:
+                yield self._item(orjson.loads(view[start:end]))
+                start = end
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<ItemList of {len(self)} items, {len(self._data):,} bytes>"
+
+    def _item(self, record: list[Any]) -> ItemSpec:
+        index, item_id, edit, prompt, overrides, images, mask = record
+        # The body in the order intake has always written it: model, prompt, the parameters
+        # (defaults first, then what the item added), the references.
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt}
+        body.update(self.defaults)
+        if overrides:
+            body.update(overrides)
+        if images is not None:
+            body["images"] = images
+            if mask is not None:
+                body["mask"] = mask
+        return ItemSpec(index, item_id, EDITS if edit else GENERATIONS, body)
+
+
 @dataclass(frozen=True)
 class JobSpec:
-    """A validated job. ``items`` is a list: intake validates the whole job before accepting it."""
+    """A validated job: intake validates the whole job before accepting it. ``items`` is an
+    :class:`ItemList` when intake made it (any sequence of ItemSpec otherwise)."""
 
     model: str
     mode: Mode
     labels: dict[str, str]
     max_cost_usd: float | None
     webhook_url: str | None
-    items: list[ItemSpec]
+    items: Sequence[ItemSpec]
     # Things the caller should know that do not stop the job (e.g. an upcoming shutdown).
     warnings: tuple[str, ...] = field(default=())
     reuse: str = "auto"  # one of REUSE_MODES

@@ -100,7 +100,8 @@ def test_an_estimate_says_whether_its_tokens_are_published_or_learned(ctx: Conte
     assert learned["tokens"]["image_output"] == 4 * 664
     assert learned["usd"]["sync"] > guessed["usd"]["sync"]
     # Nothing was seen at medium: a stand-in for it, learned for low.
-    spec = intake.parse_body(ctx, body(SUNBURST), "application/json", {})
-    spec.items[0].body["quality"] = "medium"
+    mixed_body = orjson.loads(body(SUNBURST))
+    mixed_body["items"][0]["quality"] = "medium"
+    spec = intake.parse_body(ctx, orjson.dumps(mixed_body), "application/json", {})
     mixed = intake.estimate(ctx, spec).to_dict()
     assert mixed["token_counts"] == {"source": "partly_learned", "samples": 3}
