@@ -18,12 +18,13 @@ import datetime as dt
 import difflib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, too_large
 from service.jobs.csvform import MISSING, CsvRows, csv_refs
+from service.jobs.idindex import IdIndex
 from service.jobs.jsonbody import RawSeq
 from service.jobs.messages import (
     clip,
@@ -102,7 +103,7 @@ class JobBuilder:
         # Per-(field, type, value) verdicts: 50k items repeat the same few override values.
         self._param_cache: dict[tuple[str, type, Any], str | None] = {}
         # CSV: row index -> CSV line number, for messages.
-        self.row_lines: list[int] | None = None
+        self.row_lines: Sequence[int] | None = None
 
     # -- the job ----------------------------------------------------------------------------
 
@@ -333,7 +334,7 @@ class JobBuilder:
     def _items(self, out: ItemList, raw_items: Any, defaults: dict[str, Any]) -> None:
         if not self._count_ok("items", raw_items, "objects"):
             return
-        seen: dict[str, int] = {}
+        seen = IdIndex(len(raw_items))
         errs = self.errors
         for index, raw in enumerate(_elements(raw_items)):
             path = f"items[{index}]"
@@ -376,9 +377,7 @@ class JobBuilder:
             if ok and refs is not None and item_id is not None and prompt is not None:
                 out.append(index, item_id, refs[0], prompt, overrides, refs[1], refs[2])
 
-    def _item_id(
-        self, raw: Any, path: str, index: int, seen: dict[str, int], what: str
-    ) -> str | None:
+    def _item_id(self, raw: Any, path: str, index: int, seen: IdIndex, what: str) -> str | None:
         """The item's id, checked and registered; None when it is malformed."""
         if raw is None:
             item_id = str(index)
@@ -401,7 +400,7 @@ class JobBuilder:
                 )
                 return None
             item_id = raw
-        first = seen.setdefault(item_id, index)
+        first = seen.first(item_id, index)
         if first != index:
             if implicit:
                 message = (
@@ -527,7 +526,7 @@ class JobBuilder:
                     f"its columns are: {clip(', '.join(csv_rows.columns), 400)}",
                 )
                 return
-        seen: dict[str, int] = {}
+        seen = IdIndex(len(rows))
         # What each rendered prompt adds to the body: the template's own text (the values it
         # fills in are already in the body).
         literal = sum(len(part) for part in parts[0::2])

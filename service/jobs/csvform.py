@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import re
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 import orjson
 
 from service.errors import FieldErrors, malformed
+from service.jobs.jsonbody import RawSeq
 from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
 from service.jobs.schema import CSV_PARAMS, PARAM_FIELDS
 
@@ -46,8 +48,8 @@ MISSING: Any = object()
 @dataclass(slots=True)
 class CsvRows:
     columns: list[str]
-    rows: list[dict[str, str]]
-    lines: list[int]
+    rows: RawSeq  # each row an object of the columns the job uses, as compact JSON text
+    lines: array[int]  # each row's CSV line number
     ragged: set[int]  # rows whose field count differs from the header's (already reported)
     id_key: str | None
     images_key: str | None
@@ -182,11 +184,11 @@ def _read_rows(
     errs: FieldErrors,
     max_items: int,
     needed: set[str] | None,
-) -> tuple[list[str], list[dict[str, str]], list[int], set[int]]:
+) -> tuple[list[str], RawSeq, array[int], set[int]]:
     """The header's columns, and the rows with their CSV line numbers and the ragged ones.
 
     A row keeps only the ``needed`` columns, so memory follows what the job uses, not how wide
-    the catalog is.
+    the catalog is; and it is kept as its JSON text, not a dict and strings per row.
     """
     reader = csv.reader(_lines(body), delimiter=delimiter, strict=True)
     try:
@@ -209,8 +211,8 @@ def _read_rows(
             )
         width = len(columns)
         kept = [(i, c) for i, c in enumerate(columns) if needed is None or c in needed]
-        rows: list[dict[str, str]] = []
-        lines: list[int] = []
+        rows = RawSeq()
+        lines: array[int] = array("Q")
         ragged: set[int] = set()
         for record in reader:
             if not record or (len(record) == 1 and not record[0].strip()):
@@ -230,7 +232,7 @@ def _read_rows(
                     index,
                 )
                 ragged.add(index)
-            rows.append({c: record[i] for i, c in kept if i < len(record)})
+            rows.append_json(orjson.dumps({c: record[i] for i, c in kept if i < len(record)}))
             lines.append(reader.line_num)
     except csv.Error as exc:
         raise malformed(

@@ -185,6 +185,11 @@ class ItemList(Sequence[ItemSpec]):
     def __len__(self) -> int:
         return len(self._ends)
 
+    @property
+    def nbytes(self) -> int:
+        """What the items' text and offsets take."""
+        return len(self._data) + self._ends.itemsize * len(self._ends)
+
     @overload
     def __getitem__(self, i: int) -> ItemSpec: ...
     @overload

@@ -1,0 +1,98 @@
+"""The compact id index intake checks item ids with, and the compact forms items are held in."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+
+from service.catalog import EDITS, GENERATIONS, cached_catalog
+from service.jobs.idindex import IdIndex
+from service.jobs.jsonbody import RawSeq
+from service.jobs.request import request_record
+from service.jobs.schema import ItemList, ItemSpec
+from service.jobs.spec import parse_job_json
+
+CAT = cached_catalog()
+
+
+def test_an_id_seen_before_gives_the_index_that_used_it_first() -> None:
+    seen = IdIndex()  # grows from its smallest table
+    ids = [f"sku-{i}" for i in range(5000)]
+    for index, item_id in enumerate(ids):
+        assert seen.first(item_id, index) == index
+    assert len(seen) == 5000
+    rng = random.Random(7)
+    for _ in range(500):
+        index = rng.randrange(5000)
+        assert seen.first(ids[index], 9999) == index
+    assert seen.first("sku-5000", 5000) == 5000 and len(seen) == 5001
+
+
+def test_ids_that_differ_only_in_case_or_length_are_different() -> None:
+    seen = IdIndex(4)
+    assert [seen.first(i, n) for n, i in enumerate(["a", "A", "aa", "a.", "a"])] == [0, 1, 2, 3, 0]
+
+
+def test_a_raw_sequence_gives_its_elements_back_once() -> None:
+    seq = RawSeq()
+    values = [{"prompt": "é" * (i % 300), "n": i} for i in range(20_000)] + [1, "x", None, [2]]
+    for value in values:
+        seq.append_json(orjson.dumps(value))
+    assert len(seq) == len(values)
+    assert list(seq.drain()) == values
+    assert len(seq) == 0
+
+
+def test_an_item_list_reads_back_the_bodies_intake_always_wrote() -> None:
+    items = ItemList("gpt-image-2", {"size": "1024x1024", "quality": "low"})
+    items.append(0, "a", GENERATIONS, "red mug")
+    items.append(1, "b", GENERATIONS, "blue mug", {"quality": "high", "n": 2})
+    items.append(2, "c", EDITS, "green mug", None, ["s3://b/1.png"], "s3://b/m.png")
+    plain = [
+        ItemSpec(
+            0,
+            "a",
+            GENERATIONS,
+            {"model": "gpt-image-2", "prompt": "red mug", "size": "1024x1024", "quality": "low"},
+        ),
+        ItemSpec(
+            1,
+            "b",
+            GENERATIONS,
+            {
+                "model": "gpt-image-2",
+                "prompt": "blue mug",
+                "size": "1024x1024",
+                "quality": "high",
+                "n": 2,
+            },
+        ),
+        ItemSpec(
+            2,
+            "c",
+            EDITS,
+            {
+                "model": "gpt-image-2",
+                "prompt": "green mug",
+                "size": "1024x1024",
+                "quality": "low",
+                "images": ["s3://b/1.png"],
+                "mask": "s3://b/m.png",
+            },
+        ),
+    ]
+    assert len(items) == 3 and items == plain and list(items) == plain
+    assert items[-1] == plain[2] and items[1:] == plain[1:]
+    # The stored request is byte for byte what a list of ItemSpec wrote (key order included).
+    assert [request_record(i) for i in items] == [request_record(i) for i in plain]
+
+
+def test_a_large_job_is_held_in_about_its_own_size() -> None:
+    prompt = "Studio photo of a red ceramic mug on white, soft light, " * 3
+    items = [{"id": f"sku-{i}", "prompt": f"{prompt}{i}", "quality": "low"} for i in range(20_000)]
+    body = orjson.dumps({"defaults": {"size": "1024x1024"}, "items": items})
+    spec = parse_job_json(body, CAT, max_items=20_000)
+    assert isinstance(spec.items, ItemList) and len(spec.items) == 20_000
+    assert spec.items[12_345].id == "sku-12345" and spec.items[12_345].quality == "low"
+    assert spec.items.nbytes < 1.2 * len(body)  # a list of ItemSpec held about 3x the body
