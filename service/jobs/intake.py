@@ -38,6 +38,7 @@ from service.jobs.jsonbody import paused_gc
 from service.jobs.model import JOB_QUEUED, Job
 from service.jobs.params import JobScope, parse_ref_prefix, storage_prefix
 from service.jobs.request import request_record
+from service.jobs.schema import image_count, item_ids
 from service.jobs.spec import JobSpec, parse_job_csv, parse_job_json
 from service.models import capability
 from service.queues import PLAN, SYNC_ITEMS
@@ -341,7 +342,7 @@ def _store(
         mode=lane,
         requested_mode=spec.mode,
         items=len(spec.items),
-        images=sum(item.n for item in spec.items),
+        images=image_count(spec.items),
         created_at=now,
         updated_at=now,
         labels=dict(spec.labels),
@@ -351,6 +352,6 @@ def _store(
         idempotency_key=idempotency_key,
         reuse=spec.reuse,
     )
-    ctx.store.create_job(job, (item.id for item in spec.items))
+    ctx.store.create_job(job, item_ids(spec.items))
     ctx.enqueue(SYNC_ITEMS if lane == "sync" else PLAN, job_id)
     return job

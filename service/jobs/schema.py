@@ -148,6 +148,18 @@ class ItemSpec:
         return cls(int(raw["index"]), str(raw["id"]), str(raw["endpoint"]), dict(raw["body"]))
 
 
+def item_ids(items: Sequence[ItemSpec]) -> Iterator[str]:
+    """The ids of ``items``, in order (cheaply for an :class:`ItemList`)."""
+    if isinstance(items, ItemList):
+        return items.ids()
+    return (item.id for item in items)
+
+
+def image_count(items: Sequence[ItemSpec]) -> int:
+    """The images ``items`` ask for (the sum of their ``n``)."""
+    return items.images if isinstance(items, ItemList) else sum(item.n for item in items)
+
+
 class ItemList(Sequence[ItemSpec]):
     """A job's validated items, held as compact JSON text: one buffer, no object per item.
 
@@ -158,13 +170,14 @@ class ItemList(Sequence[ItemSpec]):
     cost about their text, not a dict and a dozen strings each.
     """
 
-    __slots__ = ("_data", "_ends", "defaults", "model")
+    __slots__ = ("_data", "_ends", "defaults", "images", "model")
 
     def __init__(self, model: str, defaults: Mapping[str, Any]) -> None:
         self.model = model
         self.defaults = dict(defaults)
         self._data = bytearray()
         self._ends: array[int] = array("Q")
+        self.images = 0  # images the items ask for (the sum of their n)
 
     def append(
         self,
@@ -181,6 +194,16 @@ class ItemList(Sequence[ItemSpec]):
         record = [index, item_id, edit, prompt, overrides or None, images, mask]
         self._data += orjson.dumps(record)
         self._ends.append(len(self._data))
+        n = overrides.get("n") if overrides else None
+        self.images += int(n if n is not None else self.defaults.get("n", 1))
+
+    def ids(self) -> Iterator[str]:
+        """The items' ids, in order (without building the items)."""
+        start = 0
+        with memoryview(self._data) as view:
+            for end in self._ends:
+                yield orjson.loads(view[start:end])[1]
+                start = end
 
     def __len__(self) -> int:
         return len(self._ends)

@@ -84,6 +84,7 @@ def test_an_item_list_reads_back_the_bodies_intake_always_wrote() -> None:
     ]
     assert len(items) == 3 and items == plain and list(items) == plain
     assert items[-1] == plain[2] and items[1:] == plain[1:]
+    assert list(items.ids()) == ["a", "b", "c"] and items.images == 4
     # The stored request is byte for byte what a list of ItemSpec wrote (key order included).
     assert [request_record(i) for i in items] == [request_record(i) for i in plain]
 
