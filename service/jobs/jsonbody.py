@@ -107,6 +107,18 @@ class RawSeq:
         self.started = 0  # elements begun (the one being read included)
         self._count = 0
 
+    def begin(self, max_items: int, name: str) -> int:
+        """The index of the element that starts now; a 422 on ``name`` past ``max_items``."""
+        index = self.started
+        if index >= max_items:
+            raise invalid(
+                name,
+                f"the job has {index + 1:,} items or more; a job may hold at most "
+                f"{max_items:,} (split it into several jobs)",
+            )
+        self.started += 1
+        return index
+
     def append_json(self, text: bytes) -> None:
         self._buffer += text
         self._buffer_ends.append(len(self._buffer))
@@ -216,34 +228,19 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
             stack[-1][slot] = new
             cost += _DICT_ENTRY
         elif type(stack[-1]) is RawSeq:
-            seq = stack[-1]
-            slot = seq.started
-            seq.started += 1
-            if slot >= max_items:
-                raise invalid(
-                    str(where[-1]),
-                    f"the job has {slot + 1:,} items or more; a job may hold at most "
-                    f"{max_items:,} (split it into several jobs)",
-                )
+            slot = stack[-1].begin(max_items, str(where[-1]))
             if event in ("start_map", "start_array"):
                 element_cost = cost  # what the tree cost before this element
             else:
                 text = orjson.dumps(new)
-                seq.append_json(text)
+                stack[-1].append_json(text)
                 cost += len(text) + _LIST_SLOT - size
         else:
             slot = len(stack[-1])
             stack[-1].append(new)
             cost += _LIST_SLOT
         if cost > budget:
-            raise Problem(
-                413,
-                "The request body is too large",
-                f"The body would take more than {budget // 2**20:,} MB to hold once parsed "
-                f"({DENSITY}x its {len(body):,} bytes): it has far more, far smaller values "
-                "than a job does.",
-                errors=[FieldError("body", "too many, too small values to hold")],
-            )
+            raise _too_dense(budget, len(body))
         if event in ("start_map", "start_array"):
             if len(stack) >= MAX_DEPTH:
                 path, index = _path([*where[1:], slot], "")
@@ -252,6 +249,16 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
             where.append(slot)
             key.append(None)
     return root
+
+
+def _too_dense(budget: int, size: int) -> Problem:
+    return Problem(
+        413,
+        "The request body is too large",
+        f"The body would take more than {budget // 2**20:,} MB to hold once parsed "
+        f"({DENSITY}x its {size:,} bytes): it has far more, far smaller values than a job does.",
+        errors=[FieldError("body", "too many, too small values to hold")],
+    )
 
 
 def _path(where: list[str | int], name: str) -> tuple[str, int | None]:
