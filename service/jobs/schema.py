@@ -13,6 +13,7 @@ already accepted and trusts it; a damaged record raises as Python does (``KeyErr
 
 from __future__ import annotations
 
+import bisect
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,10 @@ class ItemSpec:
         return cls(int(raw["index"]), str(raw["id"]), str(raw["endpoint"]), dict(raw["body"]))
 
 
+# The size of an ItemList's segments (and of the parser's: service.jobs.jsonbody).
+_SEGMENT_BYTES = 1024 * 1024
+
+
 def item_ids(items: Sequence[ItemSpec]) -> Iterator[str]:
     """The ids of ``items``, in order (cheaply for an :class:`ItemList`)."""
     if isinstance(items, ItemList):
@@ -161,22 +166,25 @@ def image_count(items: Sequence[ItemSpec]) -> int:
 
 
 class ItemList(Sequence[ItemSpec]):
-    """A job's validated items, held as compact JSON text: one buffer, no object per item.
+    """A job's validated items, held as compact JSON text: a few buffers, no object per item.
 
     What intake builds and keeps while it estimates and stores a job. An item is its own part of
     the request (id, prompt, the parameters it set itself, its references), as JSON text; the
     model and the job's defaults are held once. Reading an item (indexing, iterating) builds its
     :class:`ItemSpec` then, with the same body a list of ItemSpec would hold, so 100,000 items
-    cost about their text, not a dict and a dozen strings each.
+    cost about their text, not a dict and a dozen strings each. The text is kept in segments of
+    about :data:`_SEGMENT_BYTES`, the size of the parser's own (:class:`~service.jobs.jsonbody.
+    RawSeq`): the memory the parser lets go of as it is read is what the items are written into.
     """
 
-    __slots__ = ("_data", "_ends", "defaults", "images", "model")
+    __slots__ = ("_ends", "_firsts", "_segments", "defaults", "images", "model")
 
     def __init__(self, model: str, defaults: Mapping[str, Any]) -> None:
         self.model = model
         self.defaults = dict(defaults)
-        self._data = bytearray()
-        self._ends: array[int] = array("Q")
+        self._segments: list[bytearray] = [bytearray()]
+        self._firsts: array[int] = array("Q", [0])  # the first item of each segment
+        self._ends: array[int] = array("Q")  # where each item ends in its segment
         self.images = 0  # images the items ask for (the sum of their n)
 
     def append(
@@ -192,18 +200,19 @@ class ItemList(Sequence[ItemSpec]):
         """Add an item: ``overrides`` are the parameters it sets over the defaults."""
         edit = 1 if endpoint == EDITS else 0
         record = [index, item_id, edit, prompt, overrides or None, images, mask]
-        self._data += orjson.dumps(record)
-        self._ends.append(len(self._data))
+        segment = self._segments[-1]
+        if len(segment) >= _SEGMENT_BYTES:
+            segment = bytearray()
+            self._segments.append(segment)
+            self._firsts.append(len(self._ends))
+        segment += orjson.dumps(record)
+        self._ends.append(len(segment))
         n = overrides.get("n") if overrides else None
         self.images += int(n if n is not None else self.defaults.get("n", 1))
 
     def ids(self) -> Iterator[str]:
         """The items' ids, in order (without building the items)."""
-        start = 0
-        with memoryview(self._data) as view:
-            for end in self._ends:
-                yield orjson.loads(view[start:end])[1]
-                start = end
+        return (record[1] for record in self._records())
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -211,7 +220,8 @@ class ItemList(Sequence[ItemSpec]):
     @property
     def nbytes(self) -> int:
         """What the items' text and offsets take."""
-        return len(self._data) + self._ends.itemsize * len(self._ends)
+        text = sum(len(segment) for segment in self._segments)
+        return text + self._ends.itemsize * (len(self._ends) + len(self._firsts))
 
     @overload
     def __getitem__(self, i: int) -> ItemSpec: ...
@@ -224,15 +234,22 @@ class ItemList(Sequence[ItemSpec]):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError("item index out of range")
-        start = self._ends[i - 1] if i else 0
-        return self._item(orjson.loads(bytes(self._data[start : self._ends[i]])))
+        s = bisect.bisect_right(self._firsts, i) - 1
+        start = self._ends[i - 1] if i > self._firsts[s] else 0
+        return self._item(orjson.loads(self._segments[s][start : self._ends[i]]))
 
     def __iter__(self) -> Iterator[ItemSpec]:
-        start = 0
-        with memoryview(self._data) as view:
-            for end in self._ends:
-                yield self._item(orjson.loads(view[start:end]))
-                start = end
+        return (self._item(record) for record in self._records())
+
+    def _records(self) -> Iterator[list[Any]]:
+        ends, count = self._ends, len(self._ends)
+        for s, segment in enumerate(self._segments):
+            last = self._firsts[s + 1] if s + 1 < len(self._firsts) else count
+            start = 0
+            for i in range(self._firsts[s], last):
+                # A copy of the slice, not a view: a view left open would pin the buffer.
+                yield orjson.loads(segment[start : ends[i]])
+                start = ends[i]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
@@ -242,7 +259,7 @@ class ItemList(Sequence[ItemSpec]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"<ItemList of {len(self)} items, {len(self._data):,} bytes>"
+        return f"<ItemList of {len(self)} items, {self.nbytes:,} bytes>"
 
     def _item(self, record: list[Any]) -> ItemSpec:
         index, item_id, edit, prompt, overrides, images, mask = record
