@@ -200,6 +200,8 @@ class ItemList(Sequence[ItemSpec]):
         """Add an item: ``overrides`` are the parameters it sets over the defaults."""
         edit = 1 if endpoint == EDITS else 0
         record = [index, item_id, edit, prompt, overrides or None, images, mask]
+        while record[-1] is None:
+            record.pop()  # trailing nulls left out: most items are [index, id, edit, prompt]
         segment = self._segments[-1]
         if len(segment) >= _SEGMENT_BYTES:
             segment = bytearray()
@@ -262,6 +264,8 @@ class ItemList(Sequence[ItemSpec]):
         return f"<ItemList of {len(self)} items, {self.nbytes:,} bytes>"
 
     def _item(self, record: list[Any]) -> ItemSpec:
+        if len(record) < 7:
+            record += [None] * (7 - len(record))
         index, item_id, edit, prompt, overrides, images, mask = record
         # The body in the order intake has always written it: model, prompt, the parameters
         # (defaults first, then what the item added), the references.
