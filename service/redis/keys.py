@@ -369,3 +369,9 @@ def openai_webhook_seen(webhook_id: str) -> str:
 # of Redis gives nobody a usable cookie). Expires with the session.
 def console_session(digest: str) -> str:
     return f"{PREFIX}:ui:session:{digest}"
+
+
+# --- the sweep's chunk audit (service.lanes.orphans) --------------------------------------------
+# Marker (SET NX PX): this job's chunks were checked for an owner recently.
+def chunk_audit(job_id: str) -> str:
+    return f"{PREFIX}:audit:chunks:{job_id}"
