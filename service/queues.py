@@ -31,6 +31,7 @@ SYNC_ITEMS = "sync.items"
 POLL = "batches.poll"
 MODELS_REFRESH = "models.refresh"
 SCHEDULES_TICK = "schedules.tick"
+DUPLICATE = "batches.duplicate"  # what a duplicate upstream batch billed (service.lanes.duplicates)
 
 ROUTES: dict[str, str] = {
     PLAN: CONTROL,
@@ -45,6 +46,7 @@ ROUTES: dict[str, str] = {
     POLL: CONTROL,
     MODELS_REFRESH: CONTROL,
     SCHEDULES_TICK: CONTROL,
+    DUPLICATE: COLLECT,
 }
 
 

@@ -453,14 +453,6 @@ class JobStore:
         """From now on the job runs on the sync lane (its model cannot be batched)."""
         self.r.hset(keys.job(job_id), mapping={"mode": "sync", "updated_at": str(time.time())})
 
-    def record_batch(self, job_id: str, number: int, batch_id: str) -> None:
-        """The chunk's upstream batch exists: record its id on the chunk, and index the batch
-        so an inbound webhook (which names only the batch) finds the chunk."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.chunk(job_id, number), "batch_id", batch_id)
-        pipe.set(keys.batch_chunk(batch_id), f"{job_id}:{number}", ex=BATCH_INDEX_SECONDS)
-        pipe.execute()
-
     def chunk_of_batch(self, batch_id: str) -> tuple[str, int] | None:
         """The chunk an upstream batch was created for, if it is one of ours and recent."""
         raw = self.r.get(keys.batch_chunk(batch_id))

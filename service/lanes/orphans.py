@@ -56,9 +56,7 @@ def adopt(ctx: Context, job: Job) -> int:
         action = _action(job, status, open_lines, watched, planner)
         if action is None:
             continue
-        log.warning(
-            "job %s chunk %s was left %s with no owner: %s", job.id, number, status, action
-        )
+        log.warning("job %s chunk %s was left %s with no owner: %s", job.id, number, status, action)
         adopted += 1
         if action == "plan":
             ctx.enqueue_once(PLAN, job.id, job.id)

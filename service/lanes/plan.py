@@ -39,10 +39,6 @@ from service.queues import FINALIZE, SUBMIT, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease
 
-# Plan, submit and finalize hold a lease this long, renewed while they run: a worker that dies
-# holding one blocks that step for at most this long.
-LOCK_SECONDS = 30.0
-
 
 @dataclass
 class _Chunk:
@@ -83,7 +79,7 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
         ctx.store.switch_to_sync(job.id)
         ctx.enqueue(SYNC_ITEMS, job.id)
         return []
-    with Lease(ctx.redis, keys.plan_lock(job_id), LOCK_SECONDS).held() as got:
+    with Lease(ctx.redis, keys.plan_lock(job_id), ctx.settings.lease_seconds).held() as got:
         return _plan(ctx, job) if got else []
 
 

@@ -25,7 +25,7 @@ from service.jobs.model import (
     JOB_LIVE,
     Chunk,
 )
-from service.lanes import orphans, sync
+from service.lanes import duplicates, orphans, sync
 from service.lanes.finalize import unfinished
 from service.queues import COLLECT_TASK, FINALIZE, PLAN, POLL, SUBMIT, SYNC_ITEMS
 from service.redis import keys
@@ -51,6 +51,7 @@ def sweep(ctx: Context) -> dict[str, int]:
         return seen
     try:
         _active_chunks(ctx, seen)
+        duplicates.sweep(ctx)
         for job_id, number in ctx.store.waiting_chunks():
             if ctx.enqueue_once(SUBMIT, f"{job_id}:{number}", job_id, number):
                 seen["resubmitted"] += 1

@@ -375,3 +375,13 @@ def console_session(digest: str) -> str:
 # Marker (SET NX PX): this job's chunks were checked for an owner recently.
 def chunk_audit(job_id: str) -> str:
     return f"{PREFIX}:audit:chunks:{job_id}"
+
+
+# --- duplicate upstream batches (service.lanes.duplicates) --------------------------------------
+# HASH batch id -> "open" (found, not yet accounted) or the JSON of what it billed (accounted).
+def job_duplicates(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:duplicates"
+
+
+# ZSET "job_id:chunk:batch_id" -> when found: duplicates still to cancel and account (the sweep).
+DUPLICATE_BATCHES = f"{PREFIX}:batches:duplicates"

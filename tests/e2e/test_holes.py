@@ -12,7 +12,6 @@ import pytest
 from service.jobs import model as js
 from service.lanes import plan
 from tests.support.context import make_context
-from tests.support.procs import wait_until
 from tests.support.stack import Stack, job_body
 
 pytestmark = pytest.mark.slow
