@@ -53,7 +53,8 @@ log = logging.getLogger("imagebatch.batches")
 
 def submit_chunk(ctx: Context, job_id: str, number: int) -> str:
     """Returns what happened: ``submitted``, ``already``, ``waiting`` (budget), ``empty``,
-    ``cancelled``, ``rerouted`` (the model cannot be batched now) or ``skipped``."""
+    ``cancelled``, ``rerouted`` (the model cannot be batched now), ``unresolved`` (an earlier
+    create's outcome is not known yet), ``lease-lost`` or ``skipped``."""
     store = ctx.store
     chunk, job = store.chunk(job_id, number), store.job(job_id)
     if chunk is None or job is None:
@@ -68,7 +69,13 @@ def submit_chunk(ctx: Context, job_id: str, number: int) -> str:
         return "cancelled"
     lease = Lease(ctx.redis, keys.submit_lock(job_id, number), ctx.settings.lease_seconds)
     with lease.held() as got:
-        return _submit(ctx, job, job_id, number, lease) if got else "skipped"
+        try:
+            return _submit(ctx, job, job_id, number, lease) if got else "skipped"
+        except LeaseLost as exc:
+            # Paused or cut off past the lease: whoever holds it now carries on (the chunk is
+            # still on the waiting set), and nothing was created by us after the loss.
+            log.warning("job %s chunk %s: %s", job_id, number, exc)
+            return "lease-lost"
 
 
 def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> str:
