@@ -3,15 +3,20 @@ simulator, and each job checked for exactness against the simulator's bill."""
 
 from __future__ import annotations
 
+import random
+import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from service.cli.stack import redis_server_binary
 from service.jobs import model as js
 from service.lanes import plan
 from tests.support.context import make_context
+from tests.support.procs import Proc, free_port, start_server
 from tests.support.stack import Stack, job_body
 
 pytestmark = pytest.mark.slow
@@ -90,3 +95,58 @@ def test_a_planner_killed_between_planned_and_waiting_leaves_no_chunk_behind(
     assert_exact(stack, sim, job_id, 30)
     assert len(upstream_batches(sim, job_id)) == 3  # one batch per chunk, none twice
     ctx.redis.close()
+
+
+class DurableRedis:
+    """A Redis server with an append-only file, killed with -9 and restarted on the same port."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.port = tmp, free_port()
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = self.start()
+
+    def start(self) -> Proc:
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        args += ["--dir", str(self.tmp)]
+        return start_server(args, self.port, self.tmp / "redis.log")
+
+    def kill_and_restart(self, down: float) -> None:
+        self.proc.kill(signal.SIGKILL)
+        self.proc.popen.wait(10)
+        time.sleep(down)  # the outage itself
+        self.proc = self.start()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def test_workers_survive_redis_killed_and_restarted_during_their_tasks(
+    make_simulator, make_stack, tmp_path: Path
+):
+    durable = DurableRedis(tmp_path / "durable-redis")
+    sim = make_simulator(rate=40)
+    stack = make_stack(sim, redis_url=durable.url, env={"IMAGEBATCH_BATCH_MAX_LINES": "10"})
+    try:
+        stack.start_api()
+        workers = [stack.start_worker(name="w1"), stack.start_worker(name="w2")]
+        stack.start_beat()
+        accepted = stack.submit(job_body(120))
+        rng = random.Random(15)
+        for _ in range(6):
+            # Killed at a random moment: during plans, submits, collects and sweeps.
+            time.sleep(rng.uniform(0.3, 2.0))
+            durable.kill_and_restart(rng.uniform(0.1, 1.5))
+            for w in workers:
+                assert w.alive(), w.log_text()[-4000:]
+        assert_exact(stack, sim, accepted["id"], 120)
+        for w in workers:
+            assert w.alive(), w.log_text()[-4000:]
+            log = w.log_text()
+            assert "Unrecoverable error" not in log
+            # A connection error never dropped a message (Celery's reject without requeue).
+            assert "requeue=False" not in log
+    finally:
+        stack.stop()
+        durable.stop()
