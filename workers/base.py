@@ -29,6 +29,7 @@ from kombu.exceptions import OperationalError
 from service import metrics
 from service.errors import ImagebatchError
 from service.handover import Handover
+from service.upstream.errors import MID_STREAM
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")
@@ -41,6 +42,8 @@ RETRIED: tuple[type[BaseException], ...] = (
     ImagebatchError,
     redis.ConnectionError,
     redis.TimeoutError,
+    # A connection to upstream broken mid-stream, should one surface untranslated.
+    *MID_STREAM,
 )
 
 

@@ -27,14 +27,24 @@ from service.jobs.model import (
 )
 from service.lanes import duplicates, orphans, sync
 from service.lanes.finalize import unfinished
-from service.queues import COLLECT_TASK, FINALIZE, PLAN, POLL, SUBMIT, SYNC_ITEMS
+from service.queues import (
+    COLLECT_TASK,
+    FINALIZE,
+    LONGEST_TASK_SECONDS,
+    PLAN,
+    POLL,
+    SUBMIT,
+    SYNC_ITEMS,
+)
 from service.redis import keys
 from service.redis.leases import mark_once, unmark
+from service.storage import StorageError
 from service.upstream import UpstreamError
 
 log = logging.getLogger("imagebatch.batches")
 
 TERMINAL_BATCH = {"completed", "failed", "expired", "cancelled"}
+TEMP_SWEEP_SECONDS = 600  # how often abandoned temporary files are looked for
 
 
 def sweep(ctx: Context) -> dict[str, int]:
@@ -52,6 +62,7 @@ def sweep(ctx: Context) -> dict[str, int]:
     try:
         _active_chunks(ctx, seen)
         duplicates.sweep(ctx)
+        sweep_temp(ctx)
         for job_id, number in ctx.store.waiting_chunks():
             if ctx.enqueue_once(SUBMIT, f"{job_id}:{number}", job_id, number):
                 seen["resubmitted"] += 1
@@ -60,6 +71,21 @@ def sweep(ctx: Context) -> dict[str, int]:
         return seen
     finally:
         unmark(ctx.redis, keys.SWEEP_LOCK)
+
+
+def sweep_temp(ctx: Context) -> int:
+    """At most every TEMP_SWEEP_SECONDS: remove what writes killed mid-way left in storage
+    (temp files, incomplete uploads) older than the longest task. Returns how many."""
+    if not mark_once(ctx.redis, keys.TEMP_SWEEP, TEMP_SWEEP_SECONDS):
+        return 0
+    try:
+        removed = ctx.storage.sweep_temp(LONGEST_TASK_SECONDS)
+    except StorageError as exc:
+        log.warning("sweep: could not remove abandoned temporary files: %s", exc)
+        return 0
+    if removed:
+        log.info("sweep: removed %d abandoned temporary files from storage", removed)
+    return removed
 
 
 def _active_chunks(ctx: Context, seen: dict[str, int]) -> None:

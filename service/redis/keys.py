@@ -385,3 +385,7 @@ def job_duplicates(job_id: str) -> str:
 
 # ZSET "job_id:chunk:batch_id" -> when found: duplicates still to cancel and account (the sweep).
 DUPLICATE_BATCHES = f"{PREFIX}:batches:duplicates"
+
+
+# Marker (SET NX PX): the sweep removed abandoned temporary files recently.
+TEMP_SWEEP = f"{PREFIX}:lock:temp-sweep"

@@ -31,7 +31,7 @@ def sweep(ctx: Context) -> dict[str, int]:
 
 # On shutdown a collect stops between lines: the lines in hand (at most 16, each a few MB
 # written to storage) finish, then its cursor is saved and it is sent again.
-@task(queues.COLLECT_TASK, time_limit=4 * 3600, handover_seconds=120)
+@task(queues.COLLECT_TASK, time_limit=queues.COLLECT_TIME_LIMIT, handover_seconds=120)
 def collect(ctx: Context, job_id: str, number: int) -> dict[str, Any] | None:
     result = collecting.collect_chunk(ctx, job_id, int(number))
     return result.__dict__ if result else None
