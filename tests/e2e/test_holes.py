@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from service.cli.stack import redis_server_binary
 from service.jobs import model as js
 from service.lanes import plan
+from service.redis import keys
 from tests.support.context import make_context
-from tests.support.procs import Proc, free_port, start_server
+from tests.support.procs import Proc, free_port, start_server, wait_until
 from tests.support.stack import Stack, job_body
 
 pytestmark = pytest.mark.slow
@@ -150,3 +152,43 @@ def test_workers_survive_redis_killed_and_restarted_during_their_tasks(
     finally:
         stack.stop()
         durable.stop()
+
+
+def test_a_submitter_paused_past_its_lease_in_a_slow_create_makes_no_second_batch(
+    make_simulator, make_stack, redis_url: str
+):
+    # Creates take 40 s: long enough for worker b to start and take the chunk over before
+    # worker a's create lands upstream, even on a loaded machine.
+    sim = make_simulator(create_delay=40)
+    env = {
+        "IMAGEBATCH_BATCH_MAX_LINES": "10",
+        "IMAGEBATCH_LEASE_SECONDS": "3",
+        "IMAGEBATCH_BATCH_CREATE_TIMEOUT_SECONDS": "60",
+    }
+    stack = make_stack(sim, env=env)
+    stack.start_api()
+    first = stack.start_worker(name="a")
+    stack.start_beat()
+    job_id = stack.submit(job_body(10))["id"]
+    r = redis.Redis.from_url(redis_url)
+    wait_until(
+        lambda: r.hget(keys.chunk(job_id, 1), "create_started"),
+        timeout=60,
+        message="worker a to begin the batch create",
+    )
+    # Worker a is paused mid-create (its lease keeper with it) for longer than its 3 s lease;
+    # worker b takes the chunk over while a's create is still on its way upstream.
+    first.kill(signal.SIGSTOP)
+    second = stack.start_worker(name="b")
+    wait_until(
+        lambda: "may still land" in second.log_text(),
+        timeout=60,
+        message="worker b to find the earlier create unresolved",
+    )
+    first.kill(signal.SIGCONT)
+    assert_exact(stack, sim, job_id, 10)
+    [only] = upstream_batches(sim, job_id)
+    assert stack.job(job_id)["upstream_batches"][0]["batch_id"] == only.id
+    assert stack.job(job_id)["duplicate_batches"] == []
+    assert "lost the submit lease while creating" in first.log_text()
+    r.close()
