@@ -75,6 +75,7 @@ def redis_server_binary(settings: Settings | None = None) -> str:
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0
+API_START_SECONDS = 240.0  # how long `up` waits for the API to listen before giving up
 
 
 @dataclass
@@ -200,7 +201,8 @@ def _start_service(stack: Stack, settings: Settings, api_port: int, env: dict[st
     )
     stack.start("beat", [*exe, "beat"], env)
     api = [*exe, "api", "--host", settings.api_host, "--port", str(api_port)]
-    _wait_port(api_port, stack.start("api", api, env), "the API")
+    # Generous: on a busy machine the API imports for over a minute while five children start.
+    _wait_port(api_port, stack.start("api", api, env), "the API", timeout=API_START_SECONDS)
     log.info(
         "imagebatch is up: API on http://%s:%d (docs at /docs); Ctrl-C stops everything",
         settings.api_host,
