@@ -165,8 +165,10 @@ def test_up_restarts_a_child_that_exits_and_the_stack_runs_on(tmp_path: Path) ->
         collect.send_signal(signal.SIGTERM)
         collect.wait(60)  # not our child: psutil cannot tell its status; up's log does
         wait_until(
-            lambda: f"worker-collect (pid {collect.pid}) exited with status 0"
-            in (tmp_path / "up.log").read_text(),
+            lambda: (
+                f"worker-collect (pid {collect.pid}) exited with status 0"
+                in (tmp_path / "up.log").read_text()
+            ),
             timeout=30,
             message="up to see the collect worker exit with status 0",
         )
