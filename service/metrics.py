@@ -63,6 +63,8 @@ SCHEDULE_RUNS = "imagebatch_schedule_runs_total"
 WEBHOOK_DELIVERIES = "imagebatch_webhook_deliveries_total"
 # Graceful handover (service/handover.py): long tasks a shutting-down worker sent again.
 TASK_HANDOVERS = "imagebatch_task_handovers_total"
+DUPLICATE_BATCHES = "imagebatch_duplicate_batches_total"
+DUPLICATE_TOKENS = "imagebatch_duplicate_batch_tokens_total"
 
 # name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -99,6 +101,15 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     TASK_HANDOVERS: (
         "Tasks a shutting-down worker stopped at a unit boundary and sent again for another.",
         ("task",),
+    ),
+    DUPLICATE_BATCHES: (
+        "Upstream batches created for a chunk that already had one (an uncertain create): "
+        "each is cancelled if still running and its billed tokens are added to its job.",
+        ("model",),
+    ),
+    DUPLICATE_TOKENS: (
+        "Tokens upstream billed for duplicate batches (already included in the job totals).",
+        ("model", "kind"),
     ),
 }
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {

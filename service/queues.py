@@ -31,6 +31,13 @@ SYNC_ITEMS = "sync.items"
 POLL = "batches.poll"
 MODELS_REFRESH = "models.refresh"
 SCHEDULES_TICK = "schedules.tick"
+DUPLICATE = "batches.duplicate"  # what a duplicate upstream batch billed (service.lanes.duplicates)
+
+# The longest a task may run: collect's time limit, plus the minute between its soft and hard
+# limits. A write begun longer ago than this was abandoned by a killed process (the sweep
+# removes what it left: service.lanes.sweep.sweep_temp).
+COLLECT_TIME_LIMIT = 4 * 3600
+LONGEST_TASK_SECONDS = COLLECT_TIME_LIMIT + 60
 
 ROUTES: dict[str, str] = {
     PLAN: CONTROL,
@@ -45,6 +52,7 @@ ROUTES: dict[str, str] = {
     POLL: CONTROL,
     MODELS_REFRESH: CONTROL,
     SCHEDULES_TICK: CONTROL,
+    DUPLICATE: COLLECT,
 }
 
 

@@ -134,6 +134,16 @@ class Settings(BaseSettings):
         120,
         description="How long a collect may go silent before the sweep hands it to another worker.",
     )
+    lease_seconds: float = Field(
+        30.0,
+        description="The plan, submit and finalize leases: renewed while their step runs; a "
+        "worker that dies holding one blocks that step this long.",
+    )
+    batch_create_timeout_seconds: float = Field(
+        60.0,
+        description="How long a batch create may take. A create whose outcome is unknown blocks "
+        "another create of its chunk for twice this, until upstream shows whether it happened.",
+    )
 
     # --- result reuse and schedules ----------------------------------------------------------
     reuse_max_entries: int = Field(

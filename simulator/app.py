@@ -491,9 +491,24 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
 
     # --- batches --------------------------------------------------------------------------------
 
+    slow_creates: set[asyncio.Future[Any]] = set()  # kept referenced until they finish
+
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> Response:
-        return _json(sim.engine.create(_parse_json(await request.body())).to_api())
+        body = _parse_json(await request.body())
+        if not sim.config.create_delay:
+            return _json(sim.engine.create(body).to_api())
+
+        # A slow create: the batch comes to exist only after the delay, whether or not the
+        # client still waits for the answer (upstream does not stop when a client gives up).
+        async def create_later() -> Any:
+            await asyncio.sleep(sim.config.create_delay)
+            return sim.engine.create(body)
+
+        task = asyncio.ensure_future(create_later())
+        slow_creates.add(task)
+        task.add_done_callback(slow_creates.discard)
+        return _json((await asyncio.shield(task)).to_api())
 
     @app.get("/v1/batches")
     async def list_batches(request: Request) -> Response:

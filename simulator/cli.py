@@ -33,6 +33,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("fail_rate", float, "share of sync requests and batch lines answered with a 500"),
     ("latency_ms", float, "added latency of each sync image request"),
     ("download_bytes_per_second", int, "pace of file downloads (0 = full speed)"),
+    ("create_delay", float, "seconds a batch create takes before the batch exists"),
     ("moderation_words", str, "comma list of blocked words ('word=category' names the category)"),
     ("image_bytes", int, "pad images to about this many bytes (0 = natural)"),
     ("api_key", str, "require this API key"),

@@ -73,6 +73,12 @@ class SimulatorConfig(BaseSettings):
         ge=0,
         description="Pace of file downloads (output files are read this slowly); 0 = full speed.",
     )
+    create_delay: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a batch create waits before the batch exists and is answered (a slow "
+        "create; the batch is created even if the client gave up waiting).",
+    )
     moderation_words: str = Field(
         "",
         description="Comma list of words that get a prompt blocked; 'word=category' names the category.",

@@ -34,6 +34,7 @@ from service.context import Context, build_context, redis_url
 from service.redis.client import broker, connect
 from service.redis.leases import pause
 from service.settings import Settings, get_settings
+from workers import brokerfix  # noqa: F401  (a Redis restart must never kill a worker)
 
 log = logging.getLogger("imagebatch.workers")
 

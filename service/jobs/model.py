@@ -209,6 +209,7 @@ class Chunk:
     upstream_failed: int = 0
     create_started: float | None = None
     create_counted: bool = False
+    create_uncertain: bool = False  # a create's outcome was unknown: look for duplicates at the end
     created_at: float | None = None
     submitted_at: float | None = None
     ended_at: float | None = None
@@ -251,6 +252,7 @@ class Chunk:
             upstream_failed=_int(raw, "upstream_failed"),
             create_started=_number(raw, "create_started"),
             create_counted=bool(raw.get("create_counted")),
+            create_uncertain=bool(raw.get("create_uncertain")),
             created_at=_number(raw, "created_at"),
             submitted_at=_number(raw, "submitted_at"),
             ended_at=_number(raw, "ended_at"),

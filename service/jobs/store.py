@@ -68,6 +68,7 @@ class JobStore:
         self._move = lua.script(client, "items_move")
         self._review = lua.script(client, "review_set")
         self._reused = lua.script(client, "items_reused")
+        self._close = lua.script(client, "chunk_close")
 
     # --- jobs -------------------------------------------------------------------------------
     def create_job(self, job: Job, item_ids: Iterable[str]) -> None:
@@ -452,14 +453,6 @@ class JobStore:
         """From now on the job runs on the sync lane (its model cannot be batched)."""
         self.r.hset(keys.job(job_id), mapping={"mode": "sync", "updated_at": str(time.time())})
 
-    def record_batch(self, job_id: str, number: int, batch_id: str) -> None:
-        """The chunk's upstream batch exists: record its id on the chunk, and index the batch
-        so an inbound webhook (which names only the batch) finds the chunk."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.chunk(job_id, number), "batch_id", batch_id)
-        pipe.set(keys.batch_chunk(batch_id), f"{job_id}:{number}", ex=BATCH_INDEX_SECONDS)
-        pipe.execute()
-
     def chunk_of_batch(self, batch_id: str) -> tuple[str, int] | None:
         """The chunk an upstream batch was created for, if it is one of ours and recent."""
         raw = self.r.get(keys.batch_chunk(batch_id))
@@ -499,6 +492,37 @@ class JobStore:
             for v in page:
                 yield int(v)
             start += len(page)
+
+    def close_chunk(self, job_id: str, number: int) -> bool:
+        """An assembling chunk is complete: planned and on the waiting set in one atomic step
+        (a planned or waiting chunk is put back on the set). False if it had moved on."""
+        ref = f"{job_id}:{number}"
+        return bool(
+            self._close(
+                keys=[keys.chunk(job_id, number), keys.WAITING_CHUNKS], args=[ref, time.time()]
+            )
+        )
+
+    def chunk_watch(self, job_id: str, numbers: Sequence[int]) -> list[tuple[str, int, bool]]:
+        """For each chunk: its status, its open lines, and whether the sweep watches it (it is on
+        the waiting or the active set). One round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for n in numbers:
+            pipe.hmget(keys.chunk(job_id, n), ["status", "open"])
+            pipe.zscore(keys.WAITING_CHUNKS, f"{job_id}:{n}")
+            pipe.zscore(keys.ACTIVE_CHUNKS, f"{job_id}:{n}")
+        raw = pipe.execute()
+        out = []
+        for i in range(0, len(raw), 3):
+            status, open_lines = raw[i]
+            out.append(
+                (
+                    _s(status) or "",
+                    int(open_lines or 0),
+                    raw[i + 1] is not None or raw[i + 2] is not None,
+                )
+            )
+        return out
 
     # --- what the sweep watches -------------------------------------------------------------
     def mark_waiting(self, job_id: str, number: int) -> None:

@@ -14,6 +14,7 @@ import orjson
 
 from service.context import Context
 from service.jobs import pages
+from service.jobs.batchrecord import BatchRecord
 from service.jobs.model import Job
 from service.pricing import KINDS, TIERS
 from service.storage import manifest_key
@@ -79,12 +80,27 @@ def job_view(ctx: Context, job: Job) -> dict[str, Any]:
         "reuse": job.reuse,
         "retries": job.retries,
         "upstream_batches": batches,
+        # Batches upstream made twice for one chunk (an uncertain create): cancelled, and what
+        # they billed is in tokens and cost_usd above (service.lanes.duplicates).
+        "duplicate_batches": _duplicates(ctx, job.id),
         "links": {
             "self": f"/v1/jobs/{job.id}",
             "items": f"/v1/jobs/{job.id}/items",
             "manifest": f"/v1/jobs/{job.id}/manifest",
         },
     }
+
+
+def _duplicates(ctx: Context, job_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "batch_id": batch_id,
+            "accounted": billed is not None,
+            "tokens": (billed or {}).get("tokens"),
+            "cost_usd": (billed or {}).get("cost_nanousd", 0) / 1e9,
+        }
+        for batch_id, billed in BatchRecord(ctx.redis).duplicates(job_id).items()
+    ]
 
 
 def review_counts(ctx: Context, job: Job, succeeded: int) -> dict[str, int]:

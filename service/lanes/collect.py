@@ -43,7 +43,7 @@ from service.jobs.model import (
     Job,
 )
 from service.jobs.request import PAGE
-from service.lanes import reroute
+from service.lanes import duplicates, reroute
 from service.lanes.finalize import after_chunk
 from service.lanes.items import (
     error_from_line,
@@ -112,6 +112,9 @@ def _collect(
     account: bool,
 ) -> CollectResult:
     result = CollectResult()
+    # A chunk whose create was uncertain may have a second batch upstream: found before the
+    # chunk ends, so its job waits for it to be accounted.
+    duplicates.detect(ctx, chunk)
     batch = ctx.upstream.batch(batch_id)
     if batch.status == "failed" and _back_to_waiting(ctx, job, chunk, batch):
         return result  # budget pressure: the chunk goes back to waiting as it is

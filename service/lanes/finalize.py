@@ -18,6 +18,7 @@ import logging
 
 from service import metrics
 from service.context import Context
+from service.jobs.batchrecord import BatchRecord
 from service.jobs.manifest import write_manifest
 from service.jobs.model import (
     CHUNK_CANCELLED,
@@ -27,7 +28,6 @@ from service.jobs.model import (
     Job,
 )
 from service.jobs.reuse import ReuseIndex, manifest_recorder
-from service.lanes.plan import LOCK_SECONDS
 from service.queues import FINALIZE, PLAN
 from service.redis import keys
 from service.redis.leases import Lease
@@ -69,7 +69,9 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     job = store.job(job_id)
     if job is None or job.is_final or unfinished(store.counts(job_id)) > 0:
         return None
-    with Lease(ctx.redis, keys.finalize_lock(job_id), LOCK_SECONDS).held() as got:
+    if BatchRecord(ctx.redis).job_has_open_duplicates(job_id):
+        return None  # a duplicate upstream batch is still to be accounted (the sweep sees to it)
+    with Lease(ctx.redis, keys.finalize_lock(job_id), ctx.settings.lease_seconds).held() as got:
         job = store.job(job_id)  # a finalize that held the lease before us may have finished
         if not got or job is None or job.is_final:
             return None

@@ -25,7 +25,6 @@ from service.catalog import Model
 from service.context import Context
 from service.jobs.model import (
     CHUNK_ASSEMBLING,
-    CHUNK_PLANNED,
     JOB_LIVE,
     JOB_QUEUED,
     JOB_RUNNING,
@@ -39,10 +38,6 @@ from service.models import capability
 from service.queues import FINALIZE, SUBMIT, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease
-
-# Plan, submit and finalize hold a lease this long, renewed while they run: a worker that dies
-# holding one blocks that step for at most this long.
-LOCK_SECONDS = 30.0
 
 
 @dataclass
@@ -84,7 +79,7 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
         ctx.store.switch_to_sync(job.id)
         ctx.enqueue(SYNC_ITEMS, job.id)
         return []
-    with Lease(ctx.redis, keys.plan_lock(job_id), LOCK_SECONDS).held() as got:
+    with Lease(ctx.redis, keys.plan_lock(job_id), ctx.settings.lease_seconds).held() as got:
         return _plan(ctx, job) if got else []
 
 
@@ -180,9 +175,10 @@ def _record(ctx: Context, job: Job, model: Model, endpoint: str, acc: _Chunk) ->
 
 
 def close_chunk(ctx: Context, job_id: str, number: int) -> None:
-    """A complete chunk: planned, on the sweep's waiting set, and its submit enqueued."""
-    ctx.store.set_chunk_status_if(job_id, number, [CHUNK_ASSEMBLING], CHUNK_PLANNED)
-    ctx.store.mark_waiting(job_id, number)
+    """A complete chunk: planned and on the sweep's waiting set (one atomic step: a planner
+    killed here leaves the chunk assembling, closed by the next plan, or waiting, submitted by
+    the sweep), then its submit enqueued."""
+    ctx.store.close_chunk(job_id, number)
     ctx.enqueue_once(SUBMIT, f"{job_id}:{number}", job_id, number)
 
 

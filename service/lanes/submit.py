@@ -4,10 +4,18 @@ Before anything goes upstream the chunk's budgets are reserved (:mod:`service.bu
 a chunk that does not fit waits on the sweep's waiting set; one that would cross a money cap is
 cancelled and its job stops.
 
-At least once: submit runs under a lease (one submitter per chunk), records the input file and
-batch ids the moment they exist, creates batches with SDK retries off, and, when a previous
-attempt may have created the batch and died before recording it (``create_started`` set, no
-``batch_id``), first lists upstream batches for the chunk's tag in the batch metadata.
+At least once, and no create without the lease: submit runs under a lease (one submitter per
+chunk), records the input file and batch ids the moment they exist, and creates batches with SDK
+retries off. It checks it still holds the lease right before the create, and records
+``create_started`` and the ``batch_id`` with a compare-and-set on the lease's token
+(:mod:`service.jobs.batchrecord`): a submitter that lost its lease mid-create writes nothing.
+
+A create whose outcome is unknown (``create_started`` set, no ``batch_id``: a timeout, a lost
+lease, a crash after the create) is resolved upstream first: batches carrying the chunk's
+attempt tag in their metadata, preferring the one made from the chunk's input file, are looked
+up, and until twice ``IMAGEBATCH_BATCH_CREATE_TIMEOUT_SECONDS`` have passed since that create began
+(it may still land) nothing creates another. A batch created twice anyway is a duplicate
+(:mod:`service.lanes.duplicates`): cancelled, and what it billed added to the job.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import tempfile
 import time
 
 from service.context import Context
+from service.jobs.batchrecord import BatchRecord
 from service.jobs.model import (
     CHUNK_ASSEMBLING,
     CHUNK_CANCELLED,
@@ -28,26 +37,24 @@ from service.jobs.model import (
     Job,
 )
 from service.jobs.request import request_lines
+from service.lanes import duplicates
 from service.lanes.finalize import after_chunk
 from service.lanes.items import BadReference, RefResolver, fail_bad_reference
-from service.lanes.plan import LOCK_SECONDS, upstream_line
+from service.lanes.plan import upstream_line
 from service.lanes.reroute import reroute_chunk
 from service.models import capability
 from service.queues import FINALIZE
 from service.redis import keys
-from service.redis.leases import Lease
+from service.redis.leases import Lease, LeaseLost
 from service.upstream import Batch
 
 log = logging.getLogger("imagebatch.batches")
 
-# A batch found by its metadata tag counts when created at most this long before the attempt
-# that lost track of it began (clock skew between us and upstream).
-_CLOCK_SLACK_SECONDS = 300
-
 
 def submit_chunk(ctx: Context, job_id: str, number: int) -> str:
     """Returns what happened: ``submitted``, ``already``, ``waiting`` (budget), ``empty``,
-    ``cancelled``, ``rerouted`` (the model cannot be batched now) or ``skipped``."""
+    ``cancelled``, ``rerouted`` (the model cannot be batched now), ``unresolved`` (an earlier
+    create's outcome is not known yet), ``lease-lost`` or ``skipped``."""
     store = ctx.store
     chunk, job = store.chunk(job_id, number), store.job(job_id)
     if chunk is None or job is None:
@@ -60,11 +67,18 @@ def submit_chunk(ctx: Context, job_id: str, number: int) -> str:
     if not job.is_live:
         cancel_unsubmitted_chunk(ctx, job_id, number)
         return "cancelled"
-    with Lease(ctx.redis, keys.submit_lock(job_id, number), LOCK_SECONDS).held() as got:
-        return _submit(ctx, job, job_id, number) if got else "skipped"
+    lease = Lease(ctx.redis, keys.submit_lock(job_id, number), ctx.settings.lease_seconds)
+    with lease.held() as got:
+        try:
+            return _submit(ctx, job, job_id, number, lease) if got else "skipped"
+        except LeaseLost as exc:
+            # Paused or cut off past the lease: whoever holds it now carries on (the chunk is
+            # still on the waiting set), and nothing was created by us after the loss.
+            log.warning("job %s chunk %s: %s", job_id, number, exc)
+            return "lease-lost"
 
 
-def _submit(ctx: Context, job: Job, job_id: str, number: int) -> str:
+def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> str:
     store = ctx.store
     # Another submitter may have finished between our first look and taking the lease.
     chunk = store.chunk(job_id, number)
@@ -87,13 +101,14 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int) -> str:
         ctx.budgets.release_chunk(job, chunk, None)
         after_chunk(ctx, job_id)
         return "empty"
-    batch = _find_or_create_batch(ctx, chunk, input_file_id)
+    batch = _find_or_create_batch(ctx, chunk, input_file_id, lease)
+    if batch is None:
+        return "unresolved"  # the sweep sends the chunk's submit again (it is still waiting)
     store.set_chunk_status_if(
         job_id,
         number,
         [CHUNK_PLANNED, CHUNK_WAITING],
         CHUNK_SUBMITTED,
-        batch_id=batch.id,
         upstream_status=batch.status,
         submitted_at=time.time(),
     )
@@ -130,35 +145,79 @@ def _upload_input(ctx: Context, job: Job, chunk: Chunk) -> str | None:
     return file_id
 
 
-def _find_or_create_batch(ctx: Context, chunk: Chunk, input_file_id: str) -> Batch:
-    tag = chunk.attempt_ref
+def _find_or_create_batch(
+    ctx: Context, chunk: Chunk, input_file_id: str, lease: Lease
+) -> Batch | None:
+    """The chunk's batch: the one recorded, one found upstream, or one created now under the
+    lease. None while an earlier create's outcome is still unknown (nothing may create)."""
     if chunk.batch_id:
         return ctx.upstream.batch(chunk.batch_id)
     if chunk.create_started:
-        # A previous attempt may have created the batch and died before recording it.
-        found = _find_batch(ctx, tag, chunk.create_started)
-        if found is not None:
-            ctx.store.record_batch(chunk.job_id, chunk.number, found.id)
-            return found
-    ctx.store.update_chunk(chunk.job_id, chunk.number, create_started=time.time())
+        # An earlier create's outcome is unknown: it may have made the batch, or still may.
+        ctx.store.update_chunk(chunk.job_id, chunk.number, create_uncertain=1)
+        found = duplicates.tagged(ctx, chunk)
+        if found:
+            return _adopt(ctx, chunk, found, input_file_id, lease)
+        wait = 2 * ctx.settings.batch_create_timeout_seconds
+        if time.time() < chunk.create_started + wait:
+            log.warning(
+                "job %s chunk %s: an earlier batch create may still land; not creating before %ss",
+                chunk.job_id,
+                chunk.number,
+                round(chunk.create_started + wait - time.time()),
+            )
+            return None
+    record = BatchRecord(ctx.redis)
+    lease.ensure()
+    began = record.begin_create(chunk.job_id, chunk.number, lease.key, lease.token, time.time())
+    if began == 0:
+        raise LeaseLost(f"lease {lease.key} passed to another submitter before the create")
+    if began < 0:
+        return None  # another submitter recorded a batch meanwhile
+    lease.ensure()
     batch = ctx.upstream.create_batch(
         input_file_id,
         chunk.endpoint,
         ctx.settings.completion_window,
-        {"imagebatch_job": chunk.job_id, "imagebatch_chunk": tag},
+        {"imagebatch_job": chunk.job_id, "imagebatch_chunk": chunk.attempt_ref},
+        timeout=ctx.settings.batch_create_timeout_seconds,
     )
-    ctx.store.record_batch(chunk.job_id, chunk.number, batch.id)
-    return batch
+    return batch if _record(ctx, chunk, batch, lease) else None
 
 
-def _find_batch(ctx: Context, tag: str, since: float) -> Batch | None:
-    """An upstream batch carrying our chunk tag, created since ``since`` (minus clock slack)."""
-    for batch in ctx.upstream.recent_batches():
-        if batch.created_at < since - _CLOCK_SLACK_SECONDS:
-            return None
-        if (batch.metadata or {}).get("imagebatch_chunk") == tag:
-            return batch
-    return None
+def _adopt(
+    ctx: Context, chunk: Chunk, found: list[Batch], input_file_id: str, lease: Lease
+) -> Batch | None:
+    """Batches found upstream for the chunk's attempt: the first made from its input file (or
+    the first at all) becomes its batch; any other is a duplicate."""
+    found = sorted(found, key=lambda b: (b.input_file_id != input_file_id, b.created_at, b.id))
+    keep = found[0]
+    recorded = _record(ctx, chunk, keep, lease)
+    for extra in found[1:]:
+        duplicates.register(ctx, chunk.job_id, chunk.number, extra.id, chunk.model)
+    return keep if recorded else None
+
+
+def _record(ctx: Context, chunk: Chunk, batch: Batch, lease: Lease) -> bool:
+    """Record ``batch`` as the chunk's, under the lease; False when it could not be."""
+    outcome = BatchRecord(ctx.redis).record(
+        chunk.job_id, chunk.number, batch.id, lease.key, lease.token
+    )
+    if outcome == "ok":
+        return True
+    ctx.store.update_chunk(chunk.job_id, chunk.number, create_uncertain=1)
+    if outcome == "lease":
+        # Not ours to record: whoever holds the lease now finds this batch upstream by its tag.
+        log.warning(
+            "job %s chunk %s: lost the submit lease while creating %s; left for the next "
+            "submitter to find",
+            chunk.job_id,
+            chunk.number,
+            batch.id,
+        )
+        return False
+    duplicates.register(ctx, chunk.job_id, chunk.number, batch.id, chunk.model)
+    return False
 
 
 def cancel_unsubmitted_chunk(ctx: Context, job_id: str, number: int) -> None:

@@ -25,25 +25,44 @@ from service.jobs.model import (
     JOB_LIVE,
     Chunk,
 )
-from service.lanes import sync
+from service.lanes import duplicates, orphans, sync
 from service.lanes.finalize import unfinished
-from service.queues import COLLECT_TASK, FINALIZE, PLAN, POLL, SUBMIT, SYNC_ITEMS
+from service.queues import (
+    COLLECT_TASK,
+    FINALIZE,
+    LONGEST_TASK_SECONDS,
+    PLAN,
+    POLL,
+    SUBMIT,
+    SYNC_ITEMS,
+)
 from service.redis import keys
 from service.redis.leases import mark_once, unmark
+from service.storage import StorageError
 from service.upstream import UpstreamError
 
 log = logging.getLogger("imagebatch.batches")
 
 TERMINAL_BATCH = {"completed", "failed", "expired", "cancelled"}
+TEMP_SWEEP_SECONDS = 600  # how often abandoned temporary files are looked for
 
 
 def sweep(ctx: Context) -> dict[str, int]:
     """One pass; returns what it did (for the task's log and the tests)."""
-    seen = {"polled": 0, "ended": 0, "resubmitted": 0, "replanned": 0, "finalized": 0}
+    seen = {
+        "polled": 0,
+        "ended": 0,
+        "resubmitted": 0,
+        "replanned": 0,
+        "finalized": 0,
+        "adopted": 0,
+    }
     if not mark_once(ctx.redis, keys.SWEEP_LOCK, max(ctx.settings.poll_seconds * 4, 10)):
         return seen
     try:
         _active_chunks(ctx, seen)
+        duplicates.sweep(ctx)
+        sweep_temp(ctx)
         for job_id, number in ctx.store.waiting_chunks():
             if ctx.enqueue_once(SUBMIT, f"{job_id}:{number}", job_id, number):
                 seen["resubmitted"] += 1
@@ -52,6 +71,21 @@ def sweep(ctx: Context) -> dict[str, int]:
         return seen
     finally:
         unmark(ctx.redis, keys.SWEEP_LOCK)
+
+
+def sweep_temp(ctx: Context) -> int:
+    """At most every TEMP_SWEEP_SECONDS: remove what writes killed mid-way left in storage
+    (temp files, incomplete uploads) older than the longest task. Returns how many."""
+    if not mark_once(ctx.redis, keys.TEMP_SWEEP, TEMP_SWEEP_SECONDS):
+        return 0
+    try:
+        removed = ctx.storage.sweep_temp(LONGEST_TASK_SECONDS)
+    except StorageError as exc:
+        log.warning("sweep: could not remove abandoned temporary files: %s", exc)
+        return 0
+    if removed:
+        log.info("sweep: removed %d abandoned temporary files from storage", removed)
+    return removed
 
 
 def _active_chunks(ctx: Context, seen: dict[str, int]) -> None:
@@ -67,6 +101,10 @@ def _active_chunks(ctx: Context, seen: dict[str, int]) -> None:
             if not ctx.redis.exists(keys.collect_lease(job_id, number)):
                 ttl = ctx.settings.collect_lease_seconds
                 ctx.enqueue_once(COLLECT_TASK, chunk.ref, job_id, number, ttl=ttl)
+        elif chunk.status in CHUNK_NOT_SUBMITTED:
+            # Sent back to waiting by a collect cut short before it moved the chunk's marks.
+            ctx.store.unmark_active(job_id, number)
+            ctx.store.close_chunk(job_id, number)
         else:
             ctx.store.unmark(job_id, number)
 
@@ -142,6 +180,8 @@ def _job(ctx: Context, job_id: str, seen: dict[str, int]) -> None:
         else:
             ctx.enqueue_once(FINALIZE, job_id, job_id)
         return
+    if unfinished(counts) > 0 and orphans.due(ctx, job_id):
+        seen["adopted"] += orphans.adopt(ctx, job)
     if counts.get("pending", 0) > 0 and job.status in JOB_LIVE:
         if not ctx.redis.exists(keys.plan_lock(job_id)) and ctx.enqueue_once(PLAN, job_id, job_id):
             seen["replanned"] += 1

@@ -369,3 +369,23 @@ def openai_webhook_seen(webhook_id: str) -> str:
 # of Redis gives nobody a usable cookie). Expires with the session.
 def console_session(digest: str) -> str:
     return f"{PREFIX}:ui:session:{digest}"
+
+
+# --- the sweep's chunk audit (service.lanes.orphans) --------------------------------------------
+# Marker (SET NX PX): this job's chunks were checked for an owner recently.
+def chunk_audit(job_id: str) -> str:
+    return f"{PREFIX}:audit:chunks:{job_id}"
+
+
+# --- duplicate upstream batches (service.lanes.duplicates) --------------------------------------
+# HASH batch id -> "open" (found, not yet accounted) or the JSON of what it billed (accounted).
+def job_duplicates(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:duplicates"
+
+
+# ZSET "job_id:chunk:batch_id" -> when found: duplicates still to cancel and account (the sweep).
+DUPLICATE_BATCHES = f"{PREFIX}:batches:duplicates"
+
+
+# Marker (SET NX PX): the sweep removed abandoned temporary files recently.
+TEMP_SWEEP = f"{PREFIX}:lock:temp-sweep"

@@ -7,6 +7,13 @@ last N seconds", so a sweep does not enqueue the same task again while one is qu
 
 Failure semantics: Redis errors propagate to the caller (its task retries); a lease whose holder
 stalls past its expiry is lost, and :meth:`Lease.refresh` says so with :class:`LeaseLost`.
+
+A holder knows at once when its lease may be gone: :attr:`Lease.lost` turns true (and stays so)
+when a renewal finds another holder, when the keeper thread of :meth:`Lease.held` meets a Redis
+error, or simply when the last renewal that succeeded is older than the lease (the holder was
+paused, or the keeper is stuck), whichever comes first. :meth:`Lease.ensure` raises
+:class:`LeaseLost` then; steps with effects outside Redis (an upstream batch create) call it
+right before acting, and write their results with a compare-and-set on the lease's token.
 """
 
 from __future__ import annotations
@@ -39,19 +46,41 @@ class Lease:
         self.token = uuid.uuid4().hex
         self.ms = max(1, int(seconds * 1000))
         self.last = 0.0
+        # Monotonic time until which the lease is surely ours: the send time of the last call
+        # that set or renewed it, plus the lease (Redis counts from when it received the call).
+        self.valid_until = 0.0
+        self._lost = threading.Event()
         self._refresh = lua.script(client, "lease_refresh")
         self._drop = lua.script(client, "lease_drop")
 
     def acquire(self) -> bool:
-        self.last = time.monotonic()
-        return bool(self.r.set(self.key, self.token, nx=True, px=self.ms))
+        sent = self.last = time.monotonic()
+        got = bool(self.r.set(self.key, self.token, nx=True, px=self.ms))
+        if got:
+            self.valid_until = sent + self.ms / 1000
+            self._lost.clear()
+        return got
 
     def refresh(self, force: bool = False) -> None:
         """Renew (at most every quarter of the lease); raise LeaseLost if someone else has it."""
         if force or time.monotonic() - self.last > self.ms / 4000:
-            self.last = time.monotonic()
+            sent = self.last = time.monotonic()
             if not self._refresh(keys=[self.key], args=[self.token, self.ms]):
+                self._lost.set()
                 raise LeaseLost(f"lease {self.key} was lost")
+            self.valid_until = sent + self.ms / 1000
+
+    @property
+    def lost(self) -> bool:
+        """True once this holder can no longer be sure it holds the lease (it never goes back)."""
+        if not self._lost.is_set() and time.monotonic() >= self.valid_until:
+            self._lost.set()
+        return self._lost.is_set()
+
+    def ensure(self) -> None:
+        """Raise :class:`LeaseLost` unless the lease is surely still ours."""
+        if self.lost:
+            raise LeaseLost(f"lease {self.key} may have passed to another holder")
 
     def release(self) -> None:
         self._drop(keys=[self.key], args=[self.token])
@@ -69,6 +98,8 @@ class Lease:
                 try:
                     self.refresh(force=True)
                 except (LeaseLost, redis.RedisError):
+                    # Unsure we hold it any more: tell the holder (``lost``), never just stop.
+                    self._lost.set()
                     return
 
         keeper = threading.Thread(target=keep, name=f"lease:{self.key}", daemon=True)

@@ -36,6 +36,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -254,6 +255,22 @@ class LocalStorage:
             if isinstance(exc, OSError):
                 raise self._error(exc, "write", key) from exc
             raise
+
+    def sweep_temp(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        removed = 0
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # published or removed meanwhile
+        return removed
 
     def _new_tmp(self) -> Path:
         self._tmp.mkdir(parents=True, exist_ok=True)

@@ -209,6 +209,13 @@ class Storage(Protocol):
         """Readiness: raise :class:`StorageError` if the bucket or directory is unusable."""
         ...
 
+    def sweep_temp(self, older_than: float) -> int:
+        """Remove what writes that never finished left behind (a process killed mid-write),
+        begun more than ``older_than`` seconds ago: temp files of local storage, incomplete
+        multipart uploads on S3. Returns how many were removed. Nothing that old is still being
+        written: the caller passes the longest time a task may run."""
+        ...
+
     def read_ref(self, uri: str) -> bytes:
         """Read a caller's reference image: ``s3://bucket/key`` (any bucket, this adapter's
         credentials) on S3 storage, ``file:///abs/path`` on local storage.

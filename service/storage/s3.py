@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import io
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -308,6 +309,25 @@ class S3Storage:
                     yield ObjectInfo(key=obj["Key"][cut:], size=int(obj["Size"]))
         except _VENDOR_ERRORS as exc:
             raise self._error(exc, "list", prefix) from exc
+
+    def sweep_temp(self, older_than: float) -> int:
+        """Abort multipart uploads under the prefix begun more than ``older_than`` s ago."""
+        cutoff = time.time() - older_than
+        removed = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self._prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"].timestamp() < cutoff:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                        removed += 1
+        except _VENDOR_ERRORS as exc:
+            raise self._error(exc, "sweep temporary uploads under", self._prefix or "/") from exc
+        return removed
 
     def delete(self, key: str) -> None:
         full = self._full(key)

@@ -6,20 +6,45 @@ again later can help: connection errors, timeouts, 408, 409, 429 and 5xx are tra
 other answer (400 moderation, 401, 404 for an unknown batch, ...) is permanent. Upstream's
 ``x-should-retry`` header overrides that, as it does for the SDK (facts §5.4): a 429 for a
 request larger than a whole minute's limit says ``false``, and no wait will make it fit.
+
+A connection that fails mid-stream (upstream closes it before the body's end, a reset, a read
+timeout while an output file streams) is transient wherever it surfaces: as the SDK's
+``APIConnectionError``, as the HTTP client's ``RemoteProtocolError`` and other transport
+errors, or as the lower layers' exceptions (``httpcore2``, ``h11``, a socket's
+``ConnectionError``) when a body is read outside the client's own wrapping. :data:`MID_STREAM`
+lists those; :func:`translated` turns them into a transient :class:`UpstreamError` too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import h11
+import httpcore2
 import httpx2
 import openai
 
 from service.errors import ImagebatchError, PermanentError
 
 _TRANSIENT_STATUSES = {408, 409, 429}
+
+# A connection that broke while a request or a body was under way: trying again can help.
+MID_STREAM: tuple[type[BaseException], ...] = (
+    openai.APIConnectionError,  # APITimeoutError included
+    httpx2.TransportError,  # RemoteProtocolError, ReadError, ReadTimeout, ConnectError, ...
+    httpx2.DecodingError,  # a compressed body cut short
+    httpcore2.NetworkError,
+    httpcore2.TimeoutException,
+    httpcore2.RemoteProtocolError,
+    h11.RemoteProtocolError,
+    ConnectionError,  # reset, aborted, broken pipe
+    TimeoutError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
 
 
 class UpstreamError(ImagebatchError):
@@ -77,8 +102,11 @@ class BadWebhookSignature(PermanentError):
     """An inbound webhook whose signature, timestamp or signing headers do not check out."""
 
 
-def translate(exc: openai.OpenAIError | httpx2.HTTPError) -> UpstreamError:
+def translate(exc: BaseException) -> UpstreamError:
     """The SDK's (or the HTTP client's, mid-stream) exception as an :class:`UpstreamError`."""
+    if isinstance(exc, MID_STREAM):
+        name = type(exc).__name__
+        return UpstreamError(f"connection to upstream broken ({name}): {exc}".rstrip(": "))
     if isinstance(exc, openai.APIStatusError):
         cls = UpstreamRateLimited if exc.status_code == 429 else UpstreamError
         return cls(
@@ -91,10 +119,13 @@ def translate(exc: openai.OpenAIError | httpx2.HTTPError) -> UpstreamError:
     return UpstreamError(str(exc) or type(exc).__name__)
 
 
+_CAUGHT: tuple[type[BaseException], ...] = (openai.APIError, httpx2.HTTPError, *MID_STREAM)
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
     """Run a block of SDK calls; their exceptions come out as :class:`UpstreamError`."""
     try:
         yield
-    except (openai.APIError, httpx2.HTTPError) as exc:
+    except _CAUGHT as exc:
         raise translate(exc) from exc

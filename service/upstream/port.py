@@ -95,11 +95,18 @@ class Upstream:
 
     # --- batches ---------------------------------------------------------------------------
     def create_batch(
-        self, input_file_id: str, endpoint: str, window: str, metadata: Mapping[str, str]
+        self,
+        input_file_id: str,
+        endpoint: str,
+        window: str,
+        metadata: Mapping[str, str],
+        *,
+        timeout: float | None = None,
     ) -> Batch:
         """Create a batch, once: never retried here (a retry could create a second batch)."""
+        client = self._once if timeout is None else self._once.with_options(timeout=timeout)
         with translated():
-            return self._once.batches.create(
+            return client.batches.create(
                 input_file_id=input_file_id,
                 endpoint=endpoint,  # type: ignore[arg-type]
                 completion_window=window,  # type: ignore[arg-type]

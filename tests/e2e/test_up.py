@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -121,6 +122,87 @@ def test_up_runs_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
         )
         again = httpx2.get(f"{api}/v1/jobs/{job_id}").json()
         assert again["status"] == "succeeded" and again["counts"]["succeeded"] == 2
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            up.wait(60)
+
+
+def _child(up: subprocess.Popen[bytes], *words: str) -> psutil.Process | None:
+    """The direct child of `up` whose command line holds every one of ``words``."""
+    for proc in psutil.Process(up.pid).children():
+        try:
+            if all(w in proc.cmdline() for w in words):
+                return proc
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _kill_tree(proc: psutil.Process, sig: int) -> None:
+    for p in [*proc.children(recursive=True), proc]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def test_up_restarts_a_child_that_exits_and_the_stack_runs_on(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    api_port, sim_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    up = start_up(data_dir, api_port, sim_port)
+    try:
+        wait_until(
+            lambda: port_open(api_port) and httpx2.get(f"{api}/readyz").status_code == 200,
+            timeout=250,
+            message="imagebatch up to be ready",
+        )
+        # The control worker is killed outright; the collect worker exits with status 0 (a
+        # warm shutdown, as a worker that gave up on an error would): both come back.
+        control = _child(up, "worker", "control")
+        collect = _child(up, "worker", "collect")
+        assert control and collect
+        _kill_tree(control, signal.SIGKILL)
+        collect.send_signal(signal.SIGTERM)
+        collect.wait(60)  # not our child: psutil cannot tell its status; up's log does
+        wait_until(
+            lambda: (
+                f"worker-collect (pid {collect.pid}) exited with status 0"
+                in (tmp_path / "up.log").read_text()
+            ),
+            timeout=30,
+            message="up to see the collect worker exit with status 0",
+        )
+        for words, old in ((("worker", "control"), control), (("worker", "collect"), collect)):
+            wait_until(
+                lambda w=words, o=old: (c := _child(up, *w)) is not None and c.pid != o.pid,
+                timeout=30,
+                message=f"{' '.join(words)} to be started again",
+            )
+        assert up.poll() is None  # the stack ran on
+
+        # The API too, and then a job goes all the way through the restarted stack.
+        old_api = _child(up, "api")
+        assert old_api
+        _kill_tree(old_api, signal.SIGKILL)
+        wait_until(
+            lambda: port_open(api_port) and httpx2.get(f"{api}/readyz").status_code == 200,
+            timeout=240,
+            message="the API to be started again",
+        )
+        resp = httpx2.post(
+            f"{api}/v1/jobs",
+            content=readme_job_body(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        wait_until(
+            lambda: httpx2.get(f"{api}/v1/jobs/{job_id}").json()["status"] == "succeeded",
+            timeout=90,
+            interval=0.3,
+            message="the job to succeed on the restarted stack",
+        )
+        assert "restarting it in" in (tmp_path / "up.log").read_text()
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)

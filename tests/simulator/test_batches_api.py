@@ -423,3 +423,18 @@ def test_downloads_can_be_paced_to_play_a_slow_upstream(make_sim):
     # 300 kB at 200 kB/s: about 1.5 s, the same bytes as unpaced.
     assert got == body
     assert 1.3 <= took < 10, took
+
+
+def test_a_slow_create_still_makes_the_batch_when_the_client_gave_up(make_sim):
+    sim = make_sim(create_delay=1.5)
+    with sim.client(max_retries=0, timeout=0.4) as impatient, pytest.raises(openai.APITimeoutError):
+        submit(impatient, [gen_line("0")], metadata={"tag": "slow"})
+    with sim.client() as client:
+        assert [b for b in client.batches.list() if (b.metadata or {}).get("tag")] == []
+        # Like upstream, the create goes on without its client: the batch appears afterwards.
+        made = wait_until(
+            lambda: [b for b in client.batches.list() if (b.metadata or {}).get("tag") == "slow"],
+            timeout=10,
+            message="the slow create to land",
+        )
+        assert len(made) == 1

@@ -152,3 +152,12 @@ def test_a_shutting_down_worker_asks_its_own_process_to_hand_over() -> None:
         assert handover.requested()
     finally:
         handover.reset()
+
+
+def test_no_task_may_run_longer_than_the_temp_sweep_waits() -> None:
+    from service.queues import LONGEST_TASK_SECONDS, ROUTES
+    from workers.app import app
+
+    for name in ROUTES:
+        task = app.tasks[name]
+        assert task.time_limit <= LONGEST_TASK_SECONDS, name

@@ -7,6 +7,7 @@ from typing import Any
 from service import queues
 from service.context import Context
 from service.lanes import collect as collecting
+from service.lanes import duplicates
 from service.lanes import plan as planning
 from service.lanes import submit as submitting
 from service.lanes import sweep as sweeping
@@ -30,10 +31,15 @@ def sweep(ctx: Context) -> dict[str, int]:
 
 # On shutdown a collect stops between lines: the lines in hand (at most 16, each a few MB
 # written to storage) finish, then its cursor is saved and it is sent again.
-@task(queues.COLLECT_TASK, time_limit=4 * 3600, handover_seconds=120)
+@task(queues.COLLECT_TASK, time_limit=queues.COLLECT_TIME_LIMIT, handover_seconds=120)
 def collect(ctx: Context, job_id: str, number: int) -> dict[str, Any] | None:
     result = collecting.collect_chunk(ctx, job_id, int(number))
     return result.__dict__ if result else None
+
+
+@task(queues.DUPLICATE, time_limit=3600)
+def duplicate(ctx: Context, job_id: str, number: int, batch_id: str) -> bool:
+    return duplicates.account(ctx, job_id, int(number), batch_id)
 
 
 @task(queues.POLL, time_limit=120)

@@ -104,3 +104,50 @@ def test_mark_once_sets_a_marker_once_until_it_expires_or_is_removed(
     assert not mark_once(redis_client, marker, 30)
     unmark(redis_client, marker)
     assert mark_once(redis_client, marker, 30)
+
+
+def test_a_holder_knows_at_once_when_its_lease_outlived_its_last_renewal(
+    redis_client: redis.Redis,
+) -> None:
+    lease = Lease(redis_client, KEY, 0.3)
+    assert lease.acquire() and not lease.lost
+    lease.ensure()
+    time.sleep(0.35)  # paused past the lease, without a renewal: no Redis call needed to know
+    assert lease.lost
+    with pytest.raises(LeaseLost):
+        lease.ensure()
+    assert Lease(redis_client, KEY, 5).acquire()  # and indeed another may take it now
+
+
+def test_the_keeper_marks_the_lease_lost_when_redis_fails(tmp_path) -> None:
+    from tests.support.procs import start_redis
+
+    proc, url = start_redis(tmp_path / "redis")
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    try:
+        lease = Lease(client, KEY, 3)
+        with lease.held() as got:
+            assert got and not lease.lost
+            proc.kill()
+            proc.popen.wait(10)
+            # The keeper renews every second: its first Redis error tells the holder, long
+            # before the 3 s lease would have run out.
+            started = time.monotonic()
+            wait_until(lambda: lease.lost, timeout=2.5, message="the keeper to give the lease up")
+            assert time.monotonic() - started < 2.5
+            with pytest.raises(LeaseLost):
+                lease.ensure()
+    except redis.RedisError:
+        pass  # the release on the way out has no Redis to talk to
+    finally:
+        client.close()
+        proc.stop()
+
+
+def test_a_lease_taken_over_is_lost_for_the_old_holder(redis_client: redis.Redis) -> None:
+    lease = Lease(redis_client, KEY, 0.6)
+    with lease.held() as got:
+        assert got
+        redis_client.set(KEY, "someone-else", px=5000)  # what a lapse and a takeover leave
+        wait_until(lambda: lease.lost, timeout=2, message="the keeper to notice the takeover")
+    assert redis_client.get(KEY) == b"someone-else"  # the old holder's release did not drop it
