@@ -177,7 +177,7 @@ class Simulator:
             root / "batches",
             on_finished=self._batch_finished,
         )
-        self.limiter = RateLimiter(config.rpm, config.ipm, config.tpm)
+        self.limiter = RateLimiter(config.rpm, config.ipm, config.tpm, window=config.limit_window)
         self._sync_index = 0
         self._started = False
         self._start_lock = asyncio.Lock()

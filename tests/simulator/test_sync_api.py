@@ -272,3 +272,50 @@ def test_latency_is_added_to_sync_requests(make_sim):
         model="gpt-image-2", prompt="slow", quality="low"
     )
     assert raw.elapsed.total_seconds() >= 0.3
+
+
+def _ratelimit_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
+
+
+def test_limit_window_bucket_full_at_start_shared_and_headers_on_every_answer(make_sim):
+    # 600 requests a minute in a 3-second window: a full bucket holds 30, refilled 10 a second.
+    sim = make_sim(rpm=600, limit_window=3, fail_rate=0.5, latency_ms=0)
+    ours, theirs = sim.client(max_retries=0), sim.client(max_retries=0)
+    kw: dict[str, Any] = {"prompt": "tiny", "quality": "low"}
+    raw = ours.images.with_raw_response.generate(model="gpt-image-2", **kw)
+    assert raw.headers["x-ratelimit-limit-requests"] == "30"
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) == 29  # it started full
+    # Another client of the organization (another model) spends the rest of the same bucket;
+    # fail_rate 0.5 answers every second request it runs with a 500.
+    seen: dict[int, dict[str, str]] = {}
+    for _ in range(40):
+        try:
+            got = theirs.images.with_raw_response.generate(model="gpt-image-2-2026-04-21", **kw)
+            seen.setdefault(200, _ratelimit_headers(got.headers))
+        except openai.APIStatusError as exc:
+            seen.setdefault(exc.status_code, _ratelimit_headers(exc.response.headers))
+            if exc.status_code == 429:
+                assert float(exc.response.headers["retry-after-ms"]) <= 100
+                assert exc.response.headers["retry-after"] == "1"
+                break
+    with pytest.raises(openai.BadRequestError) as bad:
+        ours.images.generate(model="gpt-image-2", prompt="tiny", size="17x17")
+    seen[400] = _ratelimit_headers(bad.value.response.headers)
+    assert set(seen) == {200, 400, 429, 500}
+    for status, headers in seen.items():
+        assert {
+            f"x-ratelimit-{w}-{k}"
+            for w in ("limit", "remaining", "reset")
+            for k in ("requests", "tokens")
+        } <= set(headers), status
+    assert seen[429]["x-ratelimit-remaining-requests"] == "0"
+    # Refills over the window: from empty, a full bucket again in at most 3 s.
+    assert parse_reset(seen[429]["x-ratelimit-reset-requests"]) <= 3.0
+    stats = sim.stats()["models"]
+    assert stats["gpt-image-2-2026-04-21"]["rate_limited"] == 1
+    assert stats["gpt-image-2"]["rate_limited"] == 0
+
+
+def parse_reset(text: str) -> float:
+    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))
