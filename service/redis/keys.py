@@ -317,9 +317,11 @@ def tenant_spend_daily(tenant_id: str, day: str) -> str:
 DAILY_SPEND_TTL_SECONDS = 40 * 86400
 
 
-# HASH per sync-lane limiter: tat_r / tat_i / tat_t (µs, server clock) the theoretical arrival
-# time of requests, images, tokens; hold (µs) nobody sends before it; lim_r / lim_t learned from
-# upstream's headers, valid until lim_r_until / lim_t_until (µs). Expires when idle an hour.
+# HASH per sync-lane limiter: at (µs, server clock) and per dimension d in r, i, t (requests,
+# images, tokens) lvl_d what its bucket held then, sum_d units ever granted; learned from
+# upstream's headers cap_d, rate_d, f_d (others' use), valid until until_d (µs), and seen_d /
+# obs_r_d / obs_s_d (the newest answer); hold (µs) nobody sends before it. Expires when idle an
+# hour. See service/redis/scripts/ratelimit_bucket.lua.
 def rate_limiter(name: str) -> str:
     return f"{PREFIX}:ratelimit:{{{name}}}"
 
