@@ -8,17 +8,15 @@ then the refill (what another client leaves of it).
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
 from tests.support.procs import wait_until
-from tests.support.simulator import SimulatorHandle
+from tests.support.simulator import OtherClient, SimulatorHandle
 from tests.support.stack import Stack, job_body
 
 pytestmark = pytest.mark.slow
@@ -89,42 +87,11 @@ def test_a_fresh_bucket_is_spent_at_once_and_the_rest_at_the_refill_rate(
     assert run.seconds <= 1.2 * minimum, (run, minimum)
 
 
-class _OtherClient:
-    """Another client of the same organization: one request every ``1 / per_second`` s, on a
-    fixed schedule, through the SDK with no retries (a refused request is just skipped)."""
-
-    def __init__(self, sim: SimulatorHandle, per_second: float):
-        self.client = sim.client(max_retries=0)
-        self.interval = 1 / per_second
-        self.sent = self.refused = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.client.images.generate(model=OTHER_MODEL, prompt="theirs", quality="low")
-            except openai.RateLimitError:
-                self.refused += 1
-            self.sent += 1
-            next_at += self.interval
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.client.close()
-
-
 def test_another_client_spending_half_the_limit_is_left_its_share(
     make_simulator, make_stack, tmp_path: Path
 ):
     sim, stack = _stack(make_simulator, make_stack)
-    theirs = _OtherClient(sim, RATE / 2)
+    theirs = OtherClient(sim, RATE / 2, OTHER_MODEL)
     images = BUCKET + int(RATE / 2 * 15)  # the bucket, then 15 s of what the other leaves us
     minimum = (images - BUCKET) / (RATE / 2)
     theirs.start()

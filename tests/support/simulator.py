@@ -5,11 +5,14 @@ port with its data under ``tmp`` and returns a :class:`SimulatorHandle`; flags a
 :class:`simulator.config.SimulatorConfig` field names (``moderation_words="forbidden"``,
 ``plain_images=True``). The process is stopped with :meth:`SimulatorHandle.stop`; a restart on the
 same data directory (:meth:`SimulatorHandle.restart`) keeps its files and batches.
+:class:`OtherClient` is another client of the same organization spending from the sync limits.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +124,41 @@ def start_instant_simulator(tmp_path: Path, **flags: Any) -> SimulatorHandle:
     return start_simulator(
         tmp_path, **{"rate": 2000, "validate_seconds": 0, "finalize_seconds": 0, **flags}
     )
+
+
+class OtherClient:
+    """Another client of the same organization, spending from the simulator's sync limits: one
+    image request on ``model`` every ``1 / per_second`` seconds on a fixed schedule, in a thread,
+    through the SDK with no retries (a refused request is counted and skipped)."""
+
+    def __init__(
+        self, sim: SimulatorHandle, per_second: float, model: str = "gpt-image-2-2026-04-21"
+    ):
+        self.client = sim.client(max_retries=0)
+        self.model = model
+        self.interval = 1 / per_second
+        self.sent = self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> OtherClient:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.client.images.generate(model=self.model, prompt="theirs", quality="low")
+            except openai.RateLimitError:
+                self.refused += 1
+            self.sent += 1
+            next_at += self.interval
+            # Sleep steps, not Event.wait(timeout): that can hang under libfaketime.
+            while not self._stop.is_set() and time.monotonic() < next_at:
+                time.sleep(min(0.02, max(0.0, next_at - time.monotonic())))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.client.close()
