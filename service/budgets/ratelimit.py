@@ -155,7 +155,12 @@ class Grant:
 
     at_us: int
     sums: tuple[int, int, int]
+    images: int
+    tokens: int
     waited: float = 0.0
+
+    def _args(self) -> list[Any]:
+        return [self.at_us, self.sums[0], self.images, self.tokens]
 
 
 _KINDS = ("requests", "images", "tokens")
@@ -184,11 +189,14 @@ class SyncLimiter:
         headroom: float = 0.05,
         max_hold_seconds: float = 600.0,
         learned_ttl: float = 600.0,
+        max_flight_seconds: float = 900.0,
     ):
         self._redis = redis_client
         self.rpm, self.ipm, self.tpm = max(0, rpm), max(0, ipm), max(0, tpm)
         self.name = name
         self._key = keys.rate_limiter(name)
+        self._keys = [self._key, keys.rate_limiter_flight(name)]
+        self._max_flight_us = int(max_flight_seconds * 1_000_000)
         self._burst_us = int(burst_seconds * 1_000_000)
         self._headroom = min(0.5, max(0.0, headroom))
         self._max_hold = max_hold_seconds
@@ -206,6 +214,7 @@ class SyncLimiter:
             self._burst_us,
             f"{self._headroom:.6f}",
             _IDLE_EXPIRE_SECONDS,
+            self._max_flight_us,
         ]
 
     def grant(self, images: int, tokens: int, now: float | None = None) -> Grant | float:
@@ -216,14 +225,12 @@ class SyncLimiter:
         """
         if images < 0 or tokens < 0:
             raise ValueError("images and tokens must be >= 0")
-        result = self._acquire(
-            keys=[self._key], args=[*self._common(now), int(images), int(tokens)]
-        )
+        result = self._acquire(keys=self._keys, args=[*self._common(now), int(images), int(tokens)])
         first = _text(result[0])
         if first != "0":
             return max(1e-6, float(_text(result[1])))
         at, r, i, t = (int(_text(x)) for x in result[1:5])
-        return Grant(at, (r, i, t))
+        return Grant(at, (r, i, t), int(images), int(tokens))
 
     def acquire(self, images: int, tokens: int, now: float | None = None) -> float:
         """:meth:`grant` as a number: 0.0 = granted and charged, else the seconds to wait."""
@@ -252,7 +259,7 @@ class SyncLimiter:
             got = self.grant(images, tokens)
             now = time.monotonic()
             if isinstance(got, Grant):
-                return Grant(got.at_us, got.sums, now - start)
+                return Grant(got.at_us, got.sums, got.images, got.tokens, now - start)
             wait = got
             if now + wait > deadline:
                 raise TimeoutError(
@@ -291,7 +298,8 @@ class SyncLimiter:
     ) -> None:
         """Sync to upstream's ``x-ratelimit-*`` headers on an answer (success, error or 429) to
         the call ``grant`` let through (see the module doc); without ``grant`` the answer is
-        taken as describing upstream just now."""
+        taken as describing upstream just now. Every granted call must end here, headers or
+        not (a connection error: ``{}``): until then it counts as in flight."""
         h = {k.lower(): v for k, v in headers.items()}
         per_kind: list[Any] = []
         heard = False
@@ -308,11 +316,11 @@ class SyncLimiter:
                 remaining,
                 "" if reset is None else f"{reset * 1_000_000:.0f}",
             ]
-        if not heard:
+        if not heard and grant is None:
             return
-        mark: list[Any] = ["", "", "", ""] if grant is None else [grant.at_us, *grant.sums]
+        mark: list[Any] = ["", "", "", ""] if grant is None else grant._args()
         self._observe(
-            keys=[self._key],
+            keys=self._keys,
             args=[*self._common(now), self._learned_ttl_us, *mark, *per_kind],
         )
 

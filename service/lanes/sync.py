@@ -267,6 +267,9 @@ class _Sender:
                 if not exc.transient:
                     break
                 continue
+            except BaseException:
+                self.limiter.observe({}, grant)  # no longer in flight, whatever happened
+                raise
             self.limiter.observe(headers, grant)
             metrics.count(ctx.redis, metrics.SYNC_REQUESTS, {"status": "succeeded"})
             self._store(line, payload)

@@ -1,10 +1,12 @@
--- KEYS limiter.  ARGV now, rpm, ipm, tpm, burst µs, headroom, idle expiry s, images, tokens.
+-- KEYS limiter, its calls in flight.  ARGV now, rpm, ipm, tpm, burst µs, headroom, idle expiry s,
+-- in-flight limit µs, images, tokens.
 -- Granted: {'0', now µs, sum_r, sum_i, sum_t} (the sums after this grant: the grant's mark, which
 -- ratelimit_observe uses to tell what was sent after it). Refused: {'wait', seconds}; nothing
 -- is charged.
 --! include clock(ARGV[1])
 --! include ratelimit_bucket()
-local costs = {1, tonumber(ARGV[8]), tonumber(ARGV[9])}
+forget_stale()
+local costs = {1, tonumber(ARGV[9]), tonumber(ARGV[10])}
 local wait = 0
 local hold = num(state['hold']) or 0
 if hold > now then wait = hold - now end
@@ -32,7 +34,12 @@ for k, d in ipairs(DIMS) do
   sums[k] = string.format('%.0f', (num(state['sum_' .. d]) or 0) + costs[k])
   updates[#updates + 1] = 'sum_' .. d
   updates[#updates + 1] = sums[k]
+  updates[#updates + 1] = 'out_' .. d
+  updates[#updates + 1] = string.format('%.0f', (num(state['out_' .. d]) or 0) + costs[k])
 end
 redis.call('HSET', KEYS[1], unpack(updates))
+redis.call('ZADD', KEYS[2], string.format('%.0f', now),
+           sums[1] .. ':' .. ARGV[9] .. ':' .. ARGV[10])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
 return {'0', string.format('%.0f', now), sums[1], sums[2], sums[3]}

@@ -7,6 +7,7 @@ import email.utils
 import heapq
 import itertools
 import multiprocessing
+import random
 import time
 from typing import Any
 
@@ -126,29 +127,36 @@ def test_a_fresh_upstream_bucket_is_spent_at_once_then_paced_at_its_refill_rate(
     # Configured 1,200 a minute; upstream's bucket holds 300 and refills 20 a second.
     limiter = SyncLimiter(redis_client, rpm=1200, ipm=0, tpm=0)
     t = _now()
-    first = limiter.grant(1, 0, now=t)
-    assert isinstance(first, Grant)
+    grants = [limiter.grant(1, 0, now=t) for _ in range(40)]
     # Before upstream has answered: the configured pace, one second's worth (20).
-    assert sum(limiter.acquire(1, 0, now=t) == 0.0 for _ in range(40)) == 19
-    # The first answer: 299 left. Everything granted after it (19) had not reached upstream.
-    limiter.observe(_headers(300, 299, "50ms"), first, now=t)
+    sent = [g for g in grants if isinstance(g, Grant)]
+    assert len(sent) == 20
+    # The first answer: 299 left. The other 19 are in flight: upstream may not have counted them.
+    limiter.observe(_headers(300, 299, "50ms"), sent[0], now=t)
     st = limiter.state()
     assert st["requests_capacity"] == 300
     assert st["requests_level"] == pytest.approx(280)
     # All but the headroom (5 % of 300) goes now, not at 20 a second.
-    assert sum(limiter.acquire(1, 0, now=t) == 0.0 for _ in range(300)) == 265
-    # A second later: 286 granted of 300 + 20 refilled. The answer also tells the refill rate
-    # (266 spent, full again in 13.3 s).
+    burst = [limiter.grant(1, 0, now=t) for _ in range(300)]
+    sent += [g for g in burst if isinstance(g, Grant)]
+    assert len(sent) == 1 + 19 + 265
+    for j, grant in enumerate(sent[1:], start=2):  # upstream counts them in order
+        limiter.observe(_headers(300, 300 - j, f"{j / 20:.3f}s"), grant, now=t)
+    assert limiter.state()["requests_level"] == pytest.approx(15)
+    assert limiter.acquire(1, 0, now=t) == pytest.approx(0.05, rel=0.01)
+    # A second later: 20 refilled. Its answer (34 left, full again in 13.3 s) confirms the rate.
     last = limiter.grant(1, 0, now=t + 1.0)
     assert isinstance(last, Grant)
     limiter.observe(_headers(300, 34, "13.3s"), last, now=t + 1.0)
-    assert limiter.state()["requests_per_minute"] == pytest.approx(1198, abs=1)
+    st = limiter.state()
+    assert st["requests_per_minute"] == pytest.approx(1198, abs=1)
+    assert st["requests_others_per_minute"] == 0
     assert sum(limiter.acquire(1, 0, now=t + 1.0) == 0.0 for _ in range(40)) == 19
     # Down to the headroom: paced at the refill rate.
     assert limiter.acquire(1, 0, now=t + 1.0) == pytest.approx(0.05, rel=0.01)
 
 
-def test_an_answer_counts_what_was_granted_after_it_and_the_refill_since(
+def test_an_answer_counts_what_is_still_in_flight_and_the_refill_since(
     redis_client: redis.Redis,
 ) -> None:
     limiter = SyncLimiter(redis_client, rpm=600, ipm=0, tpm=0, headroom=0)
@@ -157,19 +165,43 @@ def test_an_answer_counts_what_was_granted_after_it_and_the_refill_since(
     grants = [limiter.grant(1, 0, now=t) for _ in range(10)]
     assert all(isinstance(g, Grant) for g in grants)
     assert limiter.state()["requests_level"] == pytest.approx(90)
-    # The third request's answer, half a second later: upstream had counted three of ours and
-    # another client's 20; seven of ours were on their way. Refill: 10/s for 0.5 s, capped.
-    g3 = grants[2]
-    assert isinstance(g3, Grant)
+    # The third request's answer, half a second later: upstream had counted 20 of another
+    # client's and some of ours; nine of ours are unanswered, so they count as not yet counted.
+    # Refill: 10/s for 0.5 s.
+    g1, _, g3 = grants[:3]
+    assert isinstance(g1, Grant) and isinstance(g3, Grant)
     limiter.observe(_headers(100, 77, "0s"), g3, now=t + 0.5)
-    assert limiter.state()["requests_level"] == pytest.approx(min(100, 77 + 5) - 7)
+    assert limiter.state()["requests_level"] == pytest.approx(77 + 5 - 9)
     # An older answer (the first request's) may only lower the level, never raise it.
-    g1 = grants[0]
-    assert isinstance(g1, Grant)
     limiter.observe(_headers(100, 99, "0s"), g1, now=t + 0.6)
-    assert limiter.state()["requests_level"] == pytest.approx(75 + 1)  # refilled 0.1 s, no more
-    limiter.observe(_headers(100, 10, "0s"), g1, now=t + 0.6)
-    assert limiter.state()["requests_level"] == pytest.approx(10 + 6 - 9)  # refill since it
+    assert limiter.state()["requests_level"] == pytest.approx(73 + 1)  # refilled 0.1 s, no more
+    g4 = grants[3]
+    assert isinstance(g4, Grant)
+    limiter.observe(_headers(100, 50, "0s"), g4, now=t + 0.6)
+    assert limiter.state()["requests_level"] == pytest.approx(50 + 6 - 7)  # refill since its grant
+    # A call that ends without an answer (a connection error) is no longer in flight.
+    for g in grants[4:]:
+        assert isinstance(g, Grant)
+        limiter.observe({}, g, now=t + 0.6)
+    g2 = grants[1]
+    assert isinstance(g2, Grant)
+    limiter.observe(_headers(100, 40, "0s"), g2, now=t + 0.6)
+    assert limiter.state()["requests_level"] == pytest.approx(40 + 6)
+
+
+def test_in_flight_calls_of_a_dead_worker_stop_counting(redis_client: redis.Redis) -> None:
+    limiter = SyncLimiter(redis_client, rpm=0, ipm=0, tpm=0, headroom=0, max_flight_seconds=60)
+    t = _now()
+    lost = limiter.grant(1, 0, now=t)  # its worker dies: never answered
+    assert isinstance(lost, Grant)
+    g = limiter.grant(1, 0, now=t + 1)
+    assert isinstance(g, Grant)
+    limiter.observe(_headers(100, 50, "0s"), g, now=t + 1)
+    assert limiter.state()["requests_level"] == pytest.approx(49)
+    g = limiter.grant(1, 0, now=t + 61)
+    assert isinstance(g, Grant)
+    limiter.observe(_headers(100, 50, "0s"), g, now=t + 61)
+    assert limiter.state()["requests_level"] == pytest.approx(50)
 
 
 def test_another_clients_spending_is_learned_and_left_to_it(redis_client: redis.Redis) -> None:
@@ -180,8 +212,9 @@ def test_another_clients_spending_is_learned_and_left_to_it(redis_client: redis.
     for step in range(60):
         now = t + step * 0.5
         grants = [limiter.grant(1, 0, now=now) for _ in range(3)]
-        assert all(isinstance(g, Grant) for g in grants)
-        limiter.observe(_headers(100, 50, "5s"), grants[-1], now=now)
+        for left, g in zip((52, 51, 50), grants, strict=True):
+            assert isinstance(g, Grant)
+            limiter.observe(_headers(100, left, f"{(100 - left) / 10:.3f}s"), g, now=now)
     st = limiter.state()
     assert st["requests_others_per_minute"] == pytest.approx(4 * 60, rel=0.15)
     assert st["requests_per_minute"] == pytest.approx(6 * 60, rel=0.15)
@@ -315,9 +348,11 @@ def _race(
     latency: float = 0.05,
 ) -> tuple[float, int, int]:
     """``images`` one-image requests through the limiter to the simulator's own buckets, in
-    virtual time: ``threads`` senders, each request reaching upstream 5 ms after its grant and
-    answered ``latency`` later; another client spending ``others_per_second`` from the same
-    bucket. Returns (seconds until the last image, requests upstream saw, 429s)."""
+    virtual time: ``threads`` senders, each request reaching upstream 1-20 ms after its grant and
+    answered 0.5-2.5 x ``latency`` later (so answers come out of order); another client spending
+    ``others_per_second`` from the same bucket. Returns (seconds until the last image, requests
+    upstream saw, 429s)."""
+    rng = random.Random(per_minute)
     clock = [0.0]
     upstream = UpstreamLimits(per_minute, 0, 0, clock=lambda: clock[0], window=window)
     limiter = SyncLimiter(redis_client, rpm=per_minute, ipm=0, tpm=0)
@@ -340,7 +375,7 @@ def _race(
             got = limiter.grant(1, 0, now=t0 + t)
             if isinstance(got, Grant):
                 todo -= 1
-                at(t + 0.005, "arrive", got)
+                at(t + rng.uniform(0.001, 0.02), "arrive", got)
             else:
                 at(t + got, "try")
         elif kind == "arrive":
@@ -349,7 +384,7 @@ def _race(
                 answer, ok = upstream.admit("ours", 1, 0), True
             except APIError as exc:
                 answer, ok = exc.headers, False
-            at(t + latency, "answer", (data, answer, ok))
+            at(t + latency * rng.uniform(0.5, 2.5), "answer", (data, answer, ok))
         elif kind == "answer":
             grant, answer, ok = data
             limiter.observe(answer, grant, now=t0 + t)
