@@ -38,7 +38,7 @@ def go_duration(seconds: float) -> str:
     """A duration as Go prints it (``1s``, ``6m0s``, ``250ms``), as OpenAI's headers carry it."""
     if seconds <= 0:
         return "0s"
-    if seconds < 1:
+    if round(seconds * 1000) < 1000:  # 0.9996 s is "1s", as Go rounds it, not "1000ms"
         return f"{max(1, round(seconds * 1000))}ms"
     minutes, rest = divmod(round(seconds, 3), 60)
     rest_s = f"{rest:.3f}".rstrip("0").rstrip(".")

@@ -18,7 +18,15 @@ class Clock:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (0.25, "250ms"), (1, "1s"), (6.5, "6.5s"), (360, "6m0s"), (61.25, "1m1.25s")],
+    [
+        (0, "0s"),
+        (0.25, "250ms"),
+        (0.9996, "1s"),
+        (1, "1s"),
+        (6.5, "6.5s"),
+        (360, "6m0s"),
+        (61.25, "1m1.25s"),
+    ],
 )
 def test_durations_read_like_openai_headers(seconds, text):
     assert go_duration(seconds) == text
