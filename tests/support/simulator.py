@@ -128,8 +128,9 @@ def start_instant_simulator(tmp_path: Path, **flags: Any) -> SimulatorHandle:
 
 class OtherClient:
     """Another client of the same organization, spending from the simulator's sync limits: one
-    image request on ``model`` every ``1 / per_second`` seconds on a fixed schedule, in a thread,
-    through the SDK with no retries (a refused request is counted and skipped)."""
+    image request on ``model`` every ``1 / per_second`` seconds on a fixed schedule, from a few
+    threads (so a slow answer does not slow the schedule), through the SDK with no retries (a
+    refused request is counted and skipped)."""
 
     def __init__(
         self, sim: SimulatorHandle, per_second: float, model: str = "gpt-image-2-2026-04-21"
@@ -138,27 +139,42 @@ class OtherClient:
         self.model = model
         self.interval = 1 / per_second
         self.sent = self.refused = 0
+        self._lock = threading.Lock()
+        self._next = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        threads = 1 + int(per_second // 4)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def start(self) -> OtherClient:
-        self._thread.start()
+        self._next = time.monotonic()
+        for thread in self._threads:
+            thread.start()
         return self
 
+    def _slot(self) -> float:
+        with self._lock:
+            at, self._next = self._next, self._next + self.interval
+            return at
+
     def _run(self) -> None:
-        next_at = time.monotonic()
         while not self._stop.is_set():
+            at = self._slot()
+            # Sleep steps, not Event.wait(timeout): that can hang under libfaketime.
+            while not self._stop.is_set() and time.monotonic() < at:
+                time.sleep(min(0.02, max(0.0, at - time.monotonic())))
+            if self._stop.is_set():
+                return
             try:
                 self.client.images.generate(model=self.model, prompt="theirs", quality="low")
+                refused = 0
             except openai.RateLimitError:
-                self.refused += 1
-            self.sent += 1
-            next_at += self.interval
-            # Sleep steps, not Event.wait(timeout): that can hang under libfaketime.
-            while not self._stop.is_set() and time.monotonic() < next_at:
-                time.sleep(min(0.02, max(0.0, next_at - time.monotonic())))
+                refused = 1
+            with self._lock:
+                self.sent += 1
+                self.refused += refused
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        for thread in self._threads:
+            thread.join(10)
         self.client.close()
