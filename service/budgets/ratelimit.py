@@ -19,9 +19,10 @@ Where the model comes from:
   ``burst_seconds`` (one second's worth): the cluster sends evenly, from zero.
 * :meth:`SyncLimiter.observe` on every answer (``ratelimit_observe.lua``): upstream's
   ``x-ratelimit-remaining-requests`` / ``-tokens`` set the level to what upstream says is left,
-  less what the cluster was granted after the observed request (the grant's *mark*, returned by
-  :meth:`SyncLimiter.wait_and_grant`: those requests had not reached upstream when it counted),
-  plus the refill since. ``x-ratelimit-limit-*`` is the bucket's size, and ``limit - remaining``
+  less every call of the cluster's still in flight (granted by :meth:`SyncLimiter.wait_and_grant`
+  and not yet answered: it may not have reached upstream when upstream counted; a call in flight
+  longer than ``max_flight_seconds`` is taken as lost). No credit is taken for the refill since
+  upstream counted, so the level lags upstream's by one answer's time. ``x-ratelimit-limit-*`` is the bucket's size, and ``limit - remaining``
   over ``x-ratelimit-reset-*`` (time until full, a Go duration such as ``"6m0s"``, ``"20ms"``)
   its refill rate. So a fresh bucket is spent at once, not paced from zero; and when another
   client spends from the same limit, upstream's count drops faster than ours: the gap between
@@ -148,10 +149,9 @@ class WaitAbandoned(Exception):
 
 @dataclass(frozen=True)
 class Grant:
-    """A granted call: when (µs, the Redis server's clock) and the cluster's running totals of
-    requests, images and tokens granted, this call included. Pass it to
-    :meth:`SyncLimiter.observe` with the answer, so the limiter knows which later grants
-    upstream had not counted yet."""
+    """A granted call: when (µs, the Redis server's clock), the cluster's running totals of
+    requests, images and tokens granted, this call included (the first orders answers), and its
+    cost. Pass it to :meth:`SyncLimiter.observe` with the answer: until then it is in flight."""
 
     at_us: int
     sums: tuple[int, int, int]

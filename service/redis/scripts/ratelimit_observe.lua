@@ -4,7 +4,7 @@
 -- t: upstream's limit, remaining, reset µs ('' = header absent).
 -- The answered call is no longer in flight. Each dimension upstream spoke of is set to what
 -- upstream says is left, less everything of ours still in flight (granted, not yet answered: it
--- may not have reached upstream when it counted), plus the refill since; upstream's limit is the
+-- may not have reached upstream when it counted); upstream's limit is the
 -- bucket's size, and limit - remaining over reset its refill rate. Between two answers with
 -- nothing else in flight, a bucket lower than our spending explains is another client's use.
 -- Returns the levels.
@@ -69,9 +69,10 @@ for k, d in ipairs(DIMS) do
         others = math.max(0, math.min(rate * 0.9, others))
       end
     end
-    local net = math.max(rate - others, rate * 0.1)
-    local truth = math.min(limit, remaining + net * math.max(0, now - granted_at) / 1000000)
-      - outstanding[k]
+    -- No credit for the refill since upstream counted: when it counted (between the grant and
+    -- now) is unknown, and a loaded worker can take long to send. The level lags upstream's by
+    -- one answer's time, which only leaves that much more of the bucket unspent.
+    local truth = math.min(limit, remaining) - outstanding[k]
     if newest then
       levels[k] = truth
       put('seen_' .. d, string.format('%.0f', granted_at))
