@@ -3,7 +3,9 @@ bucket starts full, and (in the second test) another client spending half the sa
 
 The simulator holds a 10-second window of a 600-a-minute limit: a full bucket of 100 requests
 that refills 10 a second. The minimum time for N images is what the bucket allows: its 100 at once,
-then the refill (what another client leaves of it).
+then the refill (what another client leaves of it). N is sized for a 20-second minimum; paced from
+zero, as the lane used to be, the same N takes 30 s (40 s shared). The benchmark's target is 1.2
+of the minimum; these tests allow 1.25, for a loaded machine.
 """
 
 from __future__ import annotations
@@ -77,14 +79,14 @@ def test_a_fresh_bucket_is_spent_at_once_and_the_rest_at_the_refill_rate(
     make_simulator, make_stack
 ):
     sim, stack = _stack(make_simulator, make_stack)
-    images = BUCKET + int(RATE * 15)  # the bucket's 100, then 15 s of refill
+    images = BUCKET + int(RATE * 20)  # the bucket's 100, then 20 s of refill
     minimum = (images - BUCKET) / RATE
     job_id = stack.submit(job_body(images, mode="sync", reuse="never"))["id"]
     run = _watch(sim, images, timeout=120)
     _finish(stack, job_id, images)
     print(f"sync: {images} images in {run.seconds:.1f} s (minimum {minimum:.0f} s), {run}")
     assert run.rate_limited <= 0.01 * run.requests, run
-    assert run.seconds <= 1.2 * minimum, (run, minimum)
+    assert run.seconds <= 1.25 * minimum, (run, minimum)
 
 
 def test_another_client_spending_half_the_limit_is_left_its_share(
@@ -92,7 +94,7 @@ def test_another_client_spending_half_the_limit_is_left_its_share(
 ):
     sim, stack = _stack(make_simulator, make_stack)
     theirs = OtherClient(sim, RATE / 2, OTHER_MODEL)
-    images = BUCKET + int(RATE / 2 * 15)  # the bucket, then 15 s of what the other leaves us
+    images = BUCKET + int(RATE / 2 * 20)  # the bucket, then 20 s of what the other leaves us
     minimum = (images - BUCKET) / (RATE / 2)
     theirs.start()
     try:
@@ -106,6 +108,6 @@ def test_another_client_spending_half_the_limit_is_left_its_share(
         f"(minimum {minimum:.0f} s), {run}; theirs: {theirs.sent} sent, {theirs.refused} refused"
     )
     assert run.rate_limited <= 0.01 * run.requests, run
-    assert run.seconds <= 1.2 * minimum, (run, minimum)
+    assert run.seconds <= 1.25 * minimum, (run, minimum)
     # It really spent from the same bucket, about half the refill, the whole time.
     assert theirs.sent - theirs.refused >= 0.8 * RATE / 2 * run.seconds
