@@ -185,6 +185,13 @@ class Settings(BaseSettings):
         0, description="Cluster-wide sync images per minute; 0 = unlimited."
     )
     sync_tpm: int = Field(0, description="Cluster-wide sync tokens per minute; 0 = unlimited.")
+    sync_headroom: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="Share of upstream's rate-limit bucket (learned from its x-ratelimit-* "
+        "headers) the sync lane leaves unspent, for other clients of the same limit.",
+    )
     sync_concurrency: int = Field(8, description="Sync requests one worker process runs at once.")
 
     # --- webhooks ----------------------------------------------------------------------------

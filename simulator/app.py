@@ -8,7 +8,8 @@ Every response carries ``x-request-id``; the sync image endpoints also carry the
 ``x-ratelimit-*`` headers (:mod:`simulator.limits`). Every error is OpenAI's envelope
 (:mod:`simulator.errors`): unknown routes answer 404 ``Invalid URL (METHOD /path)``, a wrong or
 missing key (when ``--api-key`` is set) 401, and an unexpected bug 500 ``server_error``.
-``/_simulator/stats`` and ``/_simulator/reset`` are the admin view (no key needed).
+``/_simulator/stats`` and ``/_simulator/reset`` are the admin view (no key needed); a reset also
+fills the sync rate-limit buckets again.
 
 The models it serves are the catalog's, with ``--shutdown`` dates in place of the catalog's own
 (announced by ``GET /v1/models`` and enforced on every request); ``--batch-unsupported`` models
@@ -177,7 +178,7 @@ class Simulator:
             root / "batches",
             on_finished=self._batch_finished,
         )
-        self.limiter = RateLimiter(config.rpm, config.ipm, config.tpm)
+        self.limiter = self.fresh_limiter()
         self._sync_index = 0
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -219,6 +220,11 @@ class Simulator:
                 self.stats.save()
             except Exception:  # housekeeping must outlive a full disk or a torn file
                 log.exception("simulator housekeeping failed")
+
+    def fresh_limiter(self) -> RateLimiter:
+        """The sync limits with every bucket full, as at start."""
+        c = self.config
+        return RateLimiter(c.rpm, c.ipm, c.tpm, window=c.limit_window)
 
     def file_path(self, file_id: str) -> Path:
         self.files.get(file_id)
@@ -563,6 +569,7 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
     @app.post("/_simulator/reset")
     async def reset() -> Response:
         sim.stats.reset(sim.engine.records.values(), sim.engine.enqueued())
+        sim.limiter = sim.fresh_limiter()  # the sync buckets full again, as at start
         if sim.webhooks:
             sim.webhooks.reset()
         sim.stats.save(force=True)

@@ -29,6 +29,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("rpm", int, "sync requests per minute (0 = no limit)"),
     ("ipm", int, "sync images per minute (0 = no limit)"),
     ("tpm", int, "sync tokens per minute (0 = no limit)"),
+    ("limit_window", float, "seconds of the limits a full bucket holds (default 60)"),
     ("batch_queue_tokens", int, "enqueued batch input tokens per model (0 = no limit)"),
     ("fail_rate", float, "share of sync requests and batch lines answered with a 500"),
     ("latency_ms", float, "added latency of each sync image request"),

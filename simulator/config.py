@@ -61,6 +61,13 @@ class SimulatorConfig(BaseSettings):
     rpm: int = Field(0, ge=0, description="Sync image requests per minute; 0 = no limit.")
     ipm: int = Field(0, ge=0, description="Sync images per minute; 0 = no limit.")
     tpm: int = Field(0, ge=0, description="Sync tokens (input + output) per minute; 0 = no limit.")
+    limit_window: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Seconds of the per-minute limits each bucket holds when full (and refills "
+        "over); the rate stays per minute. Shorter than 60 makes a test's bucket drain sooner.",
+    )
     batch_queue_tokens: int = Field(
         0, ge=0, description="Enqueued batch input tokens allowed per model; 0 = no limit."
     )

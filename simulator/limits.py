@@ -1,13 +1,19 @@
 """Sync rate limits (requests, images and tokens per minute) and injected server errors.
 
-Limits are token buckets that hold a minute's worth and refill continuously, one set for all sync
-image requests (OpenAI keeps one set per model; the service paces cluster-wide, so one set is what
-it has to live with). A request either fits every bucket and takes from all of them, or takes
-nothing and is answered 429 ``rate_limit_exceeded`` with ``retry-after`` (whole seconds, rounded
-up) set to when it would fit; a request that could never fit (more than a whole minute's budget)
-gets ``x-should-retry: false``. Every answer carries ``x-ratelimit-{limit,remaining,reset}-*``
-headers (facts §3.4; durations in Go's style, ``6m0s``). A limit of 0 means none: its headers then
-report a large limit that never runs low, so a pacing client never waits on it.
+Limits are token buckets that start full, hold a minute's worth and refill continuously, one set
+for all sync image requests (OpenAI keeps one set per model; the service paces cluster-wide, so one
+set is what it has to live with; two clients on different models share it, as two clients of one
+organization do). ``--limit-window S`` makes each bucket hold S seconds' worth instead (the rate
+stays per minute): a test then drains a bucket in seconds. A request either fits every bucket and
+takes from all of them, or takes nothing and is answered 429 ``rate_limit_exceeded`` with
+``retry-after`` (whole seconds, rounded up) and ``retry-after-ms`` set to when it would fit; a
+request that could never fit (more than a whole bucket) gets ``x-should-retry: false``. Every
+answer of the images endpoints, success or error, carries ``x-ratelimit-{limit,remaining,reset}-*``
+headers (facts §3.4): the limit is what a full bucket holds, remaining what it holds now (rounded
+down), reset how long until it is full again (Go's style, ``6m0s``, ``20ms``). OpenAI documents
+the ``-requests`` and ``-tokens`` headers; ``-images`` is the simulator's own. A limit of 0 means
+none: its headers then report a large limit that never runs low, so a pacing client never waits on
+it.
 
 :func:`injected_failure` decides which requests get a 500: a fixed share spaced evenly, so a test
 knows exactly which attempt fails and that the SDK's retry gets through.
@@ -32,7 +38,7 @@ def go_duration(seconds: float) -> str:
     """A duration as Go prints it (``1s``, ``6m0s``, ``250ms``), as OpenAI's headers carry it."""
     if seconds <= 0:
         return "0s"
-    if seconds < 1:
+    if round(seconds * 1000) < 1000:  # 0.9996 s is "1s", as Go rounds it, not "1000ms"
         return f"{max(1, round(seconds * 1000))}ms"
     minutes, rest = divmod(round(seconds, 3), 60)
     rest_s = f"{rest:.3f}".rstrip("0").rstrip(".")
@@ -51,12 +57,14 @@ def injected_failure(index: int, rate: float) -> bool:
 
 
 class Bucket:
-    """A per-minute limit as a token bucket holding one minute's worth."""
+    """A per-minute limit as a token bucket holding ``window`` seconds' worth, full at start."""
 
-    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
-        self.limit = per_minute
+    def __init__(self, per_minute: int, clock: Callable[[], float], window: float = 60.0) -> None:
+        # What a full bucket holds (reported as the limit); it refills at per_minute / 60 a second.
+        self.limit = 0 if per_minute == 0 else max(1, round(per_minute * window / 60.0))
+        self._per_second = per_minute / 60.0
         self._clock = clock
-        self._level = float(per_minute)
+        self._level = float(self.limit)
         self._at = clock()
 
     @property
@@ -66,7 +74,7 @@ class Bucket:
     def _refill(self) -> None:
         now = self._clock()
         if not self.unlimited:
-            self._level = min(float(self.limit), self._level + (now - self._at) * self.limit / 60.0)
+            self._level = min(float(self.limit), self._level + (now - self._at) * self._per_second)
         self._at = now
 
     def wait_for(self, amount: int) -> float:
@@ -74,7 +82,7 @@ class Bucket:
         self._refill()
         if self.unlimited or amount <= self._level:
             return 0.0
-        return (amount - self._level) * 60.0 / self.limit
+        return (amount - self._level) / self._per_second
 
     def take(self, amount: int) -> None:
         if not self.unlimited:
@@ -87,7 +95,7 @@ class Bucket:
         """Seconds until the bucket is full again."""
         if self.unlimited:
             return 0.0
-        return (self.limit - self._level) * 60.0 / self.limit
+        return (self.limit - self._level) / self._per_second
 
     def reported_limit(self) -> int:
         return UNLIMITED if self.unlimited else self.limit
@@ -112,13 +120,18 @@ class RateLimiter:
     """One set of sync limits; thread-safe; ``admit`` either takes from every bucket or none."""
 
     def __init__(
-        self, rpm: int, ipm: int, tpm: int, clock: Callable[[], float] = time.monotonic
+        self,
+        rpm: int,
+        ipm: int,
+        tpm: int,
+        clock: Callable[[], float] = time.monotonic,
+        window: float = 60.0,
     ) -> None:
         self._lock = threading.Lock()
         self._buckets = {
-            _REQUESTS: Bucket(rpm, clock),
-            _IMAGES: Bucket(ipm, clock),
-            _TOKENS: Bucket(tpm, clock),
+            _REQUESTS: Bucket(rpm, clock, window),
+            _IMAGES: Bucket(ipm, clock, window),
+            _TOKENS: Bucket(tpm, clock, window),
         }
 
     def headers(self) -> dict[str, str]:

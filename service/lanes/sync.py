@@ -2,8 +2,10 @@
 
 Pacing is cluster-wide (:class:`service.budgets.ratelimit.SyncLimiter` in Redis): every request takes
 one request, its images and its estimated tokens before it goes, so any number of workers
-together stay under ``IMAGEBATCH_SYNC_RPM`` / ``_IMAGES_PER_MINUTE`` / ``_TPM``. Upstream's
-``x-ratelimit-*`` headers and 429s adjust the shared limiter.
+together stay under ``IMAGEBATCH_SYNC_RPM`` / ``_IMAGES_PER_MINUTE`` / ``_TPM``. Every answer's
+``x-ratelimit-*`` headers (successes, errors and 429s alike) sync the shared limiter to upstream's
+buckets, with the grant the request went out under: a fresh bucket is spent at once, and
+another client spending from the same limit is left its share.
 
 Retries are owned here, not by the SDK (its retries are off for these calls, so the two never
 multiply): a 429 waits for ``retry-after`` (and holds the whole cluster) and does not count as an
@@ -43,7 +45,7 @@ from typing import Any
 
 from service import handover, metrics, pricing
 from service.budgets.policy import item_spend_key
-from service.budgets.ratelimit import SyncLimiter, WaitAbandoned, retry_after_seconds
+from service.budgets.ratelimit import Grant, SyncLimiter, WaitAbandoned, retry_after_seconds
 from service.context import Context
 from service.jobs.model import JOB_QUEUED, JOB_RUNNING, QUEUED, Job
 from service.jobs.request import RequestLine, request_pages
@@ -75,7 +77,13 @@ HANDED_OVER = "handed_over"  # an item left queued for the next worker (the work
 
 def limiter(ctx: Context) -> SyncLimiter:
     s = ctx.settings
-    return SyncLimiter(ctx.redis, s.sync_rpm, s.sync_images_per_minute, s.sync_tpm)
+    return SyncLimiter(
+        ctx.redis,
+        s.sync_rpm,
+        s.sync_images_per_minute,
+        s.sync_tpm,
+        headroom=s.sync_headroom,
+    )
 
 
 def fan_out(ctx: Context, job_id: str) -> int:
@@ -239,13 +247,13 @@ class _Sender:
             if handover.requested():
                 return None  # not sent (again): the item waits for the next worker
             try:
-                self._wait_turn(line, estimate)
+                grant = self._wait_turn(line, estimate)
             except WaitAbandoned:
                 return None
             try:
                 headers, payload = ctx.upstream.image(line.endpoint, body)
             except UpstreamRateLimited as exc:
-                self.limiter.observe(exc.headers)
+                self.limiter.observe(exc.headers, grant)
                 if not exc.transient:  # too large for upstream's limit: no wait will help
                     last_error = exc.item_error()
                     break
@@ -253,12 +261,16 @@ class _Sender:
                 metrics.count(ctx.redis, metrics.SYNC_REQUESTS, {"status": "rate_limited"})
                 continue  # not an attempt: the request never ran
             except UpstreamError as exc:
+                self.limiter.observe(exc.headers, grant)
                 last_error = exc.item_error()
                 attempts += 1
                 if not exc.transient:
                     break
                 continue
-            self.limiter.observe(headers)
+            except BaseException:
+                self.limiter.observe({}, grant)  # no longer in flight, whatever happened
+                raise
+            self.limiter.observe(headers, grant)
             metrics.count(ctx.redis, metrics.SYNC_REQUESTS, {"status": "succeeded"})
             self._store(line, payload)
             return True
@@ -266,10 +278,10 @@ class _Sender:
         record_failure(ctx, job, SYNC_CHUNK, line, last_error, "fail")
         return False
 
-    def _wait_turn(self, line: RequestLine, estimate: pricing.Tokens) -> None:
-        """Block until the cluster-wide limiter lets this request go."""
+    def _wait_turn(self, line: RequestLine, estimate: pricing.Tokens) -> Grant:
+        """Block until the cluster-wide limiter lets this request go; its grant."""
         job_id = self.job.id
-        waited = self.limiter.wait_and_acquire(
+        grant = self.limiter.wait_and_grant(
             line.images,
             estimate.total,
             time.monotonic() + 3600,
@@ -277,8 +289,9 @@ class _Sender:
                 handover.requested() or self.ctx.store.job_status(job_id) != JOB_RUNNING
             ),
         )
-        if waited > 0.5:
-            metrics.observe(self.ctx.redis, metrics.BUDGET_WAIT, waited)
+        if grant.waited > 0.5:
+            metrics.observe(self.ctx.redis, metrics.BUDGET_WAIT, grant.waited)
+        return grant
 
     def _store(self, line: RequestLine, body: dict[str, Any]) -> None:
         ctx, job = self.ctx, self.job

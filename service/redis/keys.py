@@ -317,11 +317,21 @@ def tenant_spend_daily(tenant_id: str, day: str) -> str:
 DAILY_SPEND_TTL_SECONDS = 40 * 86400
 
 
-# HASH per sync-lane limiter: tat_r / tat_i / tat_t (µs, server clock) the theoretical arrival
-# time of requests, images, tokens; hold (µs) nobody sends before it; lim_r / lim_t learned from
-# upstream's headers, valid until lim_r_until / lim_t_until (µs). Expires when idle an hour.
+# HASH per sync-lane limiter: at (µs, server clock) and per dimension d in r, i, t (requests,
+# images, tokens) lvl_d what its bucket held then, sum_d units ever granted; learned from
+# upstream's headers cap_d, rate_d, f_d (others' use), valid until until_d (µs), and the answers
+# they came from (seen_*, anc_*); out_d units in flight; hold (µs) nobody sends before it.
+# Expires when idle an hour. See service/redis/scripts/ratelimit_bucket.lua.
 def rate_limiter(name: str) -> str:
     return f"{PREFIX}:ratelimit:{{{name}}}"
+
+
+# ZSET per sync-lane limiter: the calls granted and not answered yet, member
+# "<requests mark>:<images>:<tokens>", score the grant's time (µs); their sums are out_r / out_i /
+# out_t in the limiter's hash. Members older than the limiter's in-flight limit are dropped
+# (their worker died). Expires with the hash.
+def rate_limiter_flight(name: str) -> str:
+    return f"{PREFIX}:ratelimit:{{{name}}}:flight"
 
 
 # --- metrics (read by the API at scrape time) --------------------------------------------------

@@ -81,8 +81,8 @@ def _stored_images(stack: Stack, job_id: str) -> list[Path]:
 
 
 def test_sync_job_runs_at_the_images_per_minute_limit_without_429s(make_simulator, make_stack):
-    limit, n = 720, 240  # 20 s of work
-    sim = make_simulator(ipm=limit, latency_ms=50)
+    limit, n = 720, 240  # 60 at once (a 5-second bucket), then 15 s at the limit's rate
+    sim = make_simulator(ipm=limit, limit_window=5, latency_ms=50)
     stack = _two_workers(make_stack(sim, env={"IMAGEBATCH_SYNC_IMAGES_PER_MINUTE": str(limit)}))
     job_id = stack.submit(job_body(n, mode="sync"))["id"]
     run = watch_sync(sim, n, timeout=90)
@@ -102,8 +102,10 @@ def test_sync_job_runs_at_the_images_per_minute_limit_without_429s(make_simulato
 
 
 def test_cancelling_a_sync_job_sends_nothing_more_and_keeps_what_ran(make_simulator, make_stack):
-    limit, n = 120, 60  # 2 images a second: most of the job is still waiting when it is cancelled
-    sim = make_simulator(ipm=limit)
+    # A bucket of 6 (3 s of the limit), then 2 images a second: most of the job is still waiting
+    # when it is cancelled.
+    limit, n = 120, 60
+    sim = make_simulator(ipm=limit, limit_window=3)
     stack = _two_workers(make_stack(sim, env={"IMAGEBATCH_SYNC_IMAGES_PER_MINUTE": str(limit)}))
     job_id = stack.submit(job_body(n, mode="sync"))["id"]
     wait_until(lambda: sim.stats()["sync"]["images"] >= 5, timeout=30, message="5 sync images")

@@ -19,7 +19,9 @@ def _images(stack_tmp: Path, job_id: str) -> list[Path]:
 
 
 def test_worker_killed_mid_sync_job_every_item_done_once(make_simulator, make_stack):
-    sim = make_simulator(ipm=600, latency_ms=50)
+    # A bucket of 20 (2 s of the limit), then 10 a second: the job is under way, not done, when
+    # its worker is killed.
+    sim = make_simulator(ipm=600, limit_window=2, latency_ms=50)
     stack = make_stack(sim, env={"IMAGEBATCH_SYNC_IMAGES_PER_MINUTE": "600"})
     stack.start_api()
     victim = stack.start_worker("sync", concurrency=2, name="victim")

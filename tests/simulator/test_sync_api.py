@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import math
+import time
 from typing import Any
 
 import httpx2
@@ -206,17 +208,27 @@ def test_unknown_route_is_an_openai_404(client):
 
 
 def test_rate_limit_429_with_headers_and_the_sdk_retries(make_sim):
-    sim = make_sim(rpm=60)
+    # A bucket of 60 refilled one request every 3 s. A loaded machine may refill one or two while
+    # the test spends the 60, so it spends until refused with a wait of a second or more (a
+    # shorter one is waited out), so that the SDK's request just after is refused too.
+    sim = make_sim(rpm=20, limit_window=180)
     strict = sim.client(max_retries=0)
     kw: dict[str, Any] = {"model": "gpt-image-2", "prompt": "tiny", "quality": "low"}
-    for _ in range(60):
-        strict.images.generate(**kw)
-    with pytest.raises(openai.RateLimitError) as info:
-        strict.images.generate(**kw)
-    err = info.value
+    made = 0
+    for _ in range(90):
+        try:
+            strict.images.generate(**kw)
+            made += 1
+        except openai.RateLimitError as exc:
+            err = exc
+            wait_ms = int(exc.response.headers["retry-after-ms"])
+            if wait_ms >= 1000:
+                break
+            time.sleep(wait_ms / 1000)
+    assert 60 <= made < 90
     headers = err.response.headers
     assert err.code == "rate_limit_exceeded"
-    assert headers["retry-after"] == "1"
+    assert int(headers["retry-after"]) == math.ceil(wait_ms / 1000) <= 3
     assert headers["x-ratelimit-limit-requests"] == "60"
     assert headers["x-ratelimit-remaining-requests"] == "0"
     check("ErrorResponse", err.response.json())
@@ -226,7 +238,7 @@ def test_rate_limit_429_with_headers_and_the_sdk_retries(make_sim):
     assert raw.parse().data
     stats = sim.stats()
     assert stats["models"]["gpt-image-2"]["rate_limited"] >= 2
-    assert stats["sync"]["images"] == 61
+    assert stats["sync"]["images"] == made + 1
 
 
 def test_injected_500_and_the_sdk_retries(make_sim):
@@ -272,3 +284,57 @@ def test_latency_is_added_to_sync_requests(make_sim):
         model="gpt-image-2", prompt="slow", quality="low"
     )
     assert raw.elapsed.total_seconds() >= 0.3
+
+
+def _ratelimit_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
+
+
+def test_limit_window_bucket_full_at_start_shared_and_headers_on_every_answer(make_sim):
+    # 60 requests a minute in a 30-second window: a full bucket holds 30, refilled 1 a second.
+    sim = make_sim(rpm=60, limit_window=30, fail_rate=0.5, latency_ms=0)
+    ours, theirs = sim.client(max_retries=0), sim.client(max_retries=0)
+    kw: dict[str, Any] = {"prompt": "tiny", "quality": "low"}
+    raw = ours.images.with_raw_response.generate(model="gpt-image-2", **kw)
+    assert raw.headers["x-ratelimit-limit-requests"] == "30"
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) == 29  # it started full
+    # Another client of the organization (another model) spends the rest of the same bucket;
+    # fail_rate 0.5 answers every second request it runs with a 500.
+    seen: dict[int, dict[str, str]] = {}
+    for _ in range(40):
+        try:
+            got = theirs.images.with_raw_response.generate(model="gpt-image-2-2026-04-21", **kw)
+            seen.setdefault(200, _ratelimit_headers(got.headers))
+        except openai.APIStatusError as exc:
+            seen.setdefault(exc.status_code, _ratelimit_headers(exc.response.headers))
+            if exc.status_code == 429:
+                assert float(exc.response.headers["retry-after-ms"]) <= 1000
+                assert exc.response.headers["retry-after"] == "1"
+                break
+    with pytest.raises(openai.BadRequestError) as bad:
+        ours.images.generate(model="gpt-image-2", prompt="tiny", size="17x17")
+    seen[400] = _ratelimit_headers(bad.value.response.headers)
+    assert set(seen) == {200, 400, 429, 500}
+    for status, headers in seen.items():
+        assert {
+            f"x-ratelimit-{w}-{k}"
+            for w in ("limit", "remaining", "reset")
+            for k in ("requests", "tokens")
+        } <= set(headers), status
+    assert seen[429]["x-ratelimit-remaining-requests"] == "0"
+    # Refills over the window: from empty, a full bucket again in at most 30 s.
+    assert 29.0 <= parse_reset(seen[429]["x-ratelimit-reset-requests"]) <= 30.0
+    stats = sim.stats()["models"]
+    assert stats["gpt-image-2-2026-04-21"]["rate_limited"] == 1
+    assert stats["gpt-image-2"]["rate_limited"] == 0
+    # A reset fills the bucket again (a benchmark's next case starts fresh).
+    sim.reset()
+    try:
+        after = ours.images.with_raw_response.generate(model="gpt-image-2", **kw).headers
+    except openai.InternalServerError as exc:  # every second request still fails
+        after = exc.response.headers
+    assert after["x-ratelimit-remaining-requests"] == "29"
+
+
+def parse_reset(text: str) -> float:
+    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))

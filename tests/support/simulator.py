@@ -5,11 +5,14 @@ port with its data under ``tmp`` and returns a :class:`SimulatorHandle`; flags a
 :class:`simulator.config.SimulatorConfig` field names (``moderation_words="forbidden"``,
 ``plain_images=True``). The process is stopped with :meth:`SimulatorHandle.stop`; a restart on the
 same data directory (:meth:`SimulatorHandle.restart`) keeps its files and batches.
+:class:`OtherClient` is another client of the same organization spending from the sync limits.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +124,57 @@ def start_instant_simulator(tmp_path: Path, **flags: Any) -> SimulatorHandle:
     return start_simulator(
         tmp_path, **{"rate": 2000, "validate_seconds": 0, "finalize_seconds": 0, **flags}
     )
+
+
+class OtherClient:
+    """Another client of the same organization, spending from the simulator's sync limits: one
+    image request on ``model`` every ``1 / per_second`` seconds on a fixed schedule, from a few
+    threads (so a slow answer does not slow the schedule), through the SDK with no retries (a
+    refused request is counted and skipped)."""
+
+    def __init__(
+        self, sim: SimulatorHandle, per_second: float, model: str = "gpt-image-2-2026-04-21"
+    ):
+        self.client = sim.client(max_retries=0)
+        self.model = model
+        self.interval = 1 / per_second
+        self.sent = self.refused = 0
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._stop = threading.Event()
+        threads = 1 + int(per_second // 4)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> OtherClient:
+        self._next = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _slot(self) -> float:
+        with self._lock:
+            at, self._next = self._next, self._next + self.interval
+            return at
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            at = self._slot()
+            # Sleep steps, not Event.wait(timeout): that can hang under libfaketime.
+            while not self._stop.is_set() and time.monotonic() < at:
+                time.sleep(min(0.02, max(0.0, at - time.monotonic())))
+            if self._stop.is_set():
+                return
+            try:
+                self.client.images.generate(model=self.model, prompt="theirs", quality="low")
+                refused = 0
+            except openai.RateLimitError:
+                refused = 1
+            with self._lock:
+                self.sent += 1
+                self.refused += refused
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        self.client.close()

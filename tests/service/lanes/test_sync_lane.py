@@ -164,10 +164,10 @@ def test_an_item_over_the_jobs_max_cost_is_not_sent_and_the_job_stops(
 def test_a_429_is_waited_out_and_not_counted_as_an_attempt(
     tmp_path: Path, redis_url: str, redis_client: Any
 ) -> None:
-    # Upstream allows 60 images a minute; the test spends them first, so the lane's request
-    # meets a 429 asking it to wait about a second. With one attempt allowed, the item can only
-    # succeed if that 429 did not use it up.
-    limited = start_simulator(tmp_path / "sim", ipm=60, plain_images=True)
+    # Upstream's bucket holds 60 images and refills one every 3 s; the test spends them first,
+    # so the lane's request meets a 429 asking it to wait (unless the machine took 3 s between).
+    # With one attempt allowed, the item can only succeed if that 429 did not use it up.
+    limited = start_simulator(tmp_path / "sim", ipm=20, limit_window=180, plain_images=True)
     ctx = make_context(tmp_path, redis_url, limited.url, max_attempts=1)
     try:
         client = limited.client(max_retries=0)
