@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
 
+import httpcore2
 import httpx2
 from openai import DefaultHttpxClient, InvalidWebhookSignatureError, OpenAI
 from openai.types import Batch
@@ -31,6 +32,22 @@ from service.upstream.errors import BadWebhookSignature, translated
 _ID_SEGMENT = re.compile(r"^(batch_|file-|file_|req_|batch_req_)[A-Za-z0-9_-]+$")
 # The key the embedded simulator is started with when no OpenAI key is set.
 SIMULATOR_KEY = "sk-imagebatch-simulator"
+
+# How much one socket read of an HTTP/1.1 response may return. httpcore reads 64 KiB at a time
+# (encode/httpcore#135 settled on that for small responses), and every read costs a pass through
+# h11 and httpx in Python holding the GIL: ~60,000 passes for a 4 GB output file, half the CPU
+# of reading it, taken from the threads storing its images. At 1 MiB a read returns whatever the
+# socket holds, up to that (TLS returns a record at most, 16 KiB, whatever is asked). httpcore
+# has no setting for it; its connections read ``self.READ_NUM_BYTES``, so it is raised for the
+# process, once (every HTTP/1.1 client in it reads this way; small responses are unaffected).
+READ_BYTES = 1 << 20
+
+
+def read_large() -> None:
+    """Let HTTP/1.1 responses be read up to :data:`READ_BYTES` per socket read (idempotent)."""
+    connection = httpcore2.HTTP11Connection
+    if getattr(connection, "READ_NUM_BYTES", 0) < READ_BYTES:
+        connection.READ_NUM_BYTES = READ_BYTES
 
 
 def endpoint_label(path: str) -> str:
@@ -49,6 +66,7 @@ def make_client(
         if settings.openai_api_key is None
         else None
     )
+    read_large()
     http_client = None
     if on_response is not None:
 
@@ -85,9 +103,12 @@ class Upstream:
 
     @contextmanager
     def file_lines(self, file_id: str) -> Iterator[Iterator[bytes]]:
-        """An upstream file's non-empty lines, streamed as bytes (never the whole file held)."""
+        """An upstream file's non-empty lines, streamed as bytes (never the whole file held).
+
+        The body is split as it arrives (no re-chunking: each read is copied once, into its line).
+        """
         with translated(), self.client.files.with_streaming_response.content(file_id) as resp:
-            yield (raw for raw in iter_chunk_lines(resp.iter_bytes(1 << 20)) if raw.strip())
+            yield (raw for raw in iter_chunk_lines(resp.iter_bytes()) if raw.strip())
 
     def file_size(self, file_id: str) -> int:
         with translated():
