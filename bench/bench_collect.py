@@ -1,33 +1,53 @@
-"""Collect: one worker turning an upstream output file into images in storage.
+"""Collect: one worker turning an upstream output file into images, beside the plain ways.
 
-For a batch of N images of about 1.5 MB each (the simulator pads to --image-bytes), prints side
-by side: plainly downloading the output file to disk with the SDK, and one worker process
-collecting it (stream, parse, decode, store each image, record usage), with that process's peak
-RSS. Run for 200 and 2,000 images: the peak must not grow with the batch. Both sides end on disk:
-the download is fsynced, as each collected image is; collect is timed inside the worker
-process (a running worker has already started), its peak RSS over the whole process.
-Targets (issue: the batch path): collect at least half the download rate; peak at most 300 MB.
+For a batch of N images of about 1.5 MB each (the simulator pads to --image-bytes), side by side
+in one run, several runs each, in alternating order:
+
+* local: plainly downloading the output file to disk with the OpenAI SDK (``stream_to_file``,
+  then fsync), against one worker process collecting it into local storage on the same disk
+  (stream, parse, decode, store each image fsynced, record usage);
+* S3 (moto's server, as the tests use it): a plain boto3 upload of the same images, decoded into
+  memory beforehand, ``put_object`` from as many threads as collect uses, against collect into
+  that bucket.
+
+Every side runs in a process of its own, timed inside it, with its peak RSS sampled from
+outside. The collecting process is a running worker: it has collected a one-image chunk before
+the timed one (its upstream client made, its Lua scripts loaded), as a worker that has run a
+task has. Ratios are rates against the plain way (1.0 = as fast), medians over the runs.
+Targets (issue 13): ratio >= 0.9 for 200 and 2,000 images into both storages; collect's peak RSS
+flat in the number of images (at most 300 MB).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psutil
-from _support import ROOT, ended_chunk, machine, start_instant_simulator, start_redis
+from _support import ROOT, ended_chunk, machine, start_instant_simulator, start_moto, start_redis
 
 IMAGE_BYTES = 1_500_000
+BUCKET = "bench-collect"
+TARGET_RATIO = 0.9
+PEAK_MB = 300
 
 
-def child(args: argparse.Namespace) -> None:
-    """The worker side: collect one chunk, nothing else in the process."""
+# --- the measured sides, each in a process of its own ---------------------------------------
+
+
+def child_collect(args: argparse.Namespace) -> dict[str, Any]:
+    """The worker side: collect a warm-up chunk, then the timed one."""
+    sys.path.insert(0, str(ROOT))
     from service.context import build_context
     from service.lanes.collect import collect_chunk
     from service.settings import Settings
@@ -35,64 +55,77 @@ def child(args: argparse.Namespace) -> None:
     settings = Settings(
         redis_url=args.redis,
         storage_url=args.storage,
+        s3_endpoint_url=args.s3 or None,
+        s3_region="us-east-1",
+        s3_path_style=True,
         openai_base_url=args.sim,
         openai_api_key="sk-bench",
-        data_dir=Path(args.storage.removeprefix("file://")).parent,
+        data_dir=Path(args.data),
     )
     ctx = build_context(settings, enqueue=lambda *a: None)
+    warm_job, warm_chunk = args.warm.split(":")
+    warm = collect_chunk(ctx, warm_job, int(warm_chunk), upload_threads=args.threads)
+    assert warm is not None and warm.succeeded == 1, warm
     start = time.perf_counter()
     result = collect_chunk(ctx, args.job, int(args.chunk), upload_threads=args.threads)
     seconds = time.perf_counter() - start
     assert result is not None and result.succeeded == args.expect, result
-    print(orjson.dumps({**result.__dict__, "seconds": seconds}).decode())
+    return {"seconds": seconds, "bytes": result.bytes}
 
 
-def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[str, float]:
-    from service.context import build_context
-    from service.settings import Settings
+def child_download(args: argparse.Namespace) -> dict[str, Any]:
+    """The plain download: the SDK streams the output file to disk; on disk once fsynced."""
+    from openai import OpenAI
 
-    storage = (tmp / f"storage-{n}").as_uri()
-    settings = Settings(
-        redis_url=redis_url,
-        storage_url=storage,
-        openai_base_url=sim.url,
-        openai_api_key="sk-bench",  # type: ignore[attr-defined]
-        data_dir=tmp,
-    )
-    ctx = build_context(settings, enqueue=lambda *a: None)
-    job_id, chunk, batch = ended_chunk(ctx, n)
+    client = OpenAI(base_url=args.sim, api_key="sk-bench")
+    dest = Path(args.dest)
+    start = time.perf_counter()
+    with client.files.with_streaming_response.content(args.file) as resp:
+        resp.stream_to_file(dest)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    size = dest.stat().st_size
+    dest.unlink()
+    return {"seconds": seconds, "bytes": size}
+
+
+def child_upload(args: argparse.Namespace) -> dict[str, Any]:
+    """The plain S3 upload: the same images, decoded into memory first (not timed), put by a
+    pool of ``threads`` (the same as collect's) with boto3's defaults."""
+    import boto3
+    import pybase64
+    from openai import OpenAI
+
+    client = OpenAI(base_url=args.sim, api_key="sk-bench")
+    images: list[tuple[str, bytes]] = []
+    with client.files.with_streaming_response.content(args.file) as resp:
+        for line in resp.iter_lines():
+            if line.strip():
+                rec = orjson.loads(line)
+                for k, item in enumerate(rec["response"]["body"]["data"]):
+                    blob = pybase64.b64decode(item["b64_json"], validate=True)
+                    images.append((f"{args.prefix}/{rec['custom_id']}-{k}.png", blob))
+    s3 = boto3.client("s3", endpoint_url=args.s3, region_name="us-east-1")
+
+    def put(item: tuple[str, bytes]) -> None:
+        s3.put_object(Bucket=BUCKET, Key=item[0], Body=item[1], ContentType="image/png")
 
     start = time.perf_counter()
-    with ctx.upstream.client.files.with_streaming_response.content(batch.output_file_id) as resp:
-        resp.stream_to_file(tmp / "download.jsonl")
-    # On disk, as collect's images are (each one is fsynced before it counts).
-    fd = os.open(tmp / "download.jsonl", os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    download_s = time.perf_counter() - start
-    size = (tmp / "download.jsonl").stat().st_size
-    (tmp / "download.jsonl").unlink()
+    with ThreadPoolExecutor(max_workers=args.threads) as pool:
+        list(pool.map(put, images))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": sum(len(b) for _, b in images)}
 
-    cmd = [
-        sys.executable,
-        str(Path(__file__)),
-        "--child",
-        "--redis",
-        redis_url,
-        "--storage",
-        storage,
-        "--sim",
-        sim.url,  # type: ignore[attr-defined]
-        "--job",
-        job_id,
-        "--chunk",
-        str(chunk),
-        "--expect",
-        str(n),
-        "--threads",
-        str(threads),
-    ]
-    start = time.perf_counter()
+
+def run_child(mode: str, options: dict[str, object]) -> dict[str, Any]:
+    """One measured process: its own timing (last stdout line) and its peak RSS in MB."""
+    cmd = [sys.executable, str(Path(__file__)), "--child", mode]
+    for name, value in options.items():
+        cmd += [f"--{name}", str(value)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT / "bench")
     ps = psutil.Process(proc.pid)
     peak = 0
@@ -104,60 +137,189 @@ def run(n: int, tmp: Path, redis_url: str, sim: object, threads: int) -> dict[st
         time.sleep(0.01)
     out = proc.stdout.read() if proc.stdout else b""
     if proc.returncode != 0:
-        raise SystemExit(f"collect failed: {out!r}")
-    # The collect itself, timed inside the worker process (a running worker has started already).
-    collect_s = orjson.loads(out.splitlines()[-1])["seconds"]
-    ctx.redis.close()
-    return {
-        "n": n,
-        "bytes": size,
-        "download_s": download_s,
-        "collect_s": collect_s,
-        "peak_mb": peak / 1e6,
+        raise SystemExit(f"{mode} failed: {out!r}")
+    return {**orjson.loads(out.splitlines()[-1]), "peak_mb": peak / 1e6}
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def empty_bucket(s3: Any) -> None:
+    """Delete every object (moto holds them in memory)."""
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+        if keys:
+            s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+
+def measure_size(
+    n: int, tmp: Path, redis_url: str, sim: Any, s3_url: str, runs: int, threads: int
+) -> dict[str, list[dict[str, Any]]]:
+    import boto3
+    from bench_accounting import restore, snapshot
+
+    from service.context import build_context
+    from service.settings import Settings
+
+    ctx = build_context(
+        Settings(
+            redis_url=redis_url,
+            storage_url=(tmp / "setup").as_uri(),
+            openai_base_url=sim.url,
+            openai_api_key="sk-bench",
+            data_dir=tmp,
+        ),
+        enqueue=lambda *a: None,
+    )
+    ctx.redis.flushdb()
+    warm_job, warm_chunk, _ = ended_chunk(ctx, 1)
+    job_id, chunk, batch = ended_chunk(ctx, n)
+    state = snapshot(ctx)
+    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
+    common = {"redis": redis_url, "sim": sim.url, "data": tmp, "threads": threads}
+    collect = {
+        **common,
+        "job": job_id,
+        "chunk": chunk,
+        "expect": n,
+        "warm": f"{warm_job}:{warm_chunk}",
     }
+    out: dict[str, list[dict[str, Any]]] = {}
+
+    def local_collect(run: int) -> dict[str, Any]:
+        storage = tmp / f"storage-{n}-{run}"
+        restore(ctx, state)
+        try:
+            return run_child("collect", {**collect, "storage": storage.as_uri(), "s3": ""})
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+
+    def download(run: int) -> dict[str, Any]:
+        dest = tmp / f"download-{n}-{run}.jsonl"
+        return run_child("download", {"sim": sim.url, "file": batch.output_file_id, "dest": dest})
+
+    def s3_collect(run: int) -> dict[str, Any]:
+        restore(ctx, state)
+        try:
+            storage = f"s3://{BUCKET}/collect-{n}-{run}"
+            return run_child("collect", {**collect, "storage": storage, "s3": s3_url})
+        finally:
+            empty_bucket(s3)
+
+    def s3_plain(run: int) -> dict[str, Any]:
+        try:
+            return run_child(
+                "upload",
+                {
+                    **common,
+                    "s3": s3_url,
+                    "file": batch.output_file_id,
+                    "prefix": f"plain-{n}-{run}",
+                },
+            )
+        finally:
+            empty_bucket(s3)
+
+    cases = [
+        ("download", download),
+        ("collect", local_collect),
+        ("s3 upload", s3_plain),
+        ("s3 collect", s3_collect),
+    ]
+    for run in range(runs):
+        order = cases if run % 2 == 0 else [cases[1], cases[0], cases[3], cases[2]]
+        for name, case in order:
+            os.sync()  # each side starts with no one else's dirty pages to write back
+            out.setdefault(name, []).append(case(run))
+    ctx.redis.close()
+    return out
+
+
+def report(n: int, out: dict[str, list[dict[str, Any]]]) -> list[str]:
+    def med(name: str, field: str = "seconds") -> float:
+        return statistics.median(r[field] for r in out[name])
+
+    def peak(name: str) -> float:
+        return max(r["peak_mb"] for r in out[name])
+
+    def runs(name: str) -> str:
+        return "/".join(f"{r['seconds']:.2f}" for r in out[name])
+
+    rows = []
+    for plain, ours, what in (("download", "collect", "local"), ("s3 upload", "s3 collect", "S3")):
+        # MB moved: the output file read for local, the images written for S3.
+        mb = med(plain, "bytes") / 1e6
+        ratio = med(plain) / med(ours)
+        # Each run's collect against the plain run beside it: robust to the machine drifting.
+        pairs = statistics.median(
+            p["seconds"] / o["seconds"] for p, o in zip(out[plain], out[ours], strict=True)
+        )
+        rows.append(
+            f"{n:>6} {what:>5} {mb:>6.0f}MB  {plain:>9} {med(plain):>6.2f}s {peak(plain):>5.0f}MB"
+            f"  collect {med(ours):>6.2f}s {peak(ours):>4.0f}MB  ratio {ratio:>4.2f} (pairs {pairs:.2f})"
+            f"  runs {runs(plain)} | {runs(ours)}"
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--redis")
-    parser.add_argument("--storage")
-    parser.add_argument("--sim")
-    parser.add_argument("--job")
-    parser.add_argument("--chunk")
+    parser.add_argument("--child", choices=["collect", "download", "upload"])
+    for name in (
+        "redis",
+        "storage",
+        "s3",
+        "sim",
+        "job",
+        "chunk",
+        "warm",
+        "data",
+        "file",
+        "dest",
+        "prefix",
+    ):
+        parser.add_argument(f"--{name}")
     parser.add_argument("--expect", type=int)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--sizes", default="200,2000")
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        measured = {"collect": child_collect, "download": child_download, "upload": child_upload}
+        print(orjson.dumps(measured[args.child](args)).decode())
         return
     sys.path.insert(0, str(ROOT))
+    import boto3
 
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
         sim = start_instant_simulator(tmp / "sim", image_bytes=IMAGE_BYTES)
+        moto_proc, s3_url = start_moto(tmp / "moto")
+        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(
+            Bucket=BUCKET
+        )
         try:
-            print(f"machine: {machine()}")
+            print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
             print(
-                f"collect: images of ~{IMAGE_BYTES / 1e6:.1f} MB, local storage, one worker process, {args.threads} upload threads"
+                f"collect: images of ~{IMAGE_BYTES / 1e6:.1f} MB, one worker process, "
+                f"{args.threads} upload threads; {args.runs} runs of each side, alternating; "
+                "medians (s), peak RSS (max over runs)"
             )
-            print(
-                f"{'images':>7} {'output':>9} {'download':>17} {'collect':>17} {'ratio':>6} {'peak RSS':>9}"
-            )
+            rows: list[str] = []
             for n in (int(x) for x in args.sizes.split(",")):
-                r = run(n, tmp, redis_url, sim, args.threads)
-                mb = r["bytes"] / 1e6
-                print(
-                    f"{n:>7} {mb:>7.0f}MB {r['download_s']:>6.1f}s {mb / r['download_s']:>6.0f}MB/s "
-                    f"{r['collect_s']:>6.1f}s {mb / r['collect_s']:>6.0f}MB/s {r['download_s'] / r['collect_s']:>6.2f} "
-                    f"{r['peak_mb']:>7.0f}MB"
-                )
+                out = measure_size(n, tmp, redis_url, sim, s3_url, args.runs, args.threads)
+                rows += report(n, out)
+                print("\n".join(rows[-2:]), flush=True)
+            print(f"load average {os.getloadavg()[0]:.1f} at the end")
             print(
-                "targets: ratio (collect rate / download rate) >= 0.5; peak RSS <= 300 MB and flat across sizes"
+                f"targets: ratio (plain time / collect time) >= {TARGET_RATIO}; "
+                f"collect peak RSS <= {PEAK_MB} MB and flat across sizes"
             )
         finally:
+            moto_proc.stop()
             sim.stop()
             redis_proc.stop()
 
