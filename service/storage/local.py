@@ -3,16 +3,22 @@
 Layout under the root directory::
 
     {root}/{key}                                    the object, e.g. jobs/j1/images/sku-1.png
-    {root}/.imagebatch-internal/meta/{key}.json     its content type and metadata (the sidecar)
+    {root}/.imagebatch-internal/meta/{key}.json     its content type and metadata (the sidecar),
+                                                    where the filesystem has no user xattrs
     {root}/.imagebatch-internal/tmp/                files being written
 
-Objects sit under their plain keys so the directory can be browsed and copied as is. Sidecars
-live in a tree of their own, so no key can collide with a sidecar and listings need not filter
-them. Every write goes to a temp file on the same filesystem, is fsynced, and is moved into place
-with ``os.replace``: a crash leaves either the old object or the new one, never half of one (at
-worst an orphan temp file under ``tmp/``, which nothing reads). A write returns once its rename
-is durable (its directory synced); threads writing into one directory share those syncs. The sidecar is replaced just
-before the object, so a visible object always has one.
+Objects sit under their plain keys so the directory can be browsed and copied as is. An object's
+content type and metadata travel with it, in its extended attribute ``user.imagebatch`` (the
+sidecar's JSON), written before the temp file is fsynced: one file, one fsync and one rename an
+object, and a hard link or a rename carries them along. On a filesystem without user xattrs
+(or a value too large for it) they go to a sidecar in a tree of its own, so no key can collide
+with a sidecar and listings need not filter them; ``head`` reads the attribute, then the
+sidecar (objects written before attributes were used have one). Every write goes to a temp file
+on the same filesystem, is fsynced, and is moved into place with ``os.replace``: a crash leaves
+either the old object or the new one, never half of one (at worst an orphan temp file under
+``tmp/``, which nothing reads). A write returns once its rename is durable (its directory
+synced); threads writing into one directory share those syncs. A sidecar is replaced just
+before its object, so a visible object always has its metadata.
 
 Unlike S3, a directory cannot hold both ``a`` and ``a/b``; writing the second raises
 :class:`StorageError`. imagebatch's own layout never does that.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import json
 import mimetypes
 import os
@@ -65,6 +72,14 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 _NOT_FOUND_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+# The extended attribute holding an object's content type and metadata (the sidecar's JSON).
+XATTR = "user.imagebatch"
+# A filesystem without user xattrs: every object gets a sidecar instead.
+_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+# A value this filesystem cannot hold (ext4: one block for all of an inode's attributes): this
+# object gets a sidecar instead.
+_XATTR_TOO_BIG = {errno.E2BIG, errno.ERANGE, errno.ENOSPC}
 
 
 def path_from_file_url(url: str) -> Path:
@@ -148,6 +163,18 @@ class DirectorySync:
 _DIR_SYNC = DirectorySync()
 
 
+def _read_xattr(path: Path) -> bytes | None:
+    """An object's metadata from its extended attribute; None where it has none."""
+    if not hasattr(os, "getxattr"):
+        return None
+    try:
+        return os.getxattr(path, XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, *_NO_XATTRS):
+            return None
+        raise
+
+
 class LocalStorage:
     """Objects in a directory."""
 
@@ -163,6 +190,8 @@ class LocalStorage:
         self.public_url = public_url.rstrip("/")
         self._meta = self.root / RESERVED_TOP / "meta"
         self._tmp = self.root / RESERVED_TOP / "tmp"
+        # Until the filesystem says it has none (os.setxattr exists on Linux only).
+        self._xattrs = hasattr(os, "setxattr")
         # None trusts the caller with any path; a list (even empty) allows only what is under it.
         self._ref_roots = (
             [Path(os.path.realpath(r)) for r in ref_roots] if ref_roots is not None else None
@@ -241,13 +270,15 @@ class LocalStorage:
                 os.unlink(tmp)
             raise
         try:
+            sidecar = json.dumps({"content_type": content_type, "metadata": meta}).encode()
             try:
                 f.flush()
+                attached = self._attach(f.fileno(), sidecar)
                 os.fsync(f.fileno())
             finally:
                 f.close()
-            sidecar = json.dumps({"content_type": content_type, "metadata": meta}).encode()
-            self._replace_bytes(self._sidecar(key), sidecar)
+            if not attached:
+                self._replace_bytes(self._sidecar(key), sidecar)
             self._publish(tmp, self._path(key))
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -271,6 +302,22 @@ class LocalStorage:
             except FileNotFoundError:
                 continue  # published or removed meanwhile
         return removed
+
+    def _attach(self, fd: int, sidecar: bytes) -> bool:
+        """Put the object's metadata in its extended attribute; False where it must go to a
+        sidecar instead (no user xattrs here, or more than the filesystem holds)."""
+        if not self._xattrs:
+            return False
+        try:
+            os.setxattr(fd, XATTR, sidecar)
+        except OSError as exc:
+            if exc.errno in _NO_XATTRS:
+                self._xattrs = False
+                return False
+            if exc.errno in _XATTR_TOO_BIG:
+                return False
+            raise
+        return True
 
     def _new_tmp(self) -> Path:
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -333,7 +380,7 @@ class LocalStorage:
         except OSError as exc:
             raise self._error(exc, "head", key) from exc
         try:
-            side = json.loads(self._sidecar(key).read_bytes())
+            side = json.loads(_read_xattr(path) or self._sidecar(key).read_bytes())
         except FileNotFoundError:
             # Put there by hand, not through us: guess like a web server would.
             return ObjectInfo(key, st.st_size, mimetypes.guess_type(key)[0], {})
@@ -468,6 +515,8 @@ class LocalStorage:
                     link = False
             if not link:
                 shutil.copyfile(src, tmp)
+                if (attached := _read_xattr(src)) is not None:
+                    os.setxattr(tmp, XATTR, attached)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
             os.replace(tmp, final)

@@ -6,6 +6,7 @@ fresh bucket per test and a key prefix, so the prefix handling is exercised too.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -678,6 +679,79 @@ def test_local_files_are_plain_under_their_keys(tmp_path: Path) -> None:
     # A file put there by hand is still an object, its type guessed from the name.
     (root / "jobs" / "j" / "hand.json").write_text("{}")
     assert s.head("jobs/j/hand.json").content_type == "application/json"
+
+
+def test_local_metadata_travels_with_the_object_in_one_file(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    s = open_storage(Settings(storage_url=root.as_uri(), data_dir=tmp_path))
+    key = image_key("j", "sku", "png")
+    s.put_bytes(key, b"png", content_type="image/png", metadata={"sha256": sha(b"png")})
+    # One file an object: no sidecar written, its metadata in its extended attribute.
+    assert not (root / ".imagebatch-internal" / "meta").exists()
+    info = s.head(key)
+    assert (info.content_type, info.metadata) == ("image/png", {"sha256": sha(b"png")})
+    # A rename by hand keeps them, as it keeps the bytes.
+    os.replace(root / key, root / "jobs" / "j" / "moved.png")
+    assert s.head("jobs/j/moved.png").metadata == {"sha256": sha(b"png")}
+
+
+def test_local_objects_with_a_sidecar_keep_their_metadata(tmp_path: Path) -> None:
+    """Objects written before metadata moved into an attribute have a sidecar: still read."""
+    root = tmp_path / "store"
+    s = open_storage(Settings(storage_url=root.as_uri(), data_dir=tmp_path))
+    (root / "jobs" / "j").mkdir(parents=True)
+    (root / "jobs" / "j" / "old.png").write_bytes(b"old")
+    sidecar = root / ".imagebatch-internal" / "meta" / "jobs" / "j" / "old.png.json"
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text('{"content_type": "image/png", "metadata": {"sha256": "abc"}}')
+    assert s.head("jobs/j/old.png").metadata == {"sha256": "abc"}
+    # Written again, the attribute is what counts; deleting removes both.
+    s.put_bytes("jobs/j/old.png", b"new", content_type="image/png", metadata={"sha256": "def"})
+    assert s.head("jobs/j/old.png").metadata == {"sha256": "def"}
+    s.delete("jobs/j/old.png")
+    assert not sidecar.exists() and not s.exists("jobs/j/old.png")
+
+
+def test_local_copy_without_links_keeps_the_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a hard link cannot be made (another filesystem: faked), the bytes are copied and
+    the metadata attribute with them."""
+    s = open_storage(Settings(storage_url=(tmp_path / "s").as_uri(), data_dir=tmp_path))
+    s.put_bytes("jobs/a/x.png", b"png", content_type="image/png", metadata={"sha256": "abc"})
+
+    def cross_device(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    s.copy("jobs/a/x.png", "jobs/b/x.png")
+    info = s.head("jobs/b/x.png")
+    assert (info.content_type, info.metadata) == ("image/png", {"sha256": "abc"})
+    with s.open("jobs/b/x.png") as f:
+        assert f.read() == b"png"
+
+
+def test_local_storage_without_user_xattrs_writes_sidecars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses user xattrs (some network and older tmpfs mounts): every
+    object gets a sidecar, and the adapter stops asking after the first refusal. The refusal is
+    faked: no such filesystem can be mounted here."""
+    calls: list[int] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    root = tmp_path / "store"
+    s = open_storage(Settings(storage_url=root.as_uri(), data_dir=tmp_path))
+    for name in ("a", "b"):
+        s.put_bytes(f"jobs/j/{name}.png", b"x", content_type="image/png", metadata={"n": name})
+    assert len(calls) == 1
+    for name in ("a", "b"):
+        assert s.head(f"jobs/j/{name}.png").metadata == {"n": name}
+        assert (root / ".imagebatch-internal" / "meta" / "jobs" / "j" / f"{name}.png.json").exists()
 
 
 def test_local_key_conflicting_with_a_directory_is_a_storage_error(tmp_path: Path) -> None:
