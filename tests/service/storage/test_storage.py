@@ -720,7 +720,9 @@ def test_local_copy_without_links_keeps_the_metadata(
     s = open_storage(Settings(storage_url=(tmp_path / "s").as_uri(), data_dir=tmp_path))
     s.put_bytes("jobs/a/x.png", b"png", content_type="image/png", metadata={"sha256": "abc"})
 
-    def cross_device(*args: Any, **kwargs: Any) -> None:
+    def cross_device(src: Any, dst: Any) -> None:
+        if not os.path.isdir(os.path.dirname(dst)):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", dst)
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
