@@ -10,17 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpcore2
 import orjson
 import pytest
 
 from service.settings import Settings
 from service.upstream import Upstream, UpstreamError, UpstreamRateLimited
-from service.upstream.port import endpoint_label, make_client
+from service.upstream.port import READ_BYTES, endpoint_label, make_client
 from tests.support.procs import free_port, wait_until
 from tests.support.receiver import receiving
 from tests.support.simulator import SimulatorHandle, start_simulator
 
 GENERATIONS = "/v1/images/generations"
+# Lines shorter, longer and much longer than one read.
+SIZES = [10, 3 * 1024 * 1024 + 7, 1, 1024 * 1024 - 30, 5 * 1024 * 1024]
 
 
 def body(prompt: str = "a red bicycle") -> dict[str, Any]:
@@ -167,6 +170,17 @@ def test_a_batch_runs_and_its_output_streams_line_by_line(sim: SimulatorHandle) 
     assert sorted(r["custom_id"] for r in records) == ["0", "1", "2"]
     assert all(r["response"]["status_code"] == 200 for r in records)
     assert any(b.id == created.id for b in port.recent_batches(limit=1))
+
+
+def test_a_file_of_long_lines_streams_back_whole_in_large_reads(sim: SimulatorHandle) -> None:
+    """Output lines are MBs of base64: read up to 1 MiB a socket read (httpcore's default is
+    64 KiB), each line comes back whole, byte for byte, however the reads cut it."""
+    port = upstream(sim.url)
+    assert httpcore2.HTTP11Connection.READ_NUM_BYTES == READ_BYTES == 1 << 20
+    long = [orjson.dumps({"custom_id": str(i), "pad": "A" * size}) for i, size in enumerate(SIZES)]
+    file_id = port.upload("long.jsonl", io.BytesIO(b"\n".join(long) + b"\n\n"), "batch")
+    with port.file_lines(file_id) as out:
+        assert list(out) == long  # the blank line at the end is skipped
 
 
 def test_recent_batches_pages_on_newest_first(sim: SimulatorHandle) -> None:
