@@ -6,10 +6,15 @@ so a test can repeat a step (a redelivered task) or stop between two (a crash).
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import boto3
 import orjson
 import pytest
 
@@ -18,7 +23,7 @@ from service.jobs import intake
 from service.jobs import model as js
 from service.jobs.spec import parse_job_json
 from service.lanes import collect, finalize, items, plan, submit, sweep
-from service.storage import image_key
+from service.storage import StorageError, image_key
 from tests.support.context import make_context
 from tests.support.procs import wait_until
 from tests.support.simulator import SimulatorHandle, start_instant_simulator
@@ -202,3 +207,122 @@ def test_token_limit_exceeded_upstream_puts_the_chunk_back_to_wait(
     finally:
         ctx.redis.close()
         sim.stop()
+
+
+# --- collect into S3: concurrent uploads, exactly once, bounded ----------------------------------
+
+
+class CrashingStorage:
+    """The real S3 adapter, except that the worker "dies" on its ``crash_at``-th image write
+    (that write and every later one raise, as a killed process would never write them); the
+    puts that went through are counted. ``hold`` (an Event) keeps every write waiting."""
+
+    def __init__(self, inner: Any, crash_at: int | None = None, hold: Any = None) -> None:
+        self.inner, self.crash_at, self.hold = inner, crash_at, hold
+        self.puts = 0
+        self.lock = threading.Lock()
+
+    def put_bytes(self, key: str, data: bytes, **kwargs: Any) -> None:
+        if self.hold is not None:
+            self.hold.wait(30)
+        with self.lock:
+            if self.crash_at is not None and self.puts + 1 >= self.crash_at:
+                raise StorageError("the worker was killed", key=key)
+            self.puts += 1
+        self.inner.put_bytes(key, data, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def s3_ctx(
+    tmp_path: Path, redis_url: str, redis_client: Any, sim: SimulatorHandle, s3_endpoint: str
+) -> Iterator[Context]:
+    bucket = f"collect-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    context = make_context(
+        tmp_path,
+        redis_url,
+        sim.url,
+        storage_url=f"s3://{bucket}/out",
+        s3_endpoint_url=s3_endpoint,
+        s3_region="us-east-1",
+        s3_path_style=True,
+        batch_max_lines=40,
+    )
+    yield context
+    context.redis.close()
+
+
+def test_collect_into_s3_after_a_crash_stores_each_image_once_and_counts_once(
+    s3_ctx: Context, sim: SimulatorHandle
+) -> None:
+    ctx = s3_ctx
+    job_id = accept(ctx, 40)
+    (n,) = run_until_collectable(ctx, job_id)
+    real = ctx.storage
+    ctx.storage = CrashingStorage(real, crash_at=15)  # type: ignore[assignment]
+    with pytest.raises(StorageError):
+        collect.collect_chunk(ctx, job_id, n, upload_threads=8)
+    done_before = ctx.store.counts(job_id).get("succeeded", 0)
+    assert 0 < done_before < 40
+    # The next worker takes the chunk over (the lease was released, or lapsed after a kill).
+    ctx.storage = CrashingStorage(real)  # type: ignore[assignment]
+    again = collect.collect_chunk(ctx, job_id, n, upload_threads=8)
+    assert again is not None and again.succeeded == 40 - done_before
+    # Only images not yet counted were written again (under the same keys), not the others.
+    assert ctx.storage.puts == 40 - done_before  # type: ignore[attr-defined]
+    assert ctx.store.counts(job_id)["succeeded"] == 40
+    objects = list(real.list(f"jobs/{job_id}/images/"))
+    assert len(objects) == 40
+    assert real.head(objects[0].key).metadata["sha256"]
+    billed = sim.stats()["batches"][ctx.store.chunk(job_id, n).batch_id]["tokens"]
+    spend = ctx.store.spend(job_id)
+    assert spend["image_output"] == billed["image_output"]
+
+
+def test_collect_holds_a_bounded_number_of_lines_while_storage_is_slow(
+    s3_ctx: Context,
+) -> None:
+    """Whatever the file's size, at most two lines per upload thread are read ahead of
+    storage: with every write held, the reader stops there until writes go through."""
+    ctx = s3_ctx
+    job_id = accept(ctx, 40)
+    (n,) = run_until_collectable(ctx, job_id)
+    hold = threading.Event()
+    ctx.storage = CrashingStorage(ctx.storage, hold=hold)  # type: ignore[assignment]
+    read = [0]
+    file_lines = ctx.upstream.file_lines
+
+    @contextmanager
+    def counted(file_id: str) -> Iterator[Iterator[bytes]]:
+        with file_lines(file_id) as lines:
+
+            def each() -> Iterator[bytes]:
+                for raw in lines:
+                    read[0] += 1
+                    yield raw
+
+            yield each()
+
+    ctx.upstream.file_lines = counted  # type: ignore[method-assign]
+    threads = 4
+    worker = threading.Thread(
+        target=collect.collect_chunk, args=(ctx, job_id, n), kwargs={"upload_threads": threads}
+    )
+    worker.start()
+    try:
+        wait_until(lambda: read[0] >= 2 * threads, timeout=30, message="lines to be read ahead")
+        # For a second, with every write held: the reader stays where its slots ran out (two
+        # lines a thread, and the one it waits to hand over).
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert read[0] <= 2 * threads + 1
+            time.sleep(0.02)
+    finally:
+        hold.set()
+        worker.join(60)
+    assert ctx.store.counts(job_id)["succeeded"] == 40
