@@ -6,6 +6,7 @@ so a test can repeat a step (a redelivered task) or stop between two (a crash).
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -16,7 +17,10 @@ from typing import Any
 
 import boto3
 import orjson
+import pybase64
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.context import Context
 from service.jobs import intake
@@ -326,3 +330,56 @@ def test_collect_holds_a_bounded_number_of_lines_while_storage_is_slow(
         hold.set()
         worker.join(60)
     assert ctx.store.counts(job_id)["succeeded"] == 40
+
+
+# --- output lines: images left where they are -----------------------------------------------
+
+JSON_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ['"b64_json":"x"', '\\"b64_json\\":', "b64_json", '"', "\\"]
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(JSON_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every memoryview read as the str it stands for."""
+    if isinstance(value, memoryview):
+        return bytes(value).decode()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    images=st.lists(st.binary(max_size=300), max_size=12),
+    extra=st.dictionaries(JSON_TEXT, JSON_VALUES, max_size=3),
+    spaced=st.booleans(),
+)
+def test_an_output_line_parses_as_json_does_with_its_images_left_in_place(
+    images: list[bytes], extra: dict[str, Any], spaced: bool
+) -> None:
+    body = {"data": [{"b64_json": base64.b64encode(b).decode()} for b in images], **extra}
+    rec = {"custom_id": "7", "response": {"status_code": 200, "body": body}, "x": extra}
+    raw = orjson.dumps(rec)
+    if spaced:
+        raw = raw.replace(b'"b64_json":', b'"b64_json" :\t ')
+    parsed = collect.parse_output_line(raw)
+    assert plain(parsed) == orjson.loads(raw)
+    for image, blob in zip(parsed["response"]["body"]["data"], images, strict=True):
+        assert pybase64.b64decode(image["b64_json"], validate=True) == blob
+
+
+def test_an_output_line_with_an_escaped_value_or_a_stray_key_parses_plainly() -> None:
+    escaped = b'{"custom_id":"1","response":{"body":{"data":[{"b64_json":"ab\\/c"}]}}}'
+    assert collect.parse_output_line(escaped) == orjson.loads(escaped)
+    stray = b'{"custom_id":"1","error":{"b64_json":"QUJD"},"response":{"body":{"data":[]}}}'
+    assert collect.parse_output_line(stray) == orjson.loads(stray)
+    images = b'{"custom_id":"1","response":{"body":{"data":[{"b64_json":"QUJD"}]}}}'
+    parsed = collect.parse_output_line(images)["response"]["body"]["data"][0]["b64_json"]
+    assert isinstance(parsed, memoryview) and bytes(parsed) == b"QUJD"
