@@ -3,22 +3,19 @@
 Layout under the root directory::
 
     {root}/{key}                                    the object, e.g. jobs/j1/images/sku-1.png
-    {root}/.imagebatch-internal/meta/{key}.json     its content type and metadata (the sidecar),
-                                                    where the filesystem has no user xattrs
+    {root}/.imagebatch-internal/meta/{key}.json     its metadata where there are no user xattrs
     {root}/.imagebatch-internal/tmp/                files being written
 
 Objects sit under their plain keys so the directory can be browsed and copied as is. An object's
-content type and metadata travel with it, in its extended attribute ``user.imagebatch`` (the
-sidecar's JSON), written before the temp file is fsynced: one file, one fsync and one rename an
-object, and a hard link or a rename carries them along. On a filesystem without user xattrs
-(or a value too large for it) they go to a sidecar in a tree of its own, so no key can collide
-with a sidecar and listings need not filter them; ``head`` reads the attribute, then the
-sidecar (objects written before attributes were used have one). Every write goes to a temp file
-on the same filesystem, is fsynced, and is moved into place with ``os.replace``: a crash leaves
-either the old object or the new one, never half of one (at worst an orphan temp file under
-``tmp/``, which nothing reads). A write returns once its rename is durable (its directory
-synced); threads writing into one directory share those syncs. A sidecar is replaced just
-before its object, so a visible object always has its metadata.
+content type and metadata travel with it in its extended attribute ``user.imagebatch``, set
+before the temp file is fsynced (one file, one fsync, one rename; links and renames keep it).
+Without user xattrs (or for a value too large for them) they go to a sidecar in a tree of its
+own, which no key can collide with; ``head`` reads the attribute, then the sidecar (older objects
+have one). Every write goes to a temp file on the same filesystem, is fsynced, and is moved into
+place with ``os.replace``: a crash leaves either the old object or the new one, never half of
+one (at worst an orphan temp file under ``tmp/``). A write returns once its rename is durable
+(its directory synced); threads writing into one directory share those syncs. A sidecar is
+replaced just before its object, so a visible object always has its metadata.
 
 Unlike S3, a directory cannot hold both ``a`` and ``a/b``; writing the second raises
 :class:`StorageError`. imagebatch's own layout never does that.
