@@ -41,7 +41,7 @@ from service.lanes import duplicates
 from service.lanes.finalize import after_chunk
 from service.lanes.items import BadReference, RefResolver, fail_bad_reference
 from service.lanes.plan import upstream_line
-from service.lanes.reroute import reroute_chunk
+from service.lanes.reroute import DEADLINE, reroute_chunk
 from service.models import capability
 from service.queues import FINALIZE
 from service.redis import keys
@@ -84,6 +84,11 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
     chunk = store.chunk(job_id, number)
     if chunk is None or chunk.status not in (CHUNK_PLANNED, CHUNK_WAITING):
         return "already"
+    fresh = store.job(job_id)
+    if fresh is not None and fresh.lane_reason == DEADLINE:
+        # The job left the batch lane for its deadline after this chunk was planned.
+        reroute_chunk(ctx, fresh, chunk, (CHUNK_PLANNED, CHUNK_WAITING), DEADLINE)
+        return "rerouted"
     if not capability.batch_capable(ctx.redis, ctx.catalog, chunk.model or job.model):
         # Upstream refused batches of this model lately: no batch is created for it.
         reroute_chunk(ctx, job, chunk, (CHUNK_PLANNED, CHUNK_WAITING))
