@@ -66,9 +66,7 @@ def test_other_texts_are_refused(text: str) -> None:
 
 def test_a_job_carries_its_deadline_and_policy() -> None:
     when = time.time() + 3600
-    spec = parse_job_json(
-        body(deadline=rfc3339(when, 2), on_deadline="sync"), CAT, max_items=10
-    )
+    spec = parse_job_json(body(deadline=rfc3339(when, 2), on_deadline="sync"), CAT, max_items=10)
     assert spec.deadline == pytest.approx(when, abs=1e-3)
     assert spec.on_deadline == "sync"
     plain = parse_job_json(body(), CAT, max_items=10)
