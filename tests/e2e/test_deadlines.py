@@ -121,17 +121,17 @@ def test_a_job_too_slow_for_its_deadline_finishes_on_the_sync_lane(make_simulato
 def test_a_job_set_to_cancel_stops_at_its_deadline_with_its_finished_images(
     make_simulator, make_stack
 ):
-    # An image every 4 s per batch: two batches of four lines need 16 s; the deadline is 10 s.
-    sim = make_simulator(rate=0.25)
+    # An image every 5 s per batch: two batches of four lines need 20 s; the deadline is 16 s.
+    sim = make_simulator(rate=0.2)
     stack = start(make_stack(sim, env={"IMAGEBATCH_BATCH_MAX_LINES": "4"}))
-    deadline = time.time() + 10
+    deadline = time.time() + 16
     body = job_body(8, deadline=rfc3339(deadline), on_deadline="cancel")
     accepted = stack.submit(body)
     job = stack.wait_job(accepted["id"], timeout=60)
     assert job["status"] == "cancelled", stack.logs()
     assert job["reason"] == "cancelled at its deadline"
     finished = parse_iso(job["finished_at"])
-    assert deadline <= finished <= deadline + 20
+    assert deadline <= finished <= deadline + 30
     counts = job["counts"]
     assert 0 < counts["succeeded"] < 8
     assert counts["succeeded"] + counts["cancelled"] == 8
