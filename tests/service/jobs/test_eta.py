@@ -195,13 +195,13 @@ def test_upstream_timestamps_split_the_fixed_part(ctx: Context) -> None:
     assert (kept.seconds, kept.scaled) == (70, 50)
 
 
-def _job(ctx: Context, job_id: str, items: int, **fields: Any) -> Job:
+def _job(ctx: Context, job_id: str, items: int, mode: str = "batch", **fields: Any) -> Job:
     job = Job(
         id=job_id,
         tenant="default",
         status=JOB_RUNNING,
         model="gpt-image-2",
-        mode="batch",
+        mode=mode,
         items=items,
         images=items,
         created_at=NOW,
@@ -244,5 +244,20 @@ def test_waiting_chunks_queue_behind_the_token_budget(tmp_path: Path, redis_url:
         eta.record_batch(ctx, finished, _batch(), now=NOW)  # type: ignore[arg-type]
         # One chunk fits the budget at a time: three waves of 60 s.
         assert eta.job_eta(ctx, job, NOW).p50 == pytest.approx(NOW + 180)
+    finally:
+        ctx.redis.close()
+
+
+def test_a_sync_job_takes_its_share_of_the_cluster_rate(tmp_path: Path, redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).flushdb()
+    ctx = make_context(tmp_path, redis_url, sync_images_per_minute=60, sync_rpm=120)
+    try:
+        first = _job(ctx, "job_s1", 30, mode="sync")
+        _job(ctx, "job_s2", 30, mode="sync")
+        _job(ctx, "job_b", 30)  # a batch job takes none of it
+        got = eta.job_eta(ctx, first, NOW)
+        # 60 images a minute (the tighter limit) shared by two sync jobs: 30 items take 60 s.
+        assert got.p50 == got.p90 == pytest.approx(NOW + 60)
+        assert "30 images/min" in got.basis
     finally:
         ctx.redis.close()
