@@ -24,6 +24,8 @@ from service.errors import FieldErrors
 from service.jobs.messages import json_type, show
 
 ON_DEADLINE: tuple[str, ...] = ("wait", "sync", "cancel")
+# A job's ``lane_reason`` once it left the batch lane to make its deadline.
+DEADLINE = "deadline"
 # RFC 3339's date-time (section 5.6): a full date, a time with seconds, an offset or Z.
 _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z"

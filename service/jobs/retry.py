@@ -36,6 +36,7 @@ import orjson
 from service import pricing
 from service.context import Context
 from service.errors import FieldErrors, conflict, invalid, malformed
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import (
     CANCELLED,
     FAILED,
@@ -204,7 +205,7 @@ def _retry(ctx: Context, job: Job, request: RetryRequest) -> int:
         "deadline": None,
         "on_deadline": None,
     }
-    if job.lane_reason == "deadline":
+    if job.lane_reason == DEADLINE:
         fields |= {"mode": "batch", "lane_reason": None, "switched_at": None}
         job = replace(job, mode="batch")
     if request.max_cost_usd is not None:

@@ -34,6 +34,7 @@ import orjson
 
 from service.context import Context
 from service.jobs import eta
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import (
     CHUNK_PLANNED,
     CHUNK_SUBMITTED,
@@ -42,7 +43,7 @@ from service.jobs.model import (
     JOB_LIVE,
     Job,
 )
-from service.lanes.reroute import DEADLINE, reroute_chunk
+from service.lanes.reroute import reroute_chunk
 from service.queues import CANCEL, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease

@@ -19,6 +19,7 @@ import pybase64
 from service import pricing
 from service.budgets.daily import daily_field, utc_day
 from service.context import Context
+from service.jobs.deadline import DEADLINE
 from service.jobs.intake import job_scope
 from service.jobs.model import CANCELLED, FAILED, PENDING, Job
 from service.jobs.params import JobScope, ref_problem
@@ -273,7 +274,7 @@ def line_failure_action(job: Job, error: dict[str, Any]) -> str:
     pending without counting an attempt (the sync lane takes it)."""
     if not job.is_live and error.get("retryable", True):
         return "cancel"
-    if job.lane_reason == "deadline" and error.get("code") in RETRYABLE_CODES:
+    if job.lane_reason == DEADLINE and error.get("code") in RETRYABLE_CODES:
         return "requeue"
     if error.get("retryable") or error.get("code") in RETRYABLE_CODES:
         return "retry"

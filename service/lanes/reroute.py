@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 from service.context import Context
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import CHUNK_DONE, Chunk, Job
 from service.lanes.finalize import after_chunk
 from service.lanes.items import record_failure
@@ -39,8 +40,6 @@ from service.queues import SYNC_ITEMS
 from service.upstream import Batch
 
 log = logging.getLogger("imagebatch.batches")
-
-DEADLINE = "deadline"  # the reason a job left the batch lane to make its deadline
 
 
 def refused_batch(ctx: Context, job: Job, chunk: Chunk, batch: Batch) -> bool:

@@ -26,6 +26,7 @@ import time
 
 from service.context import Context
 from service.jobs.batchrecord import BatchRecord
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import (
     CHUNK_ASSEMBLING,
     CHUNK_CANCELLED,
@@ -41,7 +42,7 @@ from service.lanes import duplicates
 from service.lanes.finalize import after_chunk
 from service.lanes.items import BadReference, RefResolver, fail_bad_reference
 from service.lanes.plan import upstream_line
-from service.lanes.reroute import DEADLINE, reroute_chunk
+from service.lanes.reroute import reroute_chunk
 from service.models import capability
 from service.queues import FINALIZE
 from service.redis import keys
