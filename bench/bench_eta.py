@@ -102,7 +102,6 @@ def run(tmp: Path, redis_url: str, rate: int) -> Run:
             "IMAGEBATCH_BATCH_MAX_LINES": str(LINES),
             "IMAGEBATCH_BATCH_QUEUE_TOKENS": str(queue_budget(body)),
             "IMAGEBATCH_POLL_SECONDS": "0.5",
-            "IMAGEBATCH_LOG_LEVEL": "warning",
         },
     )
     stack.tmp.mkdir()
