@@ -112,14 +112,18 @@ class Eta:
 
 # --- samples ---------------------------------------------------------------------------------
 def record_batch(ctx: Context, chunk: Chunk, batch: Batch, now: float | None = None) -> bool:
-    """A chunk's batch completed and its images are stored: keep its duration as a sample.
-    Only completed batches teach (a cancelled or expired one says nothing of how long one
-    takes)."""
-    if batch.status != "completed" or chunk.submitted_at is None or chunk.lines <= 0:
-        return False
+    """A chunk's batch ended and was collected (its tokens go back to the queue now): note
+    the release, and if it completed keep how long it took as a sample. Only completed batches
+    teach (a cancelled or expired one says nothing of how long one takes). The duration runs
+    from when the chunk could first have gone upstream (:func:`eligible_at`), so it holds the
+    submit's own latency, as a chunk waiting behind the queue will see it."""
     now = time.time() if now is None else now
+    ctx.redis.set(keys.eta_released(chunk.model), repr(now), ex=86400)
+    start = chunk.eligible_at or chunk.submitted_at
+    if batch.status != "completed" or start is None or chunk.lines <= 0:
+        return False
     model, size, lines = chunk.model, chunk.size, chunk.lines
-    seconds = max(0.0, now - chunk.submitted_at)
+    seconds = max(0.0, now - start)
     scaled = seconds
     if batch.in_progress_at and batch.finalizing_at:
         scaled = min(seconds, max(0.0, float(batch.finalizing_at - batch.in_progress_at)))
@@ -132,6 +136,17 @@ def record_batch(ctx: Context, chunk: Chunk, batch: Batch, now: float | None = N
         pipe.expire(key, SAMPLE_TTL_SECONDS)
     pipe.execute()
     return True
+
+
+def eligible_at(ctx: Context, chunk: Chunk, now: float | None = None) -> float:
+    """When ``chunk`` could first have gone upstream: when it was planned, or, if it waited
+    for the token budget, when the budget last had tokens back (never before it waited)."""
+    now = time.time() if now is None else now
+    if chunk.waiting_since is None:
+        return min(now, chunk.created_at or now)
+    raw = ctx.redis.get(keys.eta_released(chunk.model))
+    released = float(raw) if raw else chunk.waiting_since
+    return min(now, max(chunk.waiting_since, released))
 
 
 def samples(ctx: Context, model: str, size: str) -> list[Sample]:
@@ -256,7 +271,8 @@ def _works(ctx: Context, job: Job) -> tuple[list[Work], dict[str, int], int, set
     waiting: set[str] = set()
     for chunk in ctx.store.job_chunks(job.id):
         if chunk.status in UPSTREAM_CHUNK_STATES:
-            works.append(Work(chunk.lines, chunk.est_input_tokens, chunk.submitted_at or None))
+            start = chunk.eligible_at or chunk.submitted_at or None
+            works.append(Work(chunk.lines, chunk.est_input_tokens, start))
             batch_open += chunk.open
         elif chunk.status in CHUNK_NOT_SUBMITTED and chunk.open > 0:
             works.append(Work(chunk.lines, chunk.est_input_tokens))

@@ -230,6 +230,9 @@ class Chunk:
     ended_at: float | None = None
     collected_at: float | None = None
     waiting_since: float | None = None
+    # When it could first have gone upstream: planned, or (after waiting for the token budget)
+    # when the queue last gave tokens back; where a forecast's batch duration starts.
+    eligible_at: float | None = None
     last_error: str | None = None
 
     @property
@@ -274,6 +277,7 @@ class Chunk:
             ended_at=_number(raw, "ended_at"),
             collected_at=_number(raw, "collected_at"),
             waiting_since=_number(raw, "waiting_since"),
+            eligible_at=_number(raw, "eligible_at"),
             last_error=_text(raw, "last_error"),
         )
 

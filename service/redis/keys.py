@@ -128,6 +128,12 @@ def eta_samples(model: str, size: str) -> str:
     return f"{PREFIX}:eta:samples:{model}:{size}"
 
 
+# STRING unix time the model's enqueued-token budget last had a batch's tokens back (a batch
+# collected): when a chunk waiting for it could start. EX 1 day.
+def eta_released(model: str) -> str:
+    return f"{PREFIX}:eta:released:{model}"
+
+
 # HASH job_id -> JSON {"p50", "p90", "basis", "deadline", "on_deadline", "at"}: each live job's
 # forecast as the sweep last computed it (unix times), read by /metrics; a finished job's entry
 # is dropped by the next scrape.

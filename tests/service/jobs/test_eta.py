@@ -195,6 +195,27 @@ def test_upstream_timestamps_split_the_fixed_part(ctx: Context) -> None:
     assert (kept.seconds, kept.scaled) == (70, 50)
 
 
+def test_a_batch_counts_from_when_its_chunk_could_first_go_upstream(ctx: Context) -> None:
+    # Planned and sent at once: from its plan.
+    planned = ctx.store.chunk("job_e", _chunk(ctx, "job_e", created_at=NOW - 50))
+    assert planned is not None
+    assert eta.eligible_at(ctx, planned, now=NOW) == NOW - 50
+    # Waited for the token budget since NOW - 40; the queue had tokens back at NOW - 10.
+    waited = ctx.store.chunk("job_e", _chunk(ctx, "job_e", waiting_since=NOW - 40))
+    assert waited is not None
+    assert eta.eligible_at(ctx, waited, now=NOW) == NOW - 40  # no release seen yet
+    released = ctx.store.chunk("job_e", _chunk(ctx, "job_e", lines=1, submitted_at=NOW - 90))
+    assert released is not None
+    eta.record_batch(ctx, released, _batch("cancelled"), now=NOW - 10)  # any end releases
+    assert eta.eligible_at(ctx, waited, now=NOW) == NOW - 10
+    # The sample of a batch that waited starts there, not at its submit.
+    n = _chunk(ctx, "job_e", lines=4, submitted_at=NOW - 5, eligible_at=NOW - 10)
+    done = ctx.store.chunk("job_e", n)
+    assert done is not None
+    eta.record_batch(ctx, done, _batch(), now=NOW + 20)  # type: ignore[arg-type]
+    assert [s.seconds for s in eta.samples(ctx, "gpt-image-2", "1024x1024")] == [30]
+
+
 def _job(ctx: Context, job_id: str, items: int, mode: str = "batch", **fields: Any) -> Job:
     job = Job(
         id=job_id,
