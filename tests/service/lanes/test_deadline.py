@@ -95,7 +95,11 @@ def seed_history(ctx: Context, seconds: float) -> None:
     """Three completed 4-line batches that took ``seconds`` each, as collect records them."""
     for _ in range(3):
         chunk = SimpleNamespace(
-            model="gpt-image-2", size="1024x1024", lines=4, submitted_at=time.time() - seconds
+            model="gpt-image-2",
+            size="1024x1024",
+            lines=4,
+            submitted_at=time.time() - seconds,
+            eligible_at=None,
         )
         batch = SimpleNamespace(status="completed", in_progress_at=None, finalizing_at=None)
         assert eta.record_batch(ctx, chunk, batch)  # type: ignore[arg-type]
