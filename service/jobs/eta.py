@@ -1,8 +1,9 @@
 """When a job will finish: a forecast with a median, a pessimistic bound and what it rests on.
 
 Every upstream batch that completes leaves a sample (:func:`record_batch`, called by collect):
-how many lines it had, how long it took from our submit to its images stored, and how much of
-that grew with its lines (upstream's ``in_progress_at`` to ``finalizing_at``). Samples are kept
+how many lines it had, how long it took from when its chunk could first go upstream (planned, or
+its turn in the token queue: :func:`eligible_at`) to its images stored, and how much of that
+grew with its lines (upstream's ``in_progress_at`` to ``finalizing_at``). Samples are kept
 per model and size (and per model across sizes) in a capped list in Redis, newest first
 (``IMAGEBATCH_ETA_SAMPLES`` of them), and weigh less as they age (half as much every
 ``IMAGEBATCH_ETA_HALF_LIFE``), so the forecast follows upstream as it speeds up or slows down.
