@@ -123,7 +123,8 @@ ACTIVE_JOBS = f"{PREFIX}:jobs:active"
 # --- forecasts and deadlines (service.jobs.eta, service.lanes.deadline) -------------------------
 # LIST of JSON {"lines", "seconds", "scaled", "at"}, newest first, capped (LTRIM) and expiring:
 # how long recent upstream batches of a model at a size took from when they could first go
-# upstream to their images stored ("scaled": the part that grows with the lines, when upstream's timestamps say so).
+# upstream to their images stored ("scaled": the part that grows with the lines, when upstream's
+# timestamps say so).
 def eta_samples(model: str, size: str) -> str:
     return f"{PREFIX}:eta:samples:{model}:{size}"
 
