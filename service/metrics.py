@@ -142,6 +142,10 @@ TENANT_SPEND = "imagebatch_tenant_spend_usd"
 TENANT_BUDGET = "imagebatch_tenant_budget_usd"
 BUDGET_OLDEST_WAIT = "imagebatch_budget_oldest_wait_seconds"
 MODEL_SHUTDOWN = "imagebatch_model_shutdown_timestamp_seconds"
+# Forecasts of unfinished jobs (service.jobs.eta, kept by the sweep): when each is expected to
+# end, by quantile (0.5, 0.9; absent while there is no history), and each deadline.
+JOB_ETA = "imagebatch_job_eta_timestamp_seconds"
+JOB_DEADLINE = "imagebatch_job_deadline_timestamp_seconds"
 
 # Worker heartbeats older than this are dropped at scrape time.
 HEARTBEAT_RETENTION_SECONDS = 3600.0
@@ -268,6 +272,7 @@ class RedisCollector:
         yield from self._upstream()
         yield from self._workers()
         yield from self._shared()
+        yield from self._forecasts()
         if self.budget_gauges is not None:
             yield from self._budgets(self.budget_gauges())
         yield _gauge(
@@ -318,6 +323,38 @@ class RedisCollector:
                 cost.add_metric([job_id, tenant, model, tier], int(value or 0) / 1e9)
         yield tokens
         yield cost
+
+    def _forecasts(self) -> Iterator[Metric]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(keys.JOB_ETAS)
+        pipe.smembers(keys.ACTIVE_JOBS)
+        entries, active = pipe.execute()
+        eta = GaugeMetricFamily(
+            JOB_ETA,
+            "Unix time an unfinished job is forecast to end by, at even odds (quantile 0.5) "
+            "and nine in ten (0.9); absent while there is no history to forecast from.",
+            labels=("job_id", "tenant", "quantile"),
+        )
+        deadline = GaugeMetricFamily(
+            JOB_DEADLINE,
+            "Unix time an unfinished job must end by, and what it does if it will not.",
+            labels=("job_id", "tenant", "on_deadline"),
+        )
+        gone = [job_id for job_id in entries if job_id not in active]
+        if gone:
+            self.r.hdel(keys.JOB_ETAS, *gone)  # finished since the sweep forecast them
+        for job_id, raw in entries.items():
+            if job_id in active:
+                entry = _json_dict(orjson.loads(raw))
+                name, tenant = job_id.decode(), str(entry.get("tenant") or "")
+                for quantile, field_ in (("0.5", "p50"), ("0.9", "p90")):
+                    if entry.get(field_) is not None:
+                        eta.add_metric([name, tenant, quantile], float(entry[field_]))
+                if entry.get("deadline") is not None:
+                    policy = str(entry.get("on_deadline") or "wait")
+                    deadline.add_metric([name, tenant, policy], float(entry["deadline"]))
+        yield eta
+        yield deadline
 
     def _totals(self) -> Iterator[Metric]:
         tok, cost, images = _json_list(

@@ -250,6 +250,10 @@ class Estimate:
     # What result reuse is expected to save (service.jobs.reuse): the items and images above
     # are then only those left to make.
     reuse: dict[str, int] | None = None
+    # The lane the job will run on ("batch" or "sync"), when known: the estimate then shows the
+    # expected cost (that lane's price) beside the worst case (every item at the sync price, as
+    # when a deadline sends the job to the sync lane).
+    lane: str | None = None
 
     def nanousd(self, tier: str) -> int:
         if tier == "batch":
@@ -263,7 +267,15 @@ class Estimate:
             "items": self.items,
             "images": self.images,
             "tokens": self.tokens.as_dict(),
-            "usd": {"batch": self.usd_batch, "sync": self.usd_sync},
+            "usd": {"batch": self.usd_batch, "sync": self.usd_sync}
+            | (
+                {}
+                if self.lane is None
+                else {
+                    "expected": self.usd_sync if self.lane == "sync" else self.usd_batch,
+                    "worst_case": self.usd_sync,
+                }
+            ),
             "token_counts": {"source": self.token_source, "samples": self.learned_samples},
         }
         if self.reuse is not None:

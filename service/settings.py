@@ -144,6 +144,18 @@ class Settings(BaseSettings):
         description="How long a batch create may take. A create whose outcome is unknown blocks "
         "another create of its chunk for twice this, until upstream shows whether it happened.",
     )
+    deadline_margin_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Time kept in hand before a job's `deadline`: with `on_deadline: sync` the job leaves the batch lane once its forecast's p90 (or the clock) comes within this of the deadline.",
+    )
+    eta_samples: int = Field(
+        50, ge=1, description="Recent upstream batches per model and size the forecasts learn from."
+    )
+    eta_half_life: dt.timedelta = Field(
+        dt.timedelta(hours=6),
+        description="Age at which a batch's duration counts half in forecasts (older, less).",
+    )
 
     # --- result reuse and schedules ----------------------------------------------------------
     reuse_max_entries: int = Field(

@@ -23,6 +23,7 @@ from typing import Any
 
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, too_large
+from service.jobs import deadline
 from service.jobs.csvform import MISSING, CsvRows, csv_refs
 from service.jobs.idindex import IdIndex
 from service.jobs.jsonbody import RawSeq
@@ -127,6 +128,7 @@ class JobBuilder:
         if not isinstance(reuse, str) or reuse not in REUSE_MODES:
             errs.add("reuse", f"reuse must be one of {', '.join(REUSE_MODES)}, not {show(reuse)}")
             reuse = "auto"
+        timing = deadline.fields(doc, errs)
 
         items = ItemList(self.model_id, defaults)
         has_items = doc.get("items") is not None
@@ -152,6 +154,7 @@ class JobBuilder:
             items=items,
             warnings=tuple(self.warnings),
             reuse=reuse,
+            **timing,
         )
 
     def _check_model(self, raw: Any) -> None:

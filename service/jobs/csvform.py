@@ -139,7 +139,15 @@ def _query_fields(params: Mapping[str, str], errs: FieldErrors) -> dict[str, Any
                 errs.add(key, f"max_cost_usd must be a number like 25 or 12.5, not {show(value)}")
         elif key in PARAM_FIELDS:
             defaults[key] = value
-        elif key in ("model", "mode", "webhook_url", "template", "reuse"):
+        elif key in (
+            "model",
+            "mode",
+            "webhook_url",
+            "template",
+            "reuse",
+            "deadline",
+            "on_deadline",
+        ):
             doc[key] = value
         elif key not in ("id_column", "images_column", "mask_column", "delimiter"):
             errs.add(clip_key(key), unknown_message(key, CSV_PARAMS, "a CSV job"))

@@ -23,6 +23,7 @@ signing secret and an allowed address.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import secrets
@@ -202,11 +203,16 @@ def estimate(ctx: Context, spec: JobSpec, tenant: str | None = None) -> pricing.
     learned = None
     if model is not None and not model.token_counts_published:
         learned = {model.id: capability.learned_tokens(ctx.redis, model.id)}
+    capable = capability.batch_capable(ctx.redis, ctx.catalog, spec.model)
+    lane = spec.lane(ctx.catalog, ctx.settings.sync_max_items, capable)
     if tenant is None or spec.reuse == "never":
-        return pricing.estimate_job(spec.items, ctx.catalog, learned)
-    index = reuse.ReuseIndex.of(ctx, tenant)
-    rest, found = reuse.estimate(index if index.size() else None, ctx.catalog, spec.items)
-    return reuse.saved_estimate(rest, found, ctx.catalog, learned)
+        cost = pricing.estimate_job(spec.items, ctx.catalog, learned)
+    else:
+        index = reuse.ReuseIndex.of(ctx, tenant)
+        rest, found = reuse.estimate(index if index.size() else None, ctx.catalog, spec.items)
+        cost = reuse.saved_estimate(rest, found, ctx.catalog, learned)
+    # Expected cost at the lane's price beside the worst case: everything at the sync price.
+    return dataclasses.replace(cost, lane=lane)
 
 
 def submit_body(
@@ -351,6 +357,8 @@ def _store(
         webhook_url=spec.webhook_url,
         idempotency_key=idempotency_key,
         reuse=spec.reuse,
+        deadline=spec.deadline,
+        on_deadline=spec.on_deadline,
     )
     ctx.store.create_job(job, item_ids(spec.items))
     ctx.enqueue(SYNC_ITEMS if lane == "sync" else PLAN, job_id)

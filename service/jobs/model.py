@@ -102,6 +102,12 @@ class Job:
     reason: str | None = None
     reuse: str = "auto"  # "auto" | "never" (service.jobs.reuse)
     retries: int = 0  # times the job was retried in place (service.jobs.retry)
+    deadline: float | None = None  # unix time the caller needs the job finished by
+    on_deadline: str = "wait"  # "wait" | "sync" | "cancel" (service.lanes.deadline)
+    # Why the job's items run on the sync lane when it did not start there: "deadline" (it left
+    # the batch lane to make its deadline) or "model_not_batch_capable" (service.lanes.reroute).
+    lane_reason: str | None = None
+    switched_at: float | None = None  # when it left the batch lane
 
     @property
     def campaign(self) -> str:
@@ -143,6 +149,10 @@ class Job:
             reason=_text(raw, "reason"),
             reuse=raw.get("reuse") or "auto",
             retries=_int(raw, "retries"),
+            deadline=_number(raw, "deadline"),
+            on_deadline=raw.get("on_deadline") or "wait",
+            lane_reason=_text(raw, "lane_reason"),
+            switched_at=_number(raw, "switched_at"),
         )
 
     def to_hash(self) -> dict[str, str]:
@@ -169,6 +179,10 @@ class Job:
             "reason": self.reason,
             "reuse": self.reuse,
             "retries": self.retries or None,
+            "deadline": self.deadline,
+            "on_deadline": self.on_deadline if self.on_deadline != "wait" else None,
+            "lane_reason": self.lane_reason,
+            "switched_at": self.switched_at,
         }
         return {k: str(v) for k, v in fields.items() if v is not None}
 
@@ -196,6 +210,7 @@ class Chunk:
     status: str
     endpoint: str = ""
     model: str = ""
+    size: str = ""  # its items' size ("mixed" when they differ; "" for chunks planned before)
     lines: int = 0
     open: int = 0  # lines not yet accounted for
     bytes: int = 0
@@ -215,6 +230,9 @@ class Chunk:
     ended_at: float | None = None
     collected_at: float | None = None
     waiting_since: float | None = None
+    # When it could first have gone upstream: planned, or (after waiting for the token budget)
+    # when the queue last gave tokens back; where a forecast's batch duration starts.
+    eligible_at: float | None = None
     last_error: str | None = None
 
     @property
@@ -239,6 +257,7 @@ class Chunk:
             status=raw.get("status", ""),
             endpoint=raw.get("endpoint", ""),
             model=raw.get("model", ""),
+            size=raw.get("size", ""),
             lines=_int(raw, "lines"),
             open=_int(raw, "open"),
             bytes=_int(raw, "bytes"),
@@ -258,6 +277,7 @@ class Chunk:
             ended_at=_number(raw, "ended_at"),
             collected_at=_number(raw, "collected_at"),
             waiting_since=_number(raw, "waiting_since"),
+            eligible_at=_number(raw, "eligible_at"),
             last_error=_text(raw, "last_error"),
         )
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -36,6 +36,7 @@ import orjson
 from service import pricing
 from service.context import Context
 from service.errors import FieldErrors, conflict, invalid, malformed
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import (
     CANCELLED,
     FAILED,
@@ -200,7 +201,13 @@ def _retry(ctx: Context, job: Job, request: RetryRequest) -> int:
         "budget_exhausted": None,
         "reason": None,
         "retries": version,
+        # A deadline was the first run's: a retry runs without one, on the lane it started on.
+        "deadline": None,
+        "on_deadline": None,
     }
+    if job.lane_reason == DEADLINE:
+        fields |= {"mode": "batch", "lane_reason": None, "switched_at": None}
+        job = replace(job, mode="batch")
     if request.max_cost_usd is not None:
         fields["max_cost_usd"] = request.max_cost_usd
     if not ctx.store.set_job_status_if(job.id, JOB_FINAL, JOB_QUEUED, **fields):

@@ -73,6 +73,8 @@ TOP_FIELDS: tuple[str, ...] = (
     "max_cost_usd",
     "webhook_url",
     "reuse",
+    "deadline",
+    "on_deadline",
 )
 ITEM_FIELDS: tuple[str, ...] = ("id", "prompt", "images", "mask", *PARAM_FIELDS)
 # Query parameters of the CSV form besides the job fields.
@@ -89,6 +91,8 @@ CSV_PARAMS: tuple[str, ...] = (
     "max_cost_usd",
     "webhook_url",
     "reuse",
+    "deadline",
+    "on_deadline",
 )
 
 
@@ -294,6 +298,8 @@ class JobSpec:
     # Things the caller should know that do not stop the job (e.g. an upcoming shutdown).
     warnings: tuple[str, ...] = field(default=())
     reuse: str = "auto"  # one of REUSE_MODES
+    deadline: float | None = None  # unix time (service.jobs.deadline)
+    on_deadline: str = "wait"  # one of service.jobs.deadline.ON_DEADLINE
 
     def lane(
         self, catalog: Catalog, sync_max_items: int, batch_capable: bool | None = None

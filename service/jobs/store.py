@@ -106,6 +106,10 @@ class JobStore:
     def job_status(self, job_id: str) -> str | None:
         return _s(self.r.hget(keys.job(job_id), "status"))
 
+    def job_mode(self, job_id: str) -> str | None:
+        """The lane the job runs on now (``batch`` or ``sync``)."""
+        return _s(self.r.hget(keys.job(job_id), "mode"))
+
     def stop_for_budget(self, job_id: str, reason: str) -> None:
         """The job may not spend more: nothing more is submitted, and it ends budget_exhausted."""
         self.r.hset(keys.job(job_id), mapping={"budget_exhausted": "1", "reason": reason})
@@ -295,7 +299,8 @@ class JobStore:
         """Record a failed line for an item queued in ``chunk``.
 
         ``action`` is ``retry`` (back to pending while attempts remain, else failed), ``fail``
-        (final) or ``cancel``. Returns the new status letter, or '' when the line was stale
+        (final), ``cancel``, or ``requeue`` (back to pending, no attempt counted: a line we
+        stopped ourselves, e.g. a batch cancelled to make a deadline). Returns the new status letter, or '' when the line was stale
         (the item had moved on: already recorded, or resubmitted in a later chunk).
         """
         result = self._failure(
@@ -449,9 +454,14 @@ class JobStore:
             ]
         return moved
 
-    def switch_to_sync(self, job_id: str) -> None:
-        """From now on the job runs on the sync lane (its model cannot be batched)."""
-        self.r.hset(keys.job(job_id), mapping={"mode": "sync", "updated_at": str(time.time())})
+    def switch_to_sync(self, job_id: str, reason: str | None = None) -> None:
+        """From now on the job runs on the sync lane (``reason``: why, for the job's lanes
+        report: its model cannot be batched, or its deadline)."""
+        now = str(time.time())
+        fields = {"mode": "sync", "updated_at": now}
+        if reason is not None:
+            fields |= {"lane_reason": reason, "switched_at": now}
+        self.r.hset(keys.job(job_id), mapping=fields)
 
     def chunk_of_batch(self, batch_id: str) -> tuple[str, int] | None:
         """The chunk an upstream batch was created for, if it is one of ours and recent."""

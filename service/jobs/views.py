@@ -7,13 +7,14 @@ it; items come from Redis while a job runs and from its manifest once it has fin
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from service.context import Context
-from service.jobs import pages
+from service.jobs import eta, pages
 from service.jobs.batchrecord import BatchRecord
 from service.jobs.model import Job
 from service.pricing import KINDS, TIERS
@@ -76,6 +77,10 @@ def job_view(ctx: Context, job: Job) -> dict[str, Any]:
         "estimate": job.estimate,
         "max_cost_usd": job.max_cost_usd,
         "reason": job.reason,
+        "deadline": iso(job.deadline),
+        "on_deadline": job.on_deadline,
+        "eta": None if job.is_final else eta_view(ctx, job),
+        "lanes": lanes_view(job, spend),
         "review": review_counts(ctx, job, counts.get("succeeded", 0)),
         "reuse": job.reuse,
         "retries": job.retries,
@@ -101,6 +106,37 @@ def _duplicates(ctx: Context, job_id: str) -> list[dict[str, Any]]:
         }
         for batch_id, billed in BatchRecord(ctx.redis).duplicates(job_id).items()
     ]
+
+
+def eta_view(ctx: Context, job: Job, now: float | None = None) -> dict[str, Any]:
+    """A live job's ``eta``: ISO times, seconds from now, what it rests on, and its deadline."""
+    now = time.time() if now is None else now
+    forecast = eta.job_eta(ctx, job, now)
+    out: dict[str, Any] = {
+        "p50": iso(forecast.p50),
+        "p90": iso(forecast.p90),
+        "p50_seconds": None if forecast.p50 is None else round(max(0.0, forecast.p50 - now), 1),
+        "p90_seconds": None if forecast.p90 is None else round(max(0.0, forecast.p90 - now), 1),
+        "basis": forecast.basis,
+    }
+    if job.deadline is not None:
+        margin = ctx.settings.deadline_margin_seconds
+        late = forecast.p90 is not None and forecast.p90 + margin > job.deadline
+        out["misses_deadline"] = late or now + margin >= job.deadline
+    return out
+
+
+def lanes_view(job: Job, spend: dict[str, int]) -> dict[str, Any]:
+    """Items and USD per lane, and why the job used the sync lane (None: it did not)."""
+    lanes: dict[str, Any] = {
+        tier: {"items": spend.get(f"items:{tier}", 0), "usd": spend.get(f"cost:{tier}", 0) / 1e9}
+        for tier in TIERS
+    }
+    reason = job.lane_reason
+    if reason is None and job.mode == "sync":
+        reason = "requested" if job.requested_mode == "sync" else "auto"
+    lanes["sync"]["reason"] = reason
+    return lanes
 
 
 def review_counts(ctx: Context, job: Job, succeeded: int) -> dict[str, int]:

@@ -34,6 +34,7 @@ import orjson
 
 from service import handover, metrics
 from service.context import Context
+from service.jobs import eta
 from service.jobs.model import (
     CHUNK_COLLECTING,
     CHUNK_DONE,
@@ -135,7 +136,7 @@ def _collect(
     # Lines that came back in neither file never ran.
     _settle_missing(ctx, job, chunk, result, _batch_error(batch))
     spent = _chunk_spend(ctx, chunk)
-    ctx.store.set_chunk_status_if(
+    ended = ctx.store.set_chunk_status_if(
         chunk.job_id,
         chunk.number,
         [CHUNK_COLLECTING],
@@ -145,6 +146,8 @@ def _collect(
     )
     ctx.store.unmark(chunk.job_id, chunk.number)
     ctx.redis.delete(keys.collect_cursor(chunk.job_id, chunk.number))
+    if ended:  # how long it took teaches the forecasts (once, however often collect runs)
+        eta.record_batch(ctx, chunk, batch)
     ctx.budgets.release_chunk(job, chunk, spent)
     after_chunk(ctx, chunk.job_id)
     return result

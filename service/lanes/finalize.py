@@ -28,7 +28,7 @@ from service.jobs.model import (
     Job,
 )
 from service.jobs.reuse import ReuseIndex, manifest_recorder
-from service.queues import FINALIZE, PLAN
+from service.queues import FINALIZE, PLAN, SYNC_ITEMS
 from service.redis import keys
 from service.redis.leases import Lease
 from service.upstream import UpstreamError
@@ -55,10 +55,12 @@ def unfinished(counts: dict[str, int]) -> int:
 
 
 def after_chunk(ctx: Context, job_id: str) -> None:
-    """A chunk ended: plan what went back to pending, or finalize when nothing is left."""
+    """A chunk ended: plan what went back to pending (or, for a job that moved to the sync
+    lane, send it there), or finalize when nothing is left."""
     counts = ctx.store.counts(job_id)
     if counts.get("pending", 0) > 0:
-        ctx.enqueue(PLAN, job_id)
+        sync = ctx.store.job_mode(job_id) == "sync"
+        ctx.enqueue(SYNC_ITEMS if sync else PLAN, job_id)
     elif counts.get("queued", 0) <= 0:
         ctx.enqueue(FINALIZE, job_id)
 

@@ -19,6 +19,7 @@ import pybase64
 from service import pricing
 from service.budgets.daily import daily_field, utc_day
 from service.context import Context
+from service.jobs.deadline import DEADLINE
 from service.jobs.intake import job_scope
 from service.jobs.model import CANCELLED, FAILED, PENDING, Job
 from service.jobs.params import JobScope, ref_problem
@@ -185,6 +186,7 @@ def record_usage(
     increments: list[tuple[int, str, int]] = [
         (SPEND, f"cost:{tier}", nanousd),
         (SPEND, "images", len(stored)),
+        (SPEND, f"items:{tier}", 1),  # items per lane (the job view's `lanes`)
         (TOTAL_COST, f"{job.tenant}|{model.id}|{tier}|{job.campaign}", nanousd),
         (TOTAL_IMAGES, f"{model.id}|succeeded", len(stored)),
         # The day's spend by model, lane and campaign (the console's spend page), counted in
@@ -267,9 +269,13 @@ def error_from_line(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def line_failure_action(job: Job, error: dict[str, Any]) -> str:
-    """What a failed batch line means for its item: retry it, fail it, or (job stopping) cancel."""
+    """What a failed batch line means for its item: retry it, fail it, or (job stopping) cancel.
+    A line that never ran, of a job that left the batch lane for its deadline, goes back to
+    pending without counting an attempt (the sync lane takes it)."""
     if not job.is_live and error.get("retryable", True):
         return "cancel"
+    if job.lane_reason == DEADLINE and error.get("code") in RETRYABLE_CODES:
+        return "requeue"
     if error.get("retryable") or error.get("code") in RETRYABLE_CODES:
         return "retry"
     return "fail"

@@ -48,6 +48,7 @@ class _Chunk:
     bytes: int = 0
     input_tokens: int = 0
     nanousd: int = 0
+    size: str = ""  # the items' size; "mixed" once two differ (forecasts learn per size)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def plan_job(ctx: Context, job_id: str) -> list[int]:
         ctx.redis, ctx.catalog, job.model
     ):
         # Upstream refused batches of the model lately: the sync lane's fan-out takes the job.
-        ctx.store.switch_to_sync(job.id)
+        ctx.store.switch_to_sync(job.id, capability.NOT_BATCH_CAPABLE)
         ctx.enqueue(SYNC_ITEMS, job.id)
         return []
     with Lease(ctx.redis, keys.plan_lock(job_id), ctx.settings.lease_seconds).held() as got:
@@ -141,6 +142,8 @@ def _fill(
     if caps.full(acc, size, tokens.input, cost):
         created.append(_record(ctx, job, model, line.endpoint, acc))
         acc = filling[line.endpoint] = _Chunk()
+    item_size = str(line.body.get("size") or "auto")
+    acc.size = item_size if acc.size in ("", item_size) else "mixed"
     acc.indexes.append(line.index)
     acc.bytes += size
     acc.input_tokens += tokens.input
@@ -164,6 +167,7 @@ def _record(ctx: Context, job: Job, model: Model, endpoint: str, acc: _Chunk) ->
         job.id,
         endpoint=endpoint,
         model=model.id,
+        size=acc.size,
         bytes=acc.bytes,
         attempt=1,
         est_input_tokens=acc.input_tokens,

@@ -13,6 +13,9 @@ the refusal expires.
 * A ``batch`` job's items in the chunk fail with ``model_not_batch_capable``, naming the model
   and suggesting ``auto`` or ``sync``.
 
+The same path takes a job leaving the batch lane for its deadline (:mod:`service.lanes.deadline`,
+reason ``deadline``): its chunks not yet upstream move to the sync lane whatever its mode.
+
 The chunk itself ends ``done`` (nothing of it ran upstream) and gives back its budget holds.
 
 At least once: every step may run again. Moving or failing only touches items still queued in
@@ -27,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 from service.context import Context
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import CHUNK_DONE, Chunk, Job
 from service.lanes.finalize import after_chunk
 from service.lanes.items import record_failure
@@ -64,13 +68,20 @@ def refused_batch(ctx: Context, job: Job, chunk: Chunk, batch: Batch) -> bool:
     return True
 
 
-def reroute_chunk(ctx: Context, job: Job, chunk: Chunk, from_statuses: Sequence[str]) -> None:
+def reroute_chunk(
+    ctx: Context,
+    job: Job,
+    chunk: Chunk,
+    from_statuses: Sequence[str],
+    reason: str = capability.NOT_BATCH_CAPABLE,
+) -> None:
     """Send a chunk's items elsewhere because its model cannot be batched: to the sync lane
-    (``auto`` jobs still running) or to failed (``batch`` jobs)."""
+    (``auto`` jobs still running) or to failed (``batch`` jobs). With ``reason`` ``deadline``
+    (:mod:`service.lanes.deadline`) a live job's items go to the sync lane whatever its mode."""
     store = ctx.store
     indexes = list(store.chunk_indexes(chunk.job_id, chunk.number))
-    if job.requested_mode == "auto" and job.is_live:
-        _to_sync(ctx, job, chunk, indexes)
+    if job.is_live and (job.requested_mode == "auto" or reason == DEADLINE):
+        _to_sync(ctx, job, chunk, indexes, reason)
     else:
         action = "fail" if job.is_live else "cancel"
         error = capability.not_batch_capable_error(chunk.model or job.model)
@@ -82,7 +93,7 @@ def reroute_chunk(ctx: Context, job: Job, chunk: Chunk, from_statuses: Sequence[
         list(from_statuses),
         CHUNK_DONE,
         collected_at=time.time(),
-        last_error=capability.NOT_BATCH_CAPABLE,
+        last_error=reason,
     )
     store.unmark(chunk.job_id, chunk.number)
     if ended:
@@ -90,9 +101,9 @@ def reroute_chunk(ctx: Context, job: Job, chunk: Chunk, from_statuses: Sequence[
     after_chunk(ctx, chunk.job_id)
 
 
-def _to_sync(ctx: Context, job: Job, chunk: Chunk, indexes: list[int]) -> None:
+def _to_sync(ctx: Context, job: Job, chunk: Chunk, indexes: list[int], reason: str) -> None:
     store = ctx.store
-    store.switch_to_sync(job.id)
+    store.switch_to_sync(job.id, job.lane_reason or reason)
     store.ensure_sync_chunk(job.id, SYNC_CHUNK)
     moved = store.move(job.id, chunk.number, SYNC_CHUNK, indexes)
     for start in sorted({(i // SLICE) * SLICE for i in moved}):
@@ -100,9 +111,9 @@ def _to_sync(ctx: Context, job: Job, chunk: Chunk, indexes: list[int]) -> None:
     if store.counts(job.id).get("pending", 0) > 0:
         ctx.enqueue(SYNC_ITEMS, job.id)  # the fan-out takes what was never planned
     log.info(
-        "job %s chunk %s: %d items moved to the sync lane (model %s cannot be batched)",
+        "job %s chunk %s: %d items moved to the sync lane (%s)",
         job.id,
         chunk.number,
         len(moved),
-        job.model,
+        "its deadline" if reason == DEADLINE else f"model {job.model} cannot be batched",
     )

@@ -25,7 +25,9 @@ import tempfile
 import time
 
 from service.context import Context
+from service.jobs import eta
 from service.jobs.batchrecord import BatchRecord
+from service.jobs.deadline import DEADLINE
 from service.jobs.model import (
     CHUNK_ASSEMBLING,
     CHUNK_CANCELLED,
@@ -84,6 +86,11 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
     chunk = store.chunk(job_id, number)
     if chunk is None or chunk.status not in (CHUNK_PLANNED, CHUNK_WAITING):
         return "already"
+    fresh = store.job(job_id)
+    if fresh is not None and fresh.lane_reason == DEADLINE:
+        # The job left the batch lane for its deadline after this chunk was planned.
+        reroute_chunk(ctx, fresh, chunk, (CHUNK_PLANNED, CHUNK_WAITING), DEADLINE)
+        return "rerouted"
     if not capability.batch_capable(ctx.redis, ctx.catalog, chunk.model or job.model):
         # Upstream refused batches of this model lately: no batch is created for it.
         reroute_chunk(ctx, job, chunk, (CHUNK_PLANNED, CHUNK_WAITING))
@@ -101,6 +108,7 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
         ctx.budgets.release_chunk(job, chunk, None)
         after_chunk(ctx, job_id)
         return "empty"
+    eligible = eta.eligible_at(ctx, chunk)  # where the forecasts' batch durations start
     batch = _find_or_create_batch(ctx, chunk, input_file_id, lease)
     if batch is None:
         return "unresolved"  # the sweep sends the chunk's submit again (it is still waiting)
@@ -111,6 +119,7 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
         CHUNK_SUBMITTED,
         upstream_status=batch.status,
         submitted_at=time.time(),
+        eligible_at=eligible,
     )
     store.mark_active(job_id, number)
     log.info("job %s chunk %s submitted as %s (%s lines)", job_id, number, batch.id, chunk.lines)

@@ -3,7 +3,8 @@
 Every ``IMAGEBATCH_POLL_SECONDS`` it polls each active upstream batch once (an ended one is
 queued for collect), hands a collect whose lease lapsed to another worker, re-enqueues the
 submit of every waiting chunk, and for every unfinished job re-sends whatever was lost: a plan
-for pending items, a sync job's fan-out or stalled slices, a finalize when nothing is left.
+for pending items, a sync job's fan-out or stalled slices, a finalize when nothing is left. It
+also keeps each job's forecast and applies its deadline (:mod:`service.lanes.deadline`).
 Nothing waits in a Celery countdown. OpenAI's batch webhooks (:func:`poll_now`) poll a batch the
 moment it ends; the sweep remains the safety net for events that never come.
 
@@ -25,7 +26,7 @@ from service.jobs.model import (
     JOB_LIVE,
     Chunk,
 )
-from service.lanes import duplicates, orphans, sync
+from service.lanes import deadline, duplicates, orphans, sync
 from service.lanes.finalize import unfinished
 from service.queues import (
     COLLECT_TASK,
@@ -170,7 +171,12 @@ def _job(ctx: Context, job_id: str, seen: dict[str, int]) -> None:
     job = ctx.store.job(job_id)
     if job is None or job.is_final:
         ctx.store.forget_active(job_id)
+        deadline.forget(ctx, job_id)
         return
+    acted = deadline.check(ctx, job)  # its forecast, and what its deadline asks
+    if acted in ("cancelled", "sync"):
+        seen[f"deadline_{acted}"] = seen.get(f"deadline_{acted}", 0) + 1
+        job = ctx.store.job(job_id) or job
     counts = ctx.store.counts(job_id)
     if job.mode == "sync" and job.status in JOB_LIVE:
         if counts.get("pending", 0) > 0:

@@ -119,6 +119,27 @@ def tenant_jobs(tenant: str) -> str:
 # SET of job ids not yet finished: the sweep's safety net for lost plan/finalize tasks.
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"
 
+
+# --- forecasts and deadlines (service.jobs.eta, service.lanes.deadline) -------------------------
+# LIST of JSON {"lines", "seconds", "scaled", "at"}, newest first, capped (LTRIM) and expiring:
+# how long recent upstream batches of a model at a size took from when they could first go
+# upstream to their images stored ("scaled": the part that grows with the lines, when upstream's
+# timestamps say so).
+def eta_samples(model: str, size: str) -> str:
+    return f"{PREFIX}:eta:samples:{model}:{size}"
+
+
+# STRING unix time the model's enqueued-token budget last had a batch's tokens back (a batch
+# collected): when a chunk waiting for it could start. EX 1 day.
+def eta_released(model: str) -> str:
+    return f"{PREFIX}:eta:released:{model}"
+
+
+# HASH job_id -> JSON {"p50", "p90", "basis", "deadline", "on_deadline", "at"}: each live job's
+# forecast as the sweep last computed it (unix times), read by /metrics; a finished job's entry
+# is dropped by the next scrape.
+JOB_ETAS = f"{PREFIX}:eta:jobs"
+
 # ZSET "job_id:chunk" -> time it was submitted upstream: what the sweep polls.
 ACTIVE_CHUNKS = f"{PREFIX}:chunks:active"
 

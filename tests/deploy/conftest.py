@@ -67,6 +67,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "imagebatch_budget_wait_seconds": ("histogram", ()),
     "imagebatch_budget_oldest_wait_seconds": ("gauge", ()),
     "imagebatch_model_shutdown_timestamp_seconds": ("gauge", ("model",)),
+    "imagebatch_job_eta_timestamp_seconds": ("gauge", ("job_id", "tenant", "quantile")),
+    "imagebatch_job_deadline_timestamp_seconds": ("gauge", ("job_id", "tenant", "on_deadline")),
 }
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = ("job", "instance")

@@ -30,6 +30,7 @@ REQUIRED_ALERTS = {
     "ImagebatchWorkerHeartbeatAbsent",
     "ImagebatchQueueBacklog",
     "ImagebatchModelShutdownSoon",  # a model used this week shuts down within 90 days
+    "ImagebatchJobProjectedToMissDeadline",  # a job's forecast (p90) ends after its deadline
 }
 SEVERITIES = {"critical", "warning"}
 

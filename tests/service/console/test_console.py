@@ -8,8 +8,10 @@ lanes' own steps (tests/support/jobs.py). The browser itself is in tests/e2e/tes
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import re
+import time
 
 import httpx2
 from PIL import Image
@@ -19,7 +21,7 @@ from service.jobs import pages, thumbs
 from service.redis import keys
 from service.storage import thumb_key
 from tests.support.console import Console, csrf_of
-from tests.support.jobs import ended_job
+from tests.support.jobs import ended_job, submit
 
 PAGES = ("/ui/", "/ui/new", "/ui/spend")
 
@@ -123,6 +125,18 @@ def test_every_page_of_a_job_renders(console: Console) -> None:
         assert manifest.status_code == 200 and len(manifest.content.splitlines()) == 60
         for path in PAGES:
             assert c.get(path).status_code == 200, path
+
+
+def test_a_running_jobs_page_shows_its_forecast_and_deadline(console: Console) -> None:
+    when = dt.datetime.fromtimestamp(time.time() + 7200, dt.UTC).isoformat()
+    job = submit(console.ctx, 5, tenant="acme", deadline=when, on_deadline="sync")
+    with console.signed_in("acme") as c:
+        live = c.get(f"/ui/jobs/{job.id}/live")
+    assert live.status_code == 200
+    # No batch of the model has completed here yet: it says so rather than guess.
+    assert "No forecast yet: no history" in live.text
+    assert 'data-testid="deadline"' in live.text and "finish on the sync lane" in live.text
+    assert "(all sync)" in live.text  # the worst case beside the expected cost
 
 
 def test_thumbnails_are_made_once_small_and_served_with_the_session(console: Console) -> None:
