@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from service import metrics
+from service import failpoints, metrics
 from service.budgets.policy import BudgetPolicy
 from service.catalog import Catalog, cached_catalog
 from service.jobs.store import JobStore
@@ -81,6 +81,7 @@ def redis_url(settings: Settings) -> str:
 def build_context(settings: Settings, *, enqueue: Callable[..., Any] | None = None) -> Context:
     url = redis_url(settings)
     client = connect(settings)
+    failpoints.arm(settings.failpoints, client)
     ctx = Context(
         settings=settings,
         redis=client,

@@ -20,6 +20,8 @@ import orjson
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import failpoints
+
 
 def _string_list(value: Any) -> Any:
     """A list setting from the environment: a JSON list, or comma-separated values."""
@@ -245,6 +247,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+    failpoints: str = Field(
+        "",
+        description="Failures on purpose, for drills only: `name=kill|raise|sleep:N|stop:N[@n][*]`, comma-separated (`imagebatch failpoints` lists the names); unset = none, and every failpoint costs about one function call.",
+    )
 
     # --- the web console ---------------------------------------------------------------------
     console_session_hours: float = Field(
@@ -271,6 +277,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _string_list(value)
+
+    @field_validator("failpoints")
+    @classmethod
+    def _failpoints(cls, value: str) -> str:
+        failpoints.parse(value)  # a typo must stop the process, not leave the drill inert
+        return value
 
     @field_validator("webhook_allowed_networks")
     @classmethod

@@ -4,6 +4,7 @@
 when ``OPENAI_API_KEY`` is unset, local storage, the API, workers and beat) and stops it all on
 Ctrl-C or SIGTERM. ``api``, ``worker``, ``beat`` and ``simulator`` run one process each, as a
 deployment does. ``submit``, ``status``, ``download``, ``retry`` and ``schedules`` talk to a running API.
+``failpoints`` lists the failpoints a drill can arm (``IMAGEBATCH_FAILPOINTS``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         "api": processes.cmd_api,
         "worker": processes.cmd_worker,
         "beat": processes.cmd_beat,
+        "failpoints": processes.cmd_failpoints,
     }
     if args.command in handlers:
         raise SystemExit(handlers[args.command](args))

@@ -54,6 +54,14 @@ def cmd_beat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failpoints(args: argparse.Namespace) -> int:
+    from service.failpoints import REGISTRY
+
+    for fp in REGISTRY:
+        print(f"{fp.name}\t{fp.description}" if args.describe else fp.name)
+    return 0
+
+
 def cmd_simulator(argv: list[str]) -> int:
     from simulator.cli import main as sim_main
 
@@ -93,6 +101,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="run Celery beat (the sweep)",
         description="Run Celery beat: it enqueues the sweep every IMAGEBATCH_POLL_SECONDS. One "
         "beat per deployment is enough.",
+    )
+    p = sub.add_parser(
+        "failpoints",
+        help="list every failpoint name, one per line",
+        description="List every failpoint, one name per line, in the order a job meets them. "
+        "IMAGEBATCH_FAILPOINTS arms them for a drill (name=kill|raise|sleep:N|stop:N[@n][*], "
+        "comma-separated); unset, they do nothing.",
+    )
+    p.add_argument(
+        "--describe", action="store_true", help="add what has just happened there, after a tab"
     )
     sub.add_parser(
         "simulator", help="run the offline OpenAI simulator (see `imagebatch simulator --help`)"

@@ -34,6 +34,7 @@ import orjson
 
 from service import handover, metrics
 from service.context import Context
+from service.failpoints import failpoint
 from service.jobs import eta
 from service.jobs.model import (
     CHUNK_COLLECTING,
@@ -116,6 +117,7 @@ def _collect(
     account: bool,
 ) -> CollectResult:
     result = CollectResult()
+    failpoint("collect.started")
     # A chunk whose create was uncertain may have a second batch upstream: found before the
     # chunk ends, so its job waits for it to be accounted.
     duplicates.detect(ctx, chunk)
@@ -127,6 +129,7 @@ def _collect(
     try:
         if batch.status != "failed" and batch.output_file_id:
             _collect_output(ctx, job, chunk, batch.output_file_id, lease, result, threads, account)
+            failpoint("collect.output_done")
         if batch.status != "failed" and batch.error_file_id:
             _collect_errors(ctx, job, chunk, batch.error_file_id, lease, result)
     except handover.Handover:  # what was stored counts, also when the collect hands over
@@ -144,6 +147,7 @@ def _collect(
         collected_at=time.time(),
         upstream_status=batch.status,
     )
+    failpoint("collect.chunk_done")
     ctx.store.unmark(chunk.job_id, chunk.number)
     ctx.redis.delete(keys.collect_cursor(chunk.job_id, chunk.number))
     if ended:  # how long it took teaches the forecasts (once, however often collect runs)
@@ -300,6 +304,7 @@ class _Cursor:
         if at > self.saved:
             self.r.set(self.key, f"{self.file_id} {at}", ex=CURSOR_TTL_SECONDS)
             self.saved = at
+            failpoint("collect.checkpoint")
         self.saved_at = time.monotonic()
         return at
 
@@ -370,6 +375,7 @@ def _store_line(
     ctx: Context, job: Job, number: int, raw: bytes, account: bool = True
 ) -> tuple[bool, int]:
     """One output line: its images stored, its usage recorded. (counted now, bytes stored)."""
+    failpoint("collect.line")
     rec = parse_output_line(raw)
     index = int(rec["custom_id"])
     state = ctx.store.item_states(job.id, [index])[0]
@@ -382,6 +388,7 @@ def _store_line(
         _line_failed(ctx, job, number, index, error_from_line(rec), CollectResult())
         return False, 0
     stored, size = store_images(ctx, job, state.id, body)
+    failpoint("collect.image_stored")
     if not account:
         # Measurement only (see collect_chunk): the same exactly-once success transition, with a
         # record of the manifest's shape but nothing priced and no spend or totals added.
@@ -398,6 +405,7 @@ def _store_line(
         size=body.get("size"),
         quality=body.get("quality"),
     )
+    failpoint("collect.usage_recorded")
     return counted, size
 
 

@@ -18,6 +18,7 @@ import logging
 
 from service import metrics
 from service.context import Context
+from service.failpoints import failpoint
 from service.jobs.batchrecord import BatchRecord
 from service.jobs.manifest import write_manifest
 from service.jobs.model import (
@@ -81,7 +82,9 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         # The job's images become reusable as its manifest is written.
         write_manifest(ctx, job, observe=manifest_recorder(ReuseIndex.of(ctx, job.tenant), job.id))
         status = final_status(job, counts)
+        failpoint("finalize.before_status")
         store.finish(job_id, job.tenant, status)
+        failpoint("finalize.after_status")
         metrics.count(ctx.redis, metrics.JOBS_FINISHED, {"status": status})
         log.info("job %s finished: %s %s", job_id, status, counts)
         if job.webhook_url:

@@ -23,6 +23,7 @@ import orjson
 from service import pricing
 from service.catalog import Model
 from service.context import Context
+from service.failpoints import failpoint
 from service.jobs.model import (
     CHUNK_ASSEMBLING,
     JOB_LIVE,
@@ -174,6 +175,7 @@ def _record(ctx: Context, job: Job, model: Model, endpoint: str, acc: _Chunk) ->
         est_nanousd=acc.nanousd,
     )
     ctx.store.assign(job.id, number, acc.indexes)
+    failpoint("plan.chunk_assembled")
     close_chunk(ctx, job.id, number)
     return number
 
@@ -183,7 +185,9 @@ def close_chunk(ctx: Context, job_id: str, number: int) -> None:
     killed here leaves the chunk assembling, closed by the next plan, or waiting, submitted by
     the sweep), then its submit enqueued."""
     ctx.store.close_chunk(job_id, number)
+    failpoint("plan.chunk_planned")
     ctx.enqueue_once(SUBMIT, f"{job_id}:{number}", job_id, number)
+    failpoint("plan.chunk_queued")
 
 
 def upstream_line(index: int, endpoint: str, body: dict[str, object]) -> bytes:

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 from service.context import Context
+from service.failpoints import failpoint
 from service.jobs import eta
 from service.jobs.batchrecord import BatchRecord
 from service.jobs.deadline import DEADLINE
@@ -101,6 +102,7 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
         )
         store.mark_waiting(job_id, number)
         return "waiting"
+    failpoint("submit.budget_reserved")
     input_file_id = chunk.input_file_id or _upload_input(ctx, job, chunk)
     if input_file_id is None:  # every item's reference image was unusable: nothing to send
         store.set_chunk_status_if(job_id, number, [CHUNK_PLANNED, CHUNK_WAITING], CHUNK_DONE)
@@ -112,6 +114,7 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
     batch = _find_or_create_batch(ctx, chunk, input_file_id, lease)
     if batch is None:
         return "unresolved"  # the sweep sends the chunk's submit again (it is still waiting)
+    failpoint("submit.batch_recorded")
     store.set_chunk_status_if(
         job_id,
         number,
@@ -122,6 +125,7 @@ def _submit(ctx: Context, job: Job, job_id: str, number: int, lease: Lease) -> s
         eligible_at=eligible,
     )
     store.mark_active(job_id, number)
+    failpoint("submit.chunk_submitted")
     log.info("job %s chunk %s submitted as %s (%s lines)", job_id, number, batch.id, chunk.lines)
     return "submitted"
 
@@ -150,6 +154,7 @@ def _upload_input(ctx: Context, job: Job, chunk: Chunk) -> str | None:
         fh.seek(0)
         name = f"{chunk.job_id}-{chunk.number}.jsonl"
         file_id = ctx.upstream.upload(name, fh, "batch", "application/jsonl")
+    failpoint("submit.input_uploaded")
     ctx.store.update_chunk(chunk.job_id, chunk.number, input_file_id=file_id)
     return file_id
 
@@ -183,6 +188,7 @@ def _find_or_create_batch(
         raise LeaseLost(f"lease {lease.key} passed to another submitter before the create")
     if began < 0:
         return None  # another submitter recorded a batch meanwhile
+    failpoint("submit.create_started")
     lease.ensure()
     batch = ctx.upstream.create_batch(
         input_file_id,
@@ -191,6 +197,7 @@ def _find_or_create_batch(
         {"imagebatch_job": chunk.job_id, "imagebatch_chunk": chunk.attempt_ref},
         timeout=ctx.settings.batch_create_timeout_seconds,
     )
+    failpoint("submit.batch_created")
     return batch if _record(ctx, chunk, batch, lease) else None
 
 

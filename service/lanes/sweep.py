@@ -19,6 +19,7 @@ import time
 
 from service.context import Context
 from service.errors import TransientError
+from service.failpoints import failpoint
 from service.jobs.model import (
     CHUNK_COLLECTING,
     CHUNK_NOT_SUBMITTED,
@@ -61,6 +62,7 @@ def sweep(ctx: Context) -> dict[str, int]:
     if not mark_once(ctx.redis, keys.SWEEP_LOCK, max(ctx.settings.poll_seconds * 4, 10)):
         return seen
     try:
+        failpoint("sweep.pass")
         _active_chunks(ctx, seen)
         duplicates.sweep(ctx)
         sweep_temp(ctx)
@@ -128,6 +130,7 @@ def poll(ctx: Context, chunk: Chunk, batch_id: str) -> bool:
     if batch.status in TERMINAL_BATCH and ctx.store.set_chunk_status_if(
         chunk.job_id, chunk.number, [CHUNK_SUBMITTED], CHUNK_COLLECTING, ended_at=time.time()
     ):
+        failpoint("sweep.batch_ended")
         ctx.enqueue_once(COLLECT_TASK, chunk.ref, chunk.job_id, chunk.number)
         return True
     return False

@@ -47,6 +47,7 @@ from service import handover, metrics, pricing
 from service.budgets.policy import item_spend_key
 from service.budgets.ratelimit import Grant, SyncLimiter, WaitAbandoned, retry_after_seconds
 from service.context import Context
+from service.failpoints import failpoint
 from service.jobs.model import JOB_QUEUED, JOB_RUNNING, QUEUED, Job
 from service.jobs.request import RequestLine, request_pages
 from service.lanes.finalize import unfinished
@@ -251,6 +252,7 @@ class _Sender:
             except WaitAbandoned:
                 return None
             try:
+                failpoint("sync.before_request")
                 headers, payload = ctx.upstream.image(line.endpoint, body)
             except UpstreamRateLimited as exc:
                 self.limiter.observe(exc.headers, grant)
@@ -297,6 +299,7 @@ class _Sender:
         ctx, job = self.ctx, self.job
         fmt = line.body.get("output_format") or "png"
         stored, size = store_images(ctx, job, line.id, body, fmt)
+        failpoint("sync.image_stored")
         metrics.count(ctx.redis, metrics.COLLECT_BYTES, None, size)
         _, nanousd = record_usage(
             ctx,
@@ -309,4 +312,5 @@ class _Sender:
             size=body.get("size"),
             quality=body.get("quality"),
         )
+        failpoint("sync.usage_recorded")
         ctx.budgets.settle_spend(job, item_spend_key(job.id, line.index), nanousd)

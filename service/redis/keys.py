@@ -420,3 +420,10 @@ DUPLICATE_BATCHES = f"{PREFIX}:batches:duplicates"
 
 # Marker (SET NX PX): the sweep removed abandoned temporary files recently.
 TEMP_SWEEP = f"{PREFIX}:lock:temp-sweep"
+
+
+# --- failpoints (service.failpoints) ----------------------------------------------------------
+# STRING pid, SET NX, EX 7 days: the failpoint `name` has fired in this stack (it fires once per
+# stack, so a process restarted after a failpoint killed it goes on past it).
+def failpoint_fired(name: str) -> str:
+    return f"{PREFIX}:failpoint:{name}"

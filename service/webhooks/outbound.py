@@ -33,6 +33,7 @@ import redis
 
 from service import metrics
 from service.context import Context
+from service.failpoints import failpoint
 from service.jobs.model import Job
 from service.jobs.views import job_view
 from service.queues import WEBHOOK
@@ -153,7 +154,9 @@ def _deliver_once(ctx: Context, job_id: str) -> str | None:
     attempt = int(state.get("attempts", 0)) + 1
     record = _attempt(ctx, job, state["event_id"], state["url"])
     record["attempt"] = attempt
+    failpoint("webhook.before_record")
     _record(ctx, job_id, attempt, record, float(state.get("first_at", time.time())))
+    failpoint("webhook.after_record")
     return str(record["outcome"])
 
 
