@@ -122,8 +122,11 @@ def start_server(
     return proc
 
 
-def start_redis(tmp: Path) -> tuple[Proc, str]:
-    port = free_port()
+def start_redis(tmp: Path, *, port: int | None = None, aof: bool = False) -> tuple[Proc, str]:
+    """A Redis server with its files under ``tmp``; ``aof=True`` keeps an append-only file there
+    (as ``imagebatch up`` does), so a server killed -9 and started again on the same ``port``
+    and directory comes back with its data."""
+    port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     proc = start_server(
         [
@@ -135,7 +138,7 @@ def start_redis(tmp: Path) -> tuple[Proc, str]:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if aof else "no",
             "--dir",
             str(tmp),
         ],

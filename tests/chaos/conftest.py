@@ -1,0 +1,42 @@
+"""Chaos drills (``make test-chaos``, their own CI step): deselected unless ``-m chaos`` selects
+them, since each starts whole stacks and waits out the leases its kills leave behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.drill import Drill
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "chaos: kills, pauses and Redis restarts against a real stack (make test-chaos); "
+        "deselected unless -m selects it",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "chaos" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("chaos")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("chaos")]
+
+
+@pytest.fixture
+def make_drill(tmp_path: Path) -> Iterator[Callable[..., Drill]]:
+    drills: list[Drill] = []
+
+    def make(**kw: bool) -> Drill:
+        drill = Drill(tmp_path / f"drill{len(drills)}", **kw)
+        drills.append(drill)
+        return drill
+
+    yield make
+    for drill in drills:
+        drill.stop()
