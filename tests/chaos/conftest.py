@@ -11,14 +11,6 @@ import pytest
 from tests.chaos.drill import Drill
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "chaos: kills, pauses and Redis restarts against a real stack (make test-chaos); "
-        "deselected unless -m selects it",
-    )
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if "chaos" in (config.getoption("markexpr") or ""):
         return

@@ -35,16 +35,15 @@ _NOTABLE = ("WARNING", "ERROR", "CRITICAL", "Traceback", "Error", "failpoint", "
 class Drill:
     """One stack; :meth:`start` it with the failpoints to arm, :meth:`stop` it at the end."""
 
-    def __init__(self, tmp: Path, *, aof: bool = False) -> None:
+    def __init__(self, tmp: Path, *, aof: bool = False, **sim_flags: Any) -> None:
         self.tmp = tmp
         self.redis_dir = tmp / "redis"
         self.redis_port = free_port()
         self.aof = aof
         self.redis_proc, self.redis_url = start_redis(self.redis_dir, port=self.redis_port, aof=aof)
         self.redis = redis.Redis.from_url(self.redis_url)
-        self.sim: SimulatorHandle = start_simulator(
-            tmp / "sim", rate=2000, validate_seconds=0, finalize_seconds=0
-        )
+        flags = {"rate": 2000, "validate_seconds": 0, "finalize_seconds": 0, **sim_flags}
+        self.sim: SimulatorHandle = start_simulator(tmp / "sim", **flags)
         self.receiver = Receiver([200]).start()
         self.secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         self.stack: Stack | None = None
@@ -78,11 +77,14 @@ class Drill:
             extra["mode"] = "sync"
         return str(self.stack.submit(job_body(ITEMS, **extra))["id"])
 
-    def restart_redis(self) -> None:
-        """Kill Redis -9 and start it again on the same port and directory (its AOF)."""
+    def kill_redis(self) -> None:
+        """Kill Redis -9, as a crash would (no shutdown, no final AOF rewrite)."""
         self.redis_proc.kill()
         self.redis_proc.popen.wait(10)
         self.redis_proc.stop()
+
+    def start_redis_again(self) -> None:
+        """Start Redis on the same port and directory: it loads its AOF."""
         self.redis_proc, _ = start_redis(self.redis_dir, port=self.redis_port, aof=self.aof)
 
     def stop(self) -> None:
@@ -112,6 +114,12 @@ class Drill:
         return self.stack.procs["w"]
 
     # --- the checks ---------------------------------------------------------------------------
+    def wait_fired(self, name: str, timeout: float = 60.0) -> None:
+        """Wait until the failpoint ``name`` has fired somewhere in the stack."""
+        wait_until(
+            lambda: fired(self.redis, name), timeout=timeout, message=f"failpoint {name} to fire"
+        )
+
     def wait_ended(self, job_id: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
         assert self.stack is not None
         try:
