@@ -70,7 +70,10 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     """Write the manifest and set the final status, once every item is final."""
     store = ctx.store
     job = store.job(job_id)
-    if job is None or job.is_final or unfinished(store.counts(job_id)) > 0:
+    if job is not None and job.is_final:
+        _lost_webhook(ctx, job_id)
+        return None
+    if job is None or unfinished(store.counts(job_id)) > 0:
         return None
     if BatchRecord(ctx.redis).job_has_open_duplicates(job_id):
         return None  # a duplicate upstream batch is still to be accounted (the sweep sees to it)
@@ -90,6 +93,16 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         if job.webhook_url:
             outbound.schedule(ctx, store.job(job_id) or job)
         return status
+
+
+def _lost_webhook(ctx: Context, job_id: str) -> None:
+    """A finalize killed between the final status and scheduling the webhook left it unsent;
+    its message, delivered again, schedules it here (under the lease: never while another
+    finalize of the job is at it)."""
+    with Lease(ctx.redis, keys.finalize_lock(job_id), ctx.settings.lease_seconds).held() as got:
+        job = ctx.store.job(job_id)
+        if got and job is not None and job.is_final and outbound.schedule_if_lost(ctx, job):
+            log.warning("job %s: its webhook was never scheduled; scheduled now", job_id)
 
 
 def cancel_job(ctx: Context, job_id: str) -> None:

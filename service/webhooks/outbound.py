@@ -112,6 +112,18 @@ def schedule(ctx: Context, job: Job) -> None:
     ctx.enqueue_once(WEBHOOK, job.id, job.id, ttl=_enqueue_ttl(ctx))
 
 
+def schedule_if_lost(ctx: Context, job: Job) -> bool:
+    """Schedule a finished job's webhook that never was (its finalize died after the final
+    status); True when it did. A delivery already recorded, or a job finished longer ago than
+    webhooks are retried, is left alone."""
+    if not job.webhook_url or ctx.redis.exists(keys.job_webhook(job.id)):
+        return False
+    if time.time() - (job.finished_at or 0) > GIVE_UP_SECONDS:
+        return False
+    schedule(ctx, job)
+    return True
+
+
 def _enqueue_ttl(ctx: Context) -> float:
     # Long enough that a queued attempt is not queued again; short enough that a lost one is.
     return ctx.settings.webhook_timeout_seconds + 30

@@ -19,6 +19,7 @@ from standardwebhooks import Webhook
 from service import metrics
 from service.context import Context, build_context
 from service.jobs.model import Job
+from service.lanes.finalize import finalize_job
 from service.queues import WEBHOOK
 from service.redis import keys
 from service.settings import Settings
@@ -192,3 +193,19 @@ def test_no_secret_no_webhook(make_ctx) -> None:
     assert hook.requests == []
     assert outbound.url_checker(ctx, "default")(hook.url) == outbound.NO_SECRET
     assert orjson.dumps(outbound.delivery_view(ctx, job))  # the view is plain JSON
+
+
+def test_a_webhook_never_scheduled_is_scheduled_once_by_a_finalize_delivered_again(
+    make_ctx,
+) -> None:
+    """A finalize killed after the final status and before the webhook: its message comes
+    again, finds the job final, and schedules the webhook; once scheduled it is left alone."""
+    ctx = make_ctx()
+    hook = Receiver([204])
+    job = finished_job(ctx, hook.url)  # finished, and nothing scheduled
+    assert finalize_job(ctx, job.id) is None
+    assert ctx.queued == [(WEBHOOK, job.id)]  # type: ignore[attr-defined]
+    assert outbound.deliver(ctx, job.id) == "delivered"
+    assert finalize_job(ctx, job.id) is None  # again: delivered already, nothing more
+    assert not outbound.schedule_if_lost(ctx, job)
+    assert len(ctx.queued) == 1 and len(hook.requests) == 1  # type: ignore[attr-defined]
