@@ -18,6 +18,7 @@ import logging
 
 from service import metrics
 from service.context import Context
+from service.errors import TransientError
 from service.failpoints import failpoint
 from service.jobs.batchrecord import BatchRecord
 from service.jobs.manifest import write_manifest
@@ -71,7 +72,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     store = ctx.store
     job = store.job(job_id)
     if job is not None and job.is_final:
-        _lost_webhook(ctx, job_id)
+        _lost_webhook(ctx, job)
         return None
     if job is None or unfinished(store.counts(job_id)) > 0:
         return None
@@ -95,14 +96,19 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         return status
 
 
-def _lost_webhook(ctx: Context, job_id: str) -> None:
+def _lost_webhook(ctx: Context, job: Job) -> None:
     """A finalize killed between the final status and scheduling the webhook left it unsent;
-    its message, delivered again, schedules it here (under the lease: never while another
-    finalize of the job is at it)."""
-    with Lease(ctx.redis, keys.finalize_lock(job_id), ctx.settings.lease_seconds).held() as got:
-        job = ctx.store.job(job_id)
-        if got and job is not None and job.is_final and outbound.schedule_if_lost(ctx, job):
-            log.warning("job %s: its webhook was never scheduled; scheduled now", job_id)
+    its message, delivered again, schedules it here, under the lease (never while another
+    finalize of the job is at it). While the lease is held (by that finalize, or by the killed
+    one until its lease lapses) the task retries."""
+    if not outbound.may_be_lost(ctx, job):
+        return
+    with Lease(ctx.redis, keys.finalize_lock(job.id), ctx.settings.lease_seconds).held() as got:
+        if not got:
+            raise TransientError(f"job {job.id}: its webhook may not be scheduled yet")
+        current = ctx.store.job(job.id)
+        if current is not None and current.is_final and outbound.schedule_if_lost(ctx, current):
+            log.warning("job %s: its webhook was never scheduled; scheduled now", job.id)
 
 
 def cancel_job(ctx: Context, job_id: str) -> None:

@@ -112,13 +112,20 @@ def schedule(ctx: Context, job: Job) -> None:
     ctx.enqueue_once(WEBHOOK, job.id, job.id, ttl=_enqueue_ttl(ctx))
 
 
+def may_be_lost(ctx: Context, job: Job) -> bool:
+    """Whether a finished job's webhook may never have been scheduled (its finalize died after
+    the final status): it has a URL, no delivery is recorded, and it finished recently enough to
+    be sent still."""
+    return bool(
+        job.webhook_url
+        and time.time() - (job.finished_at or 0) <= GIVE_UP_SECONDS
+        and not ctx.redis.exists(keys.job_webhook(job.id))
+    )
+
+
 def schedule_if_lost(ctx: Context, job: Job) -> bool:
-    """Schedule a finished job's webhook that never was (its finalize died after the final
-    status); True when it did. A delivery already recorded, or a job finished longer ago than
-    webhooks are retried, is left alone."""
-    if not job.webhook_url or ctx.redis.exists(keys.job_webhook(job.id)):
-        return False
-    if time.time() - (job.finished_at or 0) > GIVE_UP_SECONDS:
+    """Schedule the webhook :func:`may_be_lost` says was never scheduled; True when it did."""
+    if not may_be_lost(ctx, job):
         return False
     schedule(ctx, job)
     return True

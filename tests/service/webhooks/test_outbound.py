@@ -18,6 +18,7 @@ from standardwebhooks import Webhook
 
 from service import metrics
 from service.context import Context, build_context
+from service.errors import TransientError
 from service.jobs.model import Job
 from service.lanes.finalize import finalize_job
 from service.queues import WEBHOOK
@@ -203,6 +204,12 @@ def test_a_webhook_never_scheduled_is_scheduled_once_by_a_finalize_delivered_aga
     ctx = make_ctx()
     hook = Receiver([204])
     job = finished_job(ctx, hook.url)  # finished, and nothing scheduled
+    # The killed finalize's lease has not lapsed yet: the task retries until it has.
+    ctx.redis.set(keys.finalize_lock(job.id), "the killed finalize", px=60_000)
+    with pytest.raises(TransientError):
+        finalize_job(ctx, job.id)
+    assert ctx.queued == []  # type: ignore[attr-defined]
+    ctx.redis.delete(keys.finalize_lock(job.id))
     assert finalize_job(ctx, job.id) is None
     assert ctx.queued == [(WEBHOOK, job.id)]  # type: ignore[attr-defined]
     assert outbound.deliver(ctx, job.id) == "delivered"
