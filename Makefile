@@ -35,8 +35,9 @@ test-clock-ahead: $(STAMP) ## run the test suite with the clock a year ahead (ne
 	  faketime -f +365d $(BIN)/pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # The chaos drills (tests/chaos): whole stacks with a failpoint set to kill, Redis killed -9,
-# a submitter paused past its lease. Deselected from `make test`; three stacks at a time.
-CHAOS_PARALLEL ?= -n 3
+# a submitter paused past its lease. Deselected from `make test`; four stacks at a time (they
+# spend most of their time waiting out leases).
+CHAOS_PARALLEL ?= -n 4
 test-chaos: $(STAMP) ## run the chaos drills: a kill at every failpoint, Redis restarts, stalls
 	$(BIN)/pytest -m chaos $(CHAOS_PARALLEL) tests/chaos $(PYTEST_ARGS)
 

@@ -29,7 +29,7 @@ ITEMS = CHUNK_LINES * CHUNKS
 KINDS = ("text_input", "image_input", "image_output")
 # A drill's job may wait out a lease its killed holder took (LEASE_SECONDS; a webhook attempt's
 # lasts its timeout + 30 s) and an enqueue marker (15 s).
-JOB_TIMEOUT = 150.0
+JOB_TIMEOUT = 200.0
 # The plan, submit, finalize and collect leases of a drill's stack.
 LEASE_SECONDS = 10
 QUEUES = "control,collect,sync,webhooks"
