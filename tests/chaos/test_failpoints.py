@@ -26,9 +26,9 @@ SYNC_LOSES_ANSWERS = (
 )
 
 
-# The collect cursor is saved at most every 5 s: this drill's collect reads its output file
-# slowly enough (~270 kB at 40 kB/s) to get there.
-SIMULATOR = {"collect.checkpoint": {"image_bytes": 50_000, "download_bytes_per_second": 40_000}}
+# The collect cursor is saved at most every 5 s, as lines arrive (read 1 MB at a time): this
+# drill's collect reads an output file of ~2 MB at 250 kB/s, so its second MB comes after 5 s.
+SIMULATOR = {"collect.checkpoint": {"image_bytes": 400_000, "download_bytes_per_second": 250_000}}
 
 
 @pytest.mark.parametrize("name", [fp.name for fp in REGISTRY])
