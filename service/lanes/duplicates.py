@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from service import metrics, pricing
+from service import handover, metrics, pricing
 from service.budgets.daily import daily_field, utc_day
 from service.context import Context
 from service.errors import TransientError
@@ -110,6 +110,9 @@ def account(ctx: Context, job_id: str, number: int, batch_id: str) -> bool:
     if batch.output_file_id:
         with ctx.upstream.file_lines(batch.output_file_id) as raw_lines:
             for raw in raw_lines:
+                if handover.requested():
+                    # Nothing is written until the whole file is read: the next run starts over.
+                    raise handover.Handover(f"duplicate batch {batch_id}")
                 usage = _usage(orjson.loads(raw))
                 if usage is not None:
                     used = pricing.usage_tokens(usage)

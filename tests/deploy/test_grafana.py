@@ -87,6 +87,8 @@ imagebatch_budget_wait_seconds_sum                                              
 imagebatch_budget_wait_seconds_count                                                                 0+2x180
 imagebatch_budget_oldest_wait_seconds                                                                120x180
 imagebatch_model_shutdown_timestamp_seconds{model="gpt-image-1.5"}                                   5184000x180
+imagebatch_job_eta_timestamp_seconds{job_id="job-1",tenant="acme",quantile="0.9"}                    7200x180
+imagebatch_job_deadline_timestamp_seconds{job_id="job-1",tenant="acme",on_deadline="sync"}          5400x180
 """
 SYNTHETIC_SERIES: list[tuple[str, str]] = [
     (series, values)

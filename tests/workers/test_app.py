@@ -133,6 +133,7 @@ def test_only_the_long_tasks_hand_over_and_sooner_than_they_could_run(
     assert {name for name, b in bounds.items() if b is not None} == {
         queues.COLLECT_TASK,
         queues.SYNC_ITEMS,
+        queues.DUPLICATE,
     }
     for name in (queues.COLLECT_TASK, queues.SYNC_ITEMS):
         bound = bounds[name]

@@ -37,7 +37,9 @@ def collect(ctx: Context, job_id: str, number: int) -> dict[str, Any] | None:
     return result.__dict__ if result else None
 
 
-@task(queues.DUPLICATE, time_limit=3600)
+# A duplicate's output is only read (its tokens added once at the end): on shutdown it stops
+# between lines and is sent again.
+@task(queues.DUPLICATE, time_limit=3600, handover_seconds=60)
 def duplicate(ctx: Context, job_id: str, number: int, batch_id: str) -> bool:
     return duplicates.account(ctx, job_id, int(number), batch_id)
 
