@@ -40,7 +40,6 @@ import os
 import shutil
 import stat
 import threading
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -285,12 +284,12 @@ class LocalStorage:
             raise
 
     def sweep_temp(self, older_than: float) -> int:
-        cutoff = time.time() - older_than
-        removed = 0
         try:
+            cutoff = self._stamp_now() - older_than
             entries = list(os.scandir(self._tmp))
         except FileNotFoundError:
             return 0
+        removed = 0
         for entry in entries:
             try:
                 if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
@@ -299,6 +298,15 @@ class LocalStorage:
             except FileNotFoundError:
                 continue  # published or removed meanwhile
         return removed
+
+    def _stamp_now(self) -> float:
+        """Now, by the clock that stamps the temp files: a new file's modification time. The
+        process clock may differ from it (a network filesystem's server, a faked clock)."""
+        probe = self._new_tmp()
+        try:
+            return probe.stat().st_mtime
+        finally:
+            probe.unlink(missing_ok=True)
 
     def _attach(self, fd: int, sidecar: bytes) -> bool:
         """Put the object's metadata in its extended attribute; False where it must go to a

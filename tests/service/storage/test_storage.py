@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import time
 import tracemalloc
 import urllib.request
 import uuid
@@ -771,7 +770,8 @@ def test_writes_abandoned_mid_way_are_swept_once_old(backend: Backend) -> None:
         old, fresh = tmp / "old.tmp", tmp / "fresh.tmp"
         old.write_bytes(b"half an image")
         fresh.write_bytes(b"being written")
-        an_hour_ago = time.time() - 3600
+        # An hour before the filesystem stamped the fresh one (its clock is what ages them).
+        an_hour_ago = fresh.stat().st_mtime - 3600
         os.utime(old, (an_hour_ago, an_hour_ago))
         assert s.sweep_temp(600) == 1
         assert not old.exists() and fresh.exists()
