@@ -377,41 +377,39 @@ class JobBuilder:
                     ok = False
             prompt = self._prompt(raw.get("prompt"), f"{path}.prompt", index, shown_id)
             refs = self._finish(index, prompt, raw.get("images"), raw.get("mask"), path, shown_id)
-            if ok and refs is not None and item_id is not None and prompt is not None:
+            # Items are kept until the first error: a job with one is refused whole.
+            if ok and not errs and refs is not None and item_id is not None and prompt is not None:
                 out.append(index, item_id, refs[0], prompt, overrides, refs[1], refs[2])
 
     def _item_id(self, raw: Any, path: str, index: int, seen: IdIndex, what: str) -> str | None:
         """The item's id, checked and registered; None when it is malformed."""
         if raw is None:
-            item_id = str(index)
-            implicit = True
-        else:
-            implicit = False
-            if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
-                raw = str(raw)
-            if not isinstance(raw, str):
-                self.errors.add(
-                    f"{path}.id", f"id must be a string, not {json_type(raw)}", index, None
-                )
-                return None
-            if not _ID_RE.match(raw):
-                self.errors.add(
-                    f"{path}.id",
-                    f"id {show(raw)} must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
-                    index,
-                    clip(raw, 128),
-                )
-                return None
-            item_id = raw
-        first = seen.first(item_id, index)
-        if first != index:
-            if implicit:
+            first = seen.first_implicit(index)
+            if first != index:
                 message = (
-                    f"this item has no id, so its id is its index '{item_id}', which "
+                    f"this item has no id, so its id is its index '{index}', which "
                     f"{what}[{first}] already uses; give every item an id"
                 )
-            else:
-                message = f"id '{item_id}' is already used by {what}[{first}]; ids must be unique"
+                self.errors.add(f"{path}.id", message, index, str(index))
+                return None
+            return str(index)
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            raw = str(raw)
+        if not isinstance(raw, str):
+            self.errors.add(f"{path}.id", f"id must be a string, not {json_type(raw)}", index, None)
+            return None
+        if not _ID_RE.match(raw):
+            self.errors.add(
+                f"{path}.id",
+                f"id {show(raw)} must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
+                index,
+                clip(raw, 128),
+            )
+            return None
+        item_id = raw
+        first = seen.first(item_id, index)
+        if first != index:
+            message = f"id '{item_id}' is already used by {what}[{first}]; ids must be unique"
             self.errors.add(f"{path}.id", message, index, item_id)
             return None
         return item_id
@@ -564,7 +562,7 @@ class JobBuilder:
                 if images is MISSING:
                     continue
             refs = self._finish(index, prompt, images, mask, path, shown_id)
-            if refs is not None and item_id is not None and prompt is not None:
+            if not errs and refs is not None and item_id is not None and prompt is not None:
                 out.append(index, item_id, refs[0], prompt, None, refs[1], refs[2])
 
     def _spend_prompt(self, chars: int) -> None:

@@ -176,7 +176,10 @@ class ItemList(Sequence[ItemSpec]):
     the request (id, prompt, the parameters it set itself, its references), as JSON text; the
     model and the job's defaults are held once. Reading an item (indexing, iterating) builds its
     :class:`ItemSpec` then, with the same body a list of ItemSpec would hold, so 100,000 items
-    cost about their text, not a dict and a dozen strings each. The text is kept in segments of
+    cost about their text, not a dict and a dozen strings each. An item's index is its place in
+    the list (items are appended in order, none left out: a job with a refused item is refused
+    whole, so intake stops keeping items at its first error), and an id that is the item's index
+    (an item given none) is not written. The text is kept in segments of
     about :data:`_SEGMENT_BYTES`, the size of the parser's own (:class:`~service.jobs.jsonbody.
     RawSeq`): the memory the parser lets go of as it is read is what the items are written into.
     """
@@ -187,8 +190,8 @@ class ItemList(Sequence[ItemSpec]):
         self.model = model
         self.defaults = dict(defaults)
         self._segments: list[bytearray] = [bytearray()]
-        self._firsts: array[int] = array("Q", [0])  # the first item of each segment
-        self._ends: array[int] = array("Q")  # where each item ends in its segment
+        self._firsts: array[int] = array("I", [0])  # the first item of each segment
+        self._ends: array[int] = array("I")  # where each item ends in its segment
         self.images = 0  # images the items ask for (the sum of their n)
 
     def append(
@@ -201,11 +204,15 @@ class ItemList(Sequence[ItemSpec]):
         images: list[str] | None = None,
         mask: str | None = None,
     ) -> None:
-        """Add an item: ``overrides`` are the parameters it sets over the defaults."""
+        """Add item ``index`` (the next one): ``overrides`` are the parameters it sets over the
+        defaults."""
+        if index != len(self._ends):
+            raise ValueError(f"item {index} appended as item {len(self._ends)}: out of order")
         edit = 1 if endpoint == EDITS else 0
-        record = [index, item_id, edit, prompt, overrides or None, images, mask]
+        given = None if item_id == str(index) else item_id
+        record = [given, edit, prompt, overrides or None, images, mask]
         while record[-1] is None:
-            record.pop()  # trailing nulls left out: most items are [index, id, edit, prompt]
+            record.pop()  # trailing nulls left out: most items are [id, edit, prompt]
         segment = self._segments[-1]
         if len(segment) >= _SEGMENT_BYTES:
             segment = bytearray()
@@ -218,7 +225,10 @@ class ItemList(Sequence[ItemSpec]):
 
     def ids(self) -> Iterator[str]:
         """The items' ids, in order (without building the items)."""
-        return (record[1] for record in self._records())
+        return (
+            str(index) if record[0] is None else record[0]
+            for index, record in enumerate(self._records())
+        )
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -242,10 +252,10 @@ class ItemList(Sequence[ItemSpec]):
             raise IndexError("item index out of range")
         s = bisect.bisect_right(self._firsts, i) - 1
         start = self._ends[i - 1] if i > self._firsts[s] else 0
-        return self._item(orjson.loads(self._segments[s][start : self._ends[i]]))
+        return self._item(i, orjson.loads(self._segments[s][start : self._ends[i]]))
 
     def __iter__(self) -> Iterator[ItemSpec]:
-        return (self._item(record) for record in self._records())
+        return (self._item(index, record) for index, record in enumerate(self._records()))
 
     def _records(self) -> Iterator[list[Any]]:
         ends, count = self._ends, len(self._ends)
@@ -267,10 +277,11 @@ class ItemList(Sequence[ItemSpec]):
     def __repr__(self) -> str:
         return f"<ItemList of {len(self)} items, {self.nbytes:,} bytes>"
 
-    def _item(self, record: list[Any]) -> ItemSpec:
-        if len(record) < 7:
-            record += [None] * (7 - len(record))
-        index, item_id, edit, prompt, overrides, images, mask = record
+    def _item(self, index: int, record: list[Any]) -> ItemSpec:
+        if len(record) < 6:
+            record += [None] * (6 - len(record))
+        given, edit, prompt, overrides, images, mask = record
+        item_id = str(index) if given is None else given
         # The body in the order intake has always written it: model, prompt, the parameters
         # (defaults first, then what the item added), the references.
         body: dict[str, Any] = {"model": self.model, "prompt": prompt}

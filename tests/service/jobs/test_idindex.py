@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import orjson
+import pytest
 
 from service.catalog import EDITS, GENERATIONS, cached_catalog
 from service.jobs.idindex import IdIndex
@@ -32,6 +33,26 @@ def test_an_id_seen_before_gives_the_index_that_used_it_first() -> None:
 def test_ids_that_differ_only_in_case_or_length_are_different() -> None:
     seen = IdIndex(4)
     assert [seen.first(i, n) for n, i in enumerate(["a", "A", "aa", "a.", "a"])] == [0, 1, 2, 3, 0]
+
+
+def test_an_item_without_an_id_takes_its_index_as_its_id() -> None:
+    seen = IdIndex(8)
+    assert seen.first_implicit(0) == 0
+    assert seen.first("0", 1) == 0  # the index item 0 took
+    assert seen.first("00", 2) == 2  # not an index: a different id
+    assert seen.first("5", 3) == 3  # item 5 comes later...
+    assert seen.first_implicit(4) == 4
+    assert seen.first_implicit(5) == 3  # ...and its index is taken
+    assert seen.first("abc", 6) == 6
+    assert seen.first("6", 7) == 7  # item 6 gave an id of its own: "6" is free
+    assert len(seen) == 4  # ids without an id of their own are not written down
+
+
+def test_many_items_without_ids_cost_a_bit_each() -> None:
+    seen = IdIndex(100_000)
+    assert all(seen.first_implicit(i) == i for i in range(100_000))
+    assert len(seen) == 0
+    assert seen.first("99999", 100_000) == 99_999 and seen.first("100000", 100_001) == 100_001
 
 
 def test_a_raw_sequence_gives_its_elements_back_once() -> None:
@@ -97,3 +118,20 @@ def test_a_large_job_is_held_in_about_its_own_size() -> None:
     assert isinstance(spec.items, ItemList) and len(spec.items) == 20_000
     assert spec.items[12_345].id == "sku-12345" and spec.items[12_345].quality == "low"
     assert spec.items.nbytes < 1.2 * len(body)  # a list of ItemSpec held about 3x the body
+
+
+def test_items_without_ids_read_back_with_their_index() -> None:
+    items = ItemList("gpt-image-2", {})
+    items.append(0, "0", GENERATIONS, "red mug")
+    items.append(1, "sku-1", GENERATIONS, "blue mug")
+    items.append(2, "2", GENERATIONS, "green mug")
+    assert list(items.ids()) == ["0", "sku-1", "2"]
+    assert [(i.index, i.id) for i in items] == [(0, "0"), (1, "sku-1"), (2, "2")]
+    assert items[2].id == "2" and items[2].index == 2
+
+
+def test_items_are_appended_in_order() -> None:
+    items = ItemList("gpt-image-2", {})
+    items.append(0, "a", GENERATIONS, "red mug")
+    with pytest.raises(ValueError, match="out of order"):
+        items.append(2, "c", GENERATIONS, "green mug")
