@@ -4,7 +4,7 @@ A parsed JSON document can be far bigger than its text: ``{}`` is 3 bytes of bod
 of Python, so ten million empty items (30 MB) would grow the API by 700 MB before any check saw
 them, and a one-shot C parser holds the GIL for the whole parse, so the event loop (``/healthz``)
 stalls for as long. :func:`load` therefore builds the document itself from ijson's event stream
-(yajl2's C tokenizer, fed 64 KB at a time), which lets it:
+(yajl2's C tokenizer, fed a small chunk at a time), which lets it:
 
 * keep an account of what the tree costs (``sys.getsizeof`` of each value, containers' slots)
   and refuse the body (413) the moment the account passes :data:`DENSITY` times the body
@@ -34,7 +34,6 @@ import contextlib
 import gc
 import sys
 import threading
-from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,8 +49,11 @@ DENSITY = 2
 FLOOR_BYTES = 64 * 1024 * 1024
 # Deeper than any job (an item's images list is at depth 3).
 MAX_DEPTH = 16
-# Bytes handed to the tokenizer at a time (and held besides the body).
+# Bytes handed to the tokenizer at a time: a 256th of the body, within these bounds. The C
+# tokenizer turns a whole chunk into a list of events before the first is read, and an event can
+# cost 40 times its text (``{},`` is two tuples), so the chunk is kept small next to the body.
 CHUNK_BYTES = 64 * 1024
+MIN_CHUNK_BYTES = 1024
 # A malformed body up to this size is parsed again by orjson to say where it breaks.
 _LOCATE_BYTES = 8 * 1024 * 1024
 # What a container costs before its contents, and per slot (CPython 3.11, 64-bit).
@@ -95,15 +97,16 @@ class RawSeq:
 
     What the builder iterates instead of a list of parsed items: :meth:`drain` gives the elements
     back parsed, one at a time, and lets go of each segment once it has passed it, so the text
-    and the items built from it are never both held whole.
+    and the items built from it are never both held whole. Elements are separated by a newline
+    (compact JSON never holds one: a newline in a string is written ``\\n``), so an element
+    costs its text and one byte.
     """
 
-    __slots__ = ("_buffer", "_buffer_ends", "_count", "_segments", "started")
+    __slots__ = ("_buffer", "_count", "_segments", "started")
 
     def __init__(self) -> None:
-        self._segments: list[tuple[bytearray, array[int]] | None] = []
+        self._segments: list[bytearray | None] = []
         self._buffer = bytearray()
-        self._buffer_ends: array[int] = array("Q")
         self.started = 0  # elements begun (the one being read included)
         self._count = 0
 
@@ -120,12 +123,13 @@ class RawSeq:
         return index
 
     def append_json(self, text: bytes) -> None:
+        """Keep one element, given as compact JSON (one line: as ``orjson.dumps`` writes it)."""
         self._buffer += text
-        self._buffer_ends.append(len(self._buffer))
+        self._buffer += b"\n"
         self._count += 1
         if len(self._buffer) >= _SEGMENT_BYTES:
-            self._segments.append((self._buffer, self._buffer_ends))
-            self._buffer, self._buffer_ends = bytearray(), array("Q")
+            self._segments.append(self._buffer)
+            self._buffer = bytearray()
 
     def __len__(self) -> int:
         return self._count
@@ -133,18 +137,17 @@ class RawSeq:
     def drain(self) -> Iterator[Any]:
         """Each element, parsed, in order; the text is released as it is read (once only)."""
         if self._buffer:
-            self._segments.append((self._buffer, self._buffer_ends))
-            self._buffer, self._buffer_ends = bytearray(), array("Q")
-        for i, segment in enumerate(self._segments):
-            assert segment is not None, "a RawSeq is drained once"
+            self._segments.append(self._buffer)
+            self._buffer = bytearray()
+        for i, data in enumerate(self._segments):
+            assert data is not None, "a RawSeq is drained once"
             self._segments[i] = None
-            data, ends = segment
             start = 0
             with memoryview(data) as view:
-                for end in ends:
+                while (end := data.find(b"\n", start)) >= 0:
                     yield orjson.loads(view[start:end])
-                    start = end
-            del data, segment
+                    start = end + 1
+            del data
         self._count = 0
 
 
@@ -185,7 +188,8 @@ def _build(body: bytes | bytearray | memoryview, max_items: int) -> Any:
     key: list[str | None] = []  # per open object: the key whose value comes next
     root: Any = None
     element_cost = 0
-    for event, value in ijson.basic_parse(_Reader(body), use_float=True, buf_size=CHUNK_BYTES):
+    chunk = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, len(body) // 256))
+    for event, value in ijson.basic_parse(_Reader(body), use_float=True, buf_size=chunk):
         if event == "map_key":
             top = stack[-1]
             name = interned.setdefault(value, value)
