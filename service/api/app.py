@@ -18,7 +18,7 @@ import redis
 from fastapi import FastAPI
 
 from service import metrics, tokens
-from service.api import problems
+from service.api import malloc, problems
 from service.api.guard import RequestGuard, allowed_hosts
 from service.api.routes import jobs, models, objects, schedules, webhooks
 from service.api.routes import service as service_routes
@@ -73,6 +73,8 @@ def create_app(settings: Settings | None = None, *, context: Context | None = No
         # A request parsed in a worker thread hands the GIL back to the event loop every 1 ms
         # (not 5): /healthz and small requests stay quick while a large job is validated.
         sys.setswitchinterval(0.001)
+        # A large body's buffers go back to the system once it is taken, not kept for the next.
+        malloc.unmap_large_blocks()
         yield
         ctx.redis.close()
 
