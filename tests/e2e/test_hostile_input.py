@@ -53,6 +53,35 @@ BODIES: dict[str, tuple[Callable[[], bytes], str, int]] = {
         "application/json",
         202,
     ),
+    # The densest job there is: every item as small as an item can be, as many as a job may hold.
+    "100k tiny items, accepted": (
+        lambda: b'{"items":[' + b",".join([b'{"prompt":"x"}'] * 100_000) + b"]}",
+        "application/json",
+        202,
+    ),
+    "100k tiny items with ids, accepted": (
+        lambda: (
+            b'{"items":['
+            + b",".join(b'{"id":"%x","prompt":"x"}' % i for i in range(100_000))
+            + b"]}"
+        ),
+        "application/json",
+        202,
+    ),
+    "100k tiny items with the longest ids, accepted": (
+        lambda: (
+            b'{"items":['
+            + b",".join(b'{"id":"%0128x","prompt":"x"}' % i for i in range(100_000))
+            + b"]}"
+        ),
+        "application/json",
+        202,
+    ),
+    "100k empty items, refused": (
+        lambda: b'{"items":[' + b",".join([b"{}"] * 100_000) + b"]}",
+        "application/json",
+        422,
+    ),
     "ten million empty items, refused": (
         lambda: b'{"items":[' + b"{}," * 20_000_000 + b"{}]}",
         "application/json",
