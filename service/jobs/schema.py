@@ -155,6 +155,17 @@ class ItemSpec:
 
 # The size of an ItemList's segments (and of the parser's: service.jobs.jsonbody).
 _SEGMENT_BYTES = 1024 * 1024
+# An ItemList line starting with one of these is JSON; any other is a prompt as it is.
+_JSON_STARTS = ('"', "[")
+
+
+def _record(line: bytes | bytearray) -> list[Any]:
+    """An ItemList line as its record ``[id, edit, prompt, ...]`` (see :class:`ItemList`)."""
+    if line[:1] == b"[":
+        record: list[Any] = orjson.loads(line)
+        return record
+    prompt = orjson.loads(line) if line[:1] == b'"' else line.decode()
+    return [None, 0, prompt]
 
 
 def item_ids(items: Sequence[ItemSpec]) -> Iterator[str]:
@@ -170,28 +181,33 @@ def image_count(items: Sequence[ItemSpec]) -> int:
 
 
 class ItemList(Sequence[ItemSpec]):
-    """A job's validated items, held as compact JSON text: a few buffers, no object per item.
+    """A job's validated items, held as compact text: a few buffers, no object per item.
 
     What intake builds and keeps while it estimates and stores a job. An item is its own part of
-    the request (id, prompt, the parameters it set itself, its references), as JSON text; the
-    model and the job's defaults are held once. Reading an item (indexing, iterating) builds its
+    the request (id, prompt, the parameters it set itself, its references), one line of text; the
+    model and the job's defaults are held once. Reading an item (iterating, indexing) builds its
     :class:`ItemSpec` then, with the same body a list of ItemSpec would hold, so 100,000 items
-    cost about their text, not a dict and a dozen strings each. An item's index is its place in
-    the list (items are appended in order, none left out: a job with a refused item is refused
-    whole, so intake stops keeping items at its first error), and an id that is the item's index
-    (an item given none) is not written. The text is kept in segments of
-    about :data:`_SEGMENT_BYTES`, the size of the parser's own (:class:`~service.jobs.jsonbody.
-    RawSeq`): the memory the parser lets go of as it is read is what the items are written into.
+    cost about their text, not a dict and a dozen strings each.
+
+    An item's index is its place in the list: items are appended in order, none left out (a job
+    with a refused item is refused whole, so intake stops keeping items at its first error). A
+    line is the JSON array ``[id, edit, prompt, overrides, images, mask]`` (trailing nulls left
+    out, the id null when it is the item's index); the commonest item, a prompt with nothing
+    else, is its prompt alone: as it is, or as a JSON string when it starts like JSON or holds a
+    newline. The lines are kept in segments of about :data:`_SEGMENT_BYTES`, the size of the
+    parser's own (:class:`~service.jobs.jsonbody.RawSeq`): the memory the parser lets go of as it
+    is read is what the items are written into. Items are meant to be read in order; reading one
+    by its index scans its segment.
     """
 
-    __slots__ = ("_ends", "_firsts", "_segments", "defaults", "images", "model")
+    __slots__ = ("_count", "_firsts", "_segments", "defaults", "images", "model")
 
     def __init__(self, model: str, defaults: Mapping[str, Any]) -> None:
         self.model = model
         self.defaults = dict(defaults)
         self._segments: list[bytearray] = [bytearray()]
         self._firsts: array[int] = array("I", [0])  # the first item of each segment
-        self._ends: array[int] = array("I")  # where each item ends in its segment
+        self._count = 0
         self.images = 0  # images the items ask for (the sum of their n)
 
     def append(
@@ -206,20 +222,27 @@ class ItemList(Sequence[ItemSpec]):
     ) -> None:
         """Add item ``index`` (the next one): ``overrides`` are the parameters it sets over the
         defaults."""
-        if index != len(self._ends):
-            raise ValueError(f"item {index} appended as item {len(self._ends)}: out of order")
+        if index != self._count:
+            raise ValueError(f"item {index} appended as item {self._count}: out of order")
         edit = 1 if endpoint == EDITS else 0
         given = None if item_id == str(index) else item_id
         record = [given, edit, prompt, overrides or None, images, mask]
         while record[-1] is None:
-            record.pop()  # trailing nulls left out: most items are [id, edit, prompt]
+            record.pop()  # trailing nulls left out
         segment = self._segments[-1]
         if len(segment) >= _SEGMENT_BYTES:
             segment = bytearray()
             self._segments.append(segment)
-            self._firsts.append(len(self._ends))
-        segment += orjson.dumps(record)
-        self._ends.append(len(segment))
+            self._firsts.append(self._count)
+        if len(record) == 3 and given is None and not edit:
+            if prompt[:1] in _JSON_STARTS or "\n" in prompt:
+                segment += orjson.dumps(prompt)
+            else:
+                segment += prompt.encode()
+        else:
+            segment += orjson.dumps(record)
+        segment += b"\n"
+        self._count += 1
         n = overrides.get("n") if overrides else None
         self.images += int(n if n is not None else self.defaults.get("n", 1))
 
@@ -231,13 +254,13 @@ class ItemList(Sequence[ItemSpec]):
         )
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return self._count
 
     @property
     def nbytes(self) -> int:
         """What the items' text and offsets take."""
         text = sum(len(segment) for segment in self._segments)
-        return text + self._ends.itemsize * (len(self._ends) + len(self._firsts))
+        return text + self._firsts.itemsize * len(self._firsts)
 
     @overload
     def __getitem__(self, i: int) -> ItemSpec: ...
@@ -251,21 +274,22 @@ class ItemList(Sequence[ItemSpec]):
         if not 0 <= i < len(self):
             raise IndexError("item index out of range")
         s = bisect.bisect_right(self._firsts, i) - 1
-        start = self._ends[i - 1] if i > self._firsts[s] else 0
-        return self._item(i, orjson.loads(self._segments[s][start : self._ends[i]]))
+        segment, start = self._segments[s], 0
+        for _ in range(i - self._firsts[s]):
+            start = segment.index(b"\n", start) + 1
+        line = segment[start : segment.index(b"\n", start)]
+        return self._item(i, _record(line))
 
     def __iter__(self) -> Iterator[ItemSpec]:
         return (self._item(index, record) for index, record in enumerate(self._records()))
 
     def _records(self) -> Iterator[list[Any]]:
-        ends, count = self._ends, len(self._ends)
-        for s, segment in enumerate(self._segments):
-            last = self._firsts[s + 1] if s + 1 < len(self._firsts) else count
+        for segment in self._segments:
             start = 0
-            for i in range(self._firsts[s], last):
-                # A copy of the slice, not a view: a view left open would pin the buffer.
-                yield orjson.loads(segment[start : ends[i]])
-                start = ends[i]
+            while (end := segment.find(b"\n", start)) >= 0:
+                # A copy of the line, not a view: a view left open would pin the buffer.
+                yield _record(segment[start:end])
+                start = end + 1
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):

@@ -135,3 +135,15 @@ def test_items_are_appended_in_order() -> None:
     items.append(0, "a", GENERATIONS, "red mug")
     with pytest.raises(ValueError, match="out of order"):
         items.append(2, "c", GENERATIONS, "green mug")
+
+
+def test_prompts_of_every_shape_read_back_as_written() -> None:
+    prompts = ["x", '"quoted"', "[bracketed]", "two\nlines", "tab\tand \\ slash", "é ✓ 🙂", " "]
+    prompts += ['{"json": 1}', "null", "123", "line\r\nend", "\u2028"]
+    items = ItemList("gpt-image-2", {})
+    for index, prompt in enumerate(prompts):
+        items.append(index, str(index), GENERATIONS, prompt)
+    items.append(len(prompts), "sku", GENERATIONS, "[")  # a record line beside prompt lines
+    assert [item.prompt for item in items] == [*prompts, "["]
+    assert [items[i].prompt for i in range(len(prompts))] == prompts
+    assert items[-1].id == "sku" and items[3].id == "3"
