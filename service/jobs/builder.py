@@ -24,7 +24,7 @@ from typing import Any
 from service.catalog import EDITS, GENERATIONS, Catalog, Model
 from service.errors import FieldErrors, too_large
 from service.jobs import deadline
-from service.jobs.csvform import MISSING, CsvRows, csv_refs
+from service.jobs.csvform import MISSING, CsvRows, RowSeq, csv_refs
 from service.jobs.idindex import IdIndex
 from service.jobs.jsonbody import RawSeq
 from service.jobs.messages import (
@@ -319,7 +319,7 @@ class JobBuilder:
     # -- items --------------------------------------------------------------------------------
 
     def _count_ok(self, path: str, raw: Any, what: str) -> bool:
-        if not isinstance(raw, (list, RawSeq)):
+        if not isinstance(raw, list | RawSeq | RowSeq):
             self.errors.add(path, f"{path} must be an array of {what}, not {json_type(raw)}")
             return False
         if not raw:
@@ -583,9 +583,9 @@ class JobBuilder:
         return f" (CSV line {self.row_lines[index]})"
 
 
-def _elements(seq: list[Any] | RawSeq) -> Iterator[Any]:
+def _elements(seq: list[Any] | RawSeq | RowSeq) -> Iterator[Any]:
     """The items or rows one at a time, each let go of once read (the caller keeps no tree)."""
-    if isinstance(seq, RawSeq):
+    if isinstance(seq, RawSeq | RowSeq):
         yield from seq.drain()
         return
     for index, value in enumerate(seq):

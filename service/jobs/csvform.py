@@ -15,18 +15,18 @@ with more rows than a job may hold, which raise the 422 at once with the errors 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import re
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import orjson
 
 from service.errors import FieldErrors, malformed
-from service.jobs.jsonbody import RawSeq
 from service.jobs.messages import clip, clip_key, json_type, show, unknown_message
 from service.jobs.schema import CSV_PARAMS, PARAM_FIELDS
 
@@ -45,11 +45,83 @@ _DECIMAL_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?", re.ASCII)
 MISSING: Any = object()
 
 
+class RowLines(Sequence[int]):
+    """Each row's CSV line number, written down only where it does not follow from the row
+    before (a blank line skipped, a quoted field over several lines): a few bytes for the whole
+    file, not one number a row."""
+
+    __slots__ = ("_count", "_lines", "_rows")
+
+    def __init__(self) -> None:
+        self._rows: array[int] = array("I")  # a row whose line does not follow...
+        self._lines: array[int] = array("I")  # ...and its line
+        self._count = 0
+
+    def append(self, line: int) -> None:
+        if not self._rows or line != self[self._count - 1] + 1:
+            self._rows.append(self._count)
+            self._lines.append(line)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError("row out of range")
+        k = bisect.bisect_right(self._rows, i) - 1
+        return self._lines[k] + i - self._rows[k]
+
+
+class RowSeq:
+    """The rows of a CSV body, read again from the body when the builder asks for them.
+
+    The body is already the most compact form of its rows, so they are not copied out of it:
+    the first pass counts them and checks their shape, :meth:`drain` reads them a second time,
+    each as an object of the columns the job uses, and lets go of the body at the end.
+    """
+
+    __slots__ = ("_body", "_count", "_delimiter", "_kept")
+
+    def __init__(
+        self,
+        body: bytes | bytearray | memoryview,
+        delimiter: str,
+        kept: list[tuple[int, str]],
+        count: int,
+    ) -> None:
+        self._body: bytes | bytearray | memoryview | None = body
+        self._delimiter, self._kept, self._count = delimiter, kept, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def drain(self) -> Iterator[dict[str, str]]:
+        """Each row, in order (once only)."""
+        body, self._body = self._body, None
+        assert body is not None, "the rows of a CSV are drained once"
+        reader = _records(body, self._delimiter)
+        del body
+        _header(reader)
+        kept = self._kept
+        for record in reader:
+            if not _blank(record):
+                yield {c: record[i] for i, c in kept if i < len(record)}
+
+
 @dataclass(slots=True)
 class CsvRows:
     columns: list[str]
-    rows: RawSeq  # each row an object of the columns the job uses, as compact JSON text
-    lines: array[int]  # each row's CSV line number
+    rows: RowSeq  # each row an object of the columns the job uses, read from the body
+    lines: RowLines  # each row's CSV line number
     ragged: set[int]  # rows whose field count differs from the header's (already reported)
     id_key: str | None
     images_key: str | None
@@ -186,23 +258,37 @@ def _lines(body: bytes | bytearray | memoryview) -> Iterator[str]:
             ) from None
 
 
+def _records(body: bytes | bytearray | memoryview, delimiter: str) -> Any:
+    return csv.reader(_lines(body), delimiter=delimiter, strict=True)
+
+
+def _header(reader: Any) -> list[str] | None:
+    """The header row (blank lines before it skipped); None for an empty CSV."""
+    header = next(reader, None)
+    while header is not None and _blank(header):
+        header = next(reader, None)
+    return header
+
+
+def _blank(record: list[str]) -> bool:
+    return not record or (len(record) == 1 and not record[0].strip())
+
+
 def _read_rows(
     body: bytes | bytearray | memoryview,
     delimiter: str,
     errs: FieldErrors,
     max_items: int,
     needed: set[str] | None,
-) -> tuple[list[str], RawSeq, array[int], set[int]]:
+) -> tuple[list[str], RowSeq, RowLines, set[int]]:
     """The header's columns, and the rows with their CSV line numbers and the ragged ones.
 
     A row keeps only the ``needed`` columns, so memory follows what the job uses, not how wide
-    the catalog is; and it is kept as its JSON text, not a dict and strings per row.
+    the catalog is; and the rows stay in the body until the builder reads them (:class:`RowSeq`).
     """
-    reader = csv.reader(_lines(body), delimiter=delimiter, strict=True)
+    reader = _records(body, delimiter)
     try:
-        header = next(reader, None)
-        while header is not None and not any(h.strip() for h in header):
-            header = next(reader, None)  # blank lines before the header
+        header = _header(reader)
         if header is None:
             errs.add("rows", "the CSV is empty: it needs a header row and one row per item")
             errs.raise_if_any()
@@ -219,13 +305,12 @@ def _read_rows(
             )
         width = len(columns)
         kept = [(i, c) for i, c in enumerate(columns) if needed is None or c in needed]
-        rows = RawSeq()
-        lines: array[int] = array("Q")
+        lines = RowLines()
         ragged: set[int] = set()
         for record in reader:
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue  # blank line
-            index = len(rows)
+            if _blank(record):
+                continue
+            index = len(lines)
             if index >= max_items:
                 errs.add(
                     "rows",
@@ -240,14 +325,13 @@ def _read_rows(
                     index,
                 )
                 ragged.add(index)
-            rows.append_json(orjson.dumps({c: record[i] for i, c in kept if i < len(record)}))
             lines.append(reader.line_num)
     except csv.Error as exc:
         raise malformed(
             f"The CSV could not be read at line {reader.line_num}: {exc}.",
             extra={"line": reader.line_num},
         ) from None
-    return columns, rows, lines, ragged
+    return columns, RowSeq(body, delimiter, kept, len(lines)), lines, ragged
 
 
 def _column(

@@ -192,5 +192,5 @@ def parse_job_csv(
         prompt_bytes=prompt_bytes,
     )
     doc, rows = csv_document(body, params, builder.errors, max_items=max_items)
-    del body  # the rows are read: the body may be freed now (see intake.Body)
+    del body  # the rows hold it now, and let go of it once read (see intake.Body)
     return builder.build(doc, csv_rows=rows)

@@ -722,6 +722,13 @@ def test_csv_row_errors_name_index_id_and_line() -> None:
     assert (dup.index, dup.id) == (4, "1") and "already used by rows[0]" in dup.message
 
 
+def test_csv_line_numbers_count_blank_lines_and_quoted_line_breaks() -> None:
+    text = 'sku,title\n\n1,mug\n2,"tall\ncup"\n\n\n,vase\n4,bowl\n,plate\n'
+    problem = reject_csv(text, template="a {title}")
+    assert "(CSV line 8)" in error(problem, "rows[2].sku").message
+    assert "(CSV line 10)" in error(problem, "rows[4].sku").message
+
+
 def test_csv_empty_prompt_cell() -> None:
     problem = reject_csv("sku,prompt\n1,\n", status=422)
     err = error(problem, "rows[0].prompt")
