@@ -33,6 +33,9 @@ from service.jobs.model import (
 from service.redis import keys, lua
 
 _BATCH = 2000  # items per Redis round trip or Lua call
+# Items per round trip when a job is recorded: intake holds each round trip's items as Python
+# strings (about 170 bytes an item), so fewer, to keep a job of tiny items within its body's size.
+_CREATE_BATCH = 500
 # How long a batch id -> chunk entry is kept: the completion window (24 h), OpenAI's 72 h of
 # webhook retries after it ends, and slack.
 BATCH_INDEX_SECONDS = 7 * 86400
@@ -80,7 +83,7 @@ class JobStore:
         for index, item_id in enumerate(item_ids):
             batch[str(index)] = pack_item(PENDING, 0, NO_CHUNK, item_id)
             count += 1
-            if len(batch) >= _BATCH * 5:
+            if len(batch) >= _CREATE_BATCH:
                 pipe.hset(items_key, mapping=batch)
                 # Sent now, not all at the end: a 100k-item job never sits packed in memory
                 # whole. Nobody reads the items before the job hash below exists.
