@@ -77,6 +77,11 @@ BODIES: dict[str, tuple[Callable[[], bytes], str, int]] = {
         "application/json",
         202,
     ),
+    "100k one-letter CSV rows, accepted": (
+        lambda: b"prompt\n" + b"x\n" * 100_000,
+        "text/csv",
+        202,
+    ),
     "100k empty items, refused": (
         lambda: b'{"items":[' + b",".join([b"{}"] * 100_000) + b"]}",
         "application/json",
