@@ -24,9 +24,8 @@ Unlike S3, a directory cannot hold both ``a`` and ``a/b``; writing the second ra
 :class:`StorageError` naming the path and the cause. Errors raised by the caller's own code
 inside a ``writer()`` block propagate unchanged (and nothing is published).
 
-``read_ref`` reads ``file://`` reference images from anywhere the process can read unless
-``ref_roots`` limits it: like pypi/warehouse's LocalFileStorage this adapter trusts its callers,
-which is right for one machine and wrong for an API exposed to strangers (use S3 there).
+``read_ref`` reads ``file://`` references from anywhere the process can unless ``ref_roots``
+limits it: like warehouse's LocalFileStorage it trusts its callers (one machine; S3 otherwise).
 """
 
 from __future__ import annotations
@@ -284,11 +283,13 @@ class LocalStorage:
             raise
 
     def sweep_temp(self, older_than: float) -> int:
+        # Aged by the clock that stamps files (a new one's mtime): the process's may differ.
+        probe = self._new_tmp()
         try:
-            cutoff = self._stamp_now() - older_than
+            cutoff = probe.stat().st_mtime - older_than
             entries = list(os.scandir(self._tmp))
-        except FileNotFoundError:
-            return 0
+        finally:
+            probe.unlink(missing_ok=True)
         removed = 0
         for entry in entries:
             try:
@@ -298,15 +299,6 @@ class LocalStorage:
             except FileNotFoundError:
                 continue  # published or removed meanwhile
         return removed
-
-    def _stamp_now(self) -> float:
-        """Now, by the clock that stamps the temp files: a new file's modification time. The
-        process clock may differ from it (a network filesystem's server, a faked clock)."""
-        probe = self._new_tmp()
-        try:
-            return probe.stat().st_mtime
-        finally:
-            probe.unlink(missing_ok=True)
 
     def _attach(self, fd: int, sidecar: bytes) -> bool:
         """Put the object's metadata in its extended attribute; False where it must go to a
