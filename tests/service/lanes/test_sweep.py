@@ -4,7 +4,6 @@ than the longest task may run (real Redis, local storage)."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,10 +30,12 @@ def test_the_sweep_removes_temp_files_older_than_the_longest_task(ctx: Context) 
     killed, running = tmp / "killed-collect.tmp", tmp / "running-collect.tmp"
     killed.write_bytes(b"half an image")
     running.write_bytes(b"an image being written")
-    # A collect may run up to LONGEST_TASK_SECONDS: one a little younger is left alone.
-    past = time.time() - LONGEST_TASK_SECONDS - 60
+    # A collect may run up to LONGEST_TASK_SECONDS: one a little younger is left alone. Ages by
+    # the clock that stamped the files (the process's may run ahead: the clock-ahead suite).
+    now = running.stat().st_mtime
+    past = now - LONGEST_TASK_SECONDS - 60
     os.utime(killed, (past, past))
-    recent = time.time() - LONGEST_TASK_SECONDS + 600
+    recent = now - LONGEST_TASK_SECONDS + 600
     os.utime(running, (recent, recent))
     assert sweep.sweep_temp(ctx) == 1
     assert not killed.exists() and running.exists()
