@@ -63,7 +63,13 @@ def test_the_primary_killed_mid_collect_loses_nothing(
         tmp_path / "stack",
         group.url,
         sim.url,
-        env={"IMAGEBATCH_BATCH_MAX_LINES": "100", "IMAGEBATCH_COLLECT_LEASE_SECONDS": "5"},
+        env={
+            "IMAGEBATCH_BATCH_MAX_LINES": "100",
+            "IMAGEBATCH_COLLECT_LEASE_SECONDS": "5",
+            # Every output line waits 0.2 s: collect lasts seconds, not a blink, so the primary
+            # dies while it runs however fast the machine is (a quiet one finished before).
+            "IMAGEBATCH_FAILPOINTS": "collect.line=sleep:0.2@1*",
+        },
     )
     stack.tmp.mkdir(parents=True)
     try:
