@@ -265,8 +265,8 @@ def _records(body: bytes | bytearray | memoryview, delimiter: str) -> Any:
 def _header(reader: Any) -> list[str] | None:
     """The header row (blank lines before it skipped); None for an empty CSV."""
     header = next(reader, None)
-    while header is not None and _blank(header):
-        header = next(reader, None)
+    while header is not None and not any(h.strip() for h in header):
+        header = next(reader, None)  # blank lines (or only delimiters) before the header
     return header
 
 
