@@ -944,5 +944,7 @@ def test_fuzz_csv_only_raises_problem() -> None:
 
 
 def test_csv_lines_of_only_delimiters_before_the_header_are_skipped() -> None:
-    spec = parse_job_csv(b",,\n\n sku ,title\n1,mug\n", {"template": "a {title}"}, CAT, max_items=10)
+    spec = parse_job_csv(
+        b",,\n\n sku ,title\n1,mug\n", {"template": "a {title}"}, CAT, max_items=10
+    )
     assert [(item.id, item.prompt) for item in spec.items] == [("1", "a mug")]
