@@ -50,18 +50,20 @@ class RowLines(Sequence[int]):
     before (a blank line skipped, a quoted field over several lines): a few bytes for the whole
     file, not one number a row."""
 
-    __slots__ = ("_count", "_lines", "_rows")
+    __slots__ = ("_count", "_last", "_lines", "_rows")
 
     def __init__(self) -> None:
         self._rows: array[int] = array("I")  # a row whose line does not follow...
         self._lines: array[int] = array("I")  # ...and its line
         self._count = 0
+        self._last = -1  # the line of the row appended last
 
     def append(self, line: int) -> None:
-        if not self._rows or line != self[self._count - 1] + 1:
+        if line != self._last + 1:
             self._rows.append(self._count)
             self._lines.append(line)
         self._count += 1
+        self._last = line
 
     def __len__(self) -> int:
         return self._count
