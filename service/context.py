@@ -53,7 +53,9 @@ class Context:
     def upstream(self) -> Upstream:
         """The upstream port, made on first use (the API process may never need it)."""
         if self._upstream is None:
-            self._upstream = Upstream(make_client(self.settings, on_response=self._count))
+            self._upstream = Upstream(
+                make_client(self.settings, on_response=self._count), on_response=self._count
+            )
         return self._upstream
 
     def models(self) -> ModelView:

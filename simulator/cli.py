@@ -44,6 +44,8 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("webhook_url", str, "POST OpenAI's signed batch.* events here"),
     ("webhook_secret", str, "whsec_... secret to sign the events with"),
     ("log_level", str, "debug, info, warning or error"),
+    ("ssl_certfile", Path, "serve HTTPS with this PEM certificate (chain)"),
+    ("ssl_keyfile", Path, "the private key of --ssl-certfile (PEM)"),
 ]
 
 
@@ -114,4 +116,6 @@ def main(argv: list[str] | None = None) -> None:
         loop="uvloop",
         http="httptools",
         timeout_keep_alive=30,
+        ssl_certfile=config.ssl_certfile,
+        ssl_keyfile=config.ssl_keyfile,
     )

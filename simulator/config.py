@@ -122,8 +122,14 @@ class SimulatorConfig(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+    ssl_certfile: Path | None = Field(
+        None, description="Serve HTTPS with this PEM certificate (chain); unset = plain HTTP."
+    )
+    ssl_keyfile: Path | None = Field(None, description="The private key of ssl_certfile (PEM).")
 
-    @field_validator("api_key", "webhook_url", "webhook_secret", mode="before")
+    @field_validator(
+        "api_key", "webhook_url", "webhook_secret", "ssl_certfile", "ssl_keyfile", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v

@@ -11,13 +11,16 @@ A connection that fails mid-stream (upstream closes it before the body's end, a 
 timeout while an output file streams) is transient wherever it surfaces: as the SDK's
 ``APIConnectionError``, as the HTTP client's ``RemoteProtocolError`` and other transport
 errors, or as the lower layers' exceptions (``httpcore2``, ``h11``, a socket's
-``ConnectionError``) when a body is read outside the client's own wrapping. :data:`MID_STREAM`
+``ConnectionError``) when a body is read outside the client's own wrapping, or as
+``http.client``'s ``IncompleteRead`` when an output file is read straight from its socket
+(:mod:`service.upstream.download`). :data:`MID_STREAM`
 lists those; :func:`translated` turns them into a transient :class:`UpstreamError` too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -40,6 +43,7 @@ MID_STREAM: tuple[type[BaseException], ...] = (
     httpcore2.TimeoutException,
     httpcore2.RemoteProtocolError,
     h11.RemoteProtocolError,
+    http.client.HTTPException,  # IncompleteRead, a bad status line (a file read directly)
     ConnectionError,  # reset, aborted, broken pipe
     TimeoutError,
     ssl.SSLEOFError,

@@ -14,6 +14,7 @@ either: the lane owns those retries, paced by the cluster-wide rate limiter.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,7 +26,8 @@ from openai import DefaultHttpxClient, InvalidWebhookSignatureError, OpenAI
 from openai.types import Batch
 
 from service.settings import Settings
-from service.storage import iter_chunk_lines
+from service.storage import iter_chunk_lines, iter_readinto_lines
+from service.upstream.download import open_content
 from service.upstream.errors import BadWebhookSignature, translated
 
 # Path segments that are upstream ids (batch_…, file-…, req_…), folded so labels stay bounded.
@@ -84,11 +86,17 @@ def make_client(
 
 
 class Upstream:
-    """The calls imagebatch makes upstream. One per process (see :mod:`service.context`)."""
+    """The calls imagebatch makes upstream. One per process (see :mod:`service.context`).
 
-    def __init__(self, client: OpenAI):
+    ``on_response`` is the hook given to :func:`make_client`, for the requests made without the
+    SDK's client (:meth:`file_lines`)."""
+
+    def __init__(
+        self, client: OpenAI, on_response: Callable[[str, int], None] | None = None
+    ) -> None:
         self.client = client
         self._once = client.with_options(max_retries=0)
+        self._on_response = on_response
 
     @property
     def base_url(self) -> str:
@@ -105,10 +113,28 @@ class Upstream:
     def file_lines(self, file_id: str) -> Iterator[Iterator[bytes]]:
         """An upstream file's non-empty lines, streamed as bytes (never the whole file held).
 
-        The body is split as it arrives (no re-chunking: each read is copied once, into its line).
+        Read straight from a connection of its own when it can be (:mod:`.download`: each byte
+        copied once, into its line), else through the SDK, split as it arrives.
         """
+        direct = open_content(
+            self.client, file_id, timeout=self._read_timeout(), on_response=self._seen
+        )
+        if direct is not None:
+            with contextlib.closing(direct), translated():
+                yield (raw for raw in iter_readinto_lines(direct.readinto) if raw.strip())
+            return
         with translated(), self.client.files.with_streaming_response.content(file_id) as resp:
             yield (raw for raw in iter_chunk_lines(resp.iter_bytes()) if raw.strip())
+
+    def _read_timeout(self) -> float:
+        timeout = self.client.timeout
+        if isinstance(timeout, httpx2.Timeout):
+            return float(timeout.read or timeout.connect or 600)
+        return float(timeout) if isinstance(timeout, (int, float)) else 600.0
+
+    def _seen(self, path: str, status: int) -> None:
+        if self._on_response is not None:
+            self._on_response(endpoint_label(path), status)
 
     def file_size(self, file_id: str) -> int:
         with translated():

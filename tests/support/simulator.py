@@ -41,7 +41,8 @@ class SimulatorHandle:
         self.data_dir = data_dir
         self.flags = dict(flags)
         self.port = port or free_port()
-        self.root = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if flags.get("ssl_certfile") else "http"
+        self.root = f"{scheme}://127.0.0.1:{self.port}"
         self.url = f"{self.root}/v1"
         self.api_key: str | None = flags.get("api_key")
         self.proc: Proc | None = None

@@ -3,6 +3,7 @@ server that promises a longer body than it sends, read through the real SDK and 
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 
 from service.settings import Settings
 from service.upstream import Upstream, UpstreamError
+from service.upstream import port as upstream_port
 from service.upstream.errors import translated
 from service.upstream.port import make_client
 
@@ -51,13 +53,22 @@ def port(url: str) -> Upstream:
     return Upstream(make_client(s))
 
 
-def test_an_output_file_cut_short_mid_stream_is_transient(cut_short: str) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["read directly", "read through the SDK"])
+def test_an_output_file_cut_short_mid_stream_is_transient(
+    cut_short: str, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from its own connection (the usual way) or through the SDK (as with a proxy set),
+    a body that ends before its Content-Length is a broken connection, never a short file."""
+    if not direct:
+        monkeypatch.setattr(upstream_port, "open_content", lambda *a, **k: None)
+    seen: list[bytes] = []
     with pytest.raises(UpstreamError) as caught, port(cut_short).file_lines("file-1") as lines:
-        for _ in lines:
-            pass
+        seen.extend(lines)
     assert caught.value.transient and caught.value.status is None
     assert caught.value.code == "connection_error"
-    assert isinstance(caught.value.__cause__, httpx2.RemoteProtocolError)
+    cause = http.client.IncompleteRead if direct else httpx2.RemoteProtocolError
+    assert isinstance(caught.value.__cause__, cause)
+    assert len(seen) <= 20  # the whole lines that came may be read; then it raises
 
 
 def test_a_response_cut_short_through_the_sdk_is_transient(cut_short: str) -> None:
@@ -76,6 +87,7 @@ def test_a_response_cut_short_through_the_sdk_is_transient(cut_short: str) -> No
         httpcore2.RemoteProtocolError("server disconnected"),
         h11.RemoteProtocolError("peer closed connection", 400),
         ConnectionResetError(104, "Connection reset by peer"),
+        http.client.IncompleteRead(b"", 999_000),
     ],
     ids=lambda e: type(e).__module__.split(".")[0] + "." + type(e).__name__,
 )

@@ -16,6 +16,7 @@ import pytest
 
 from service.settings import Settings
 from service.upstream import Upstream, UpstreamError, UpstreamRateLimited
+from service.upstream import port as upstream_port
 from service.upstream.port import READ_BYTES, endpoint_label, make_client
 from tests.support.procs import free_port, wait_until
 from tests.support.receiver import receiving
@@ -172,9 +173,13 @@ def test_a_batch_runs_and_its_output_streams_line_by_line(sim: SimulatorHandle) 
     assert any(b.id == created.id for b in port.recent_batches(limit=1))
 
 
-def test_a_file_of_long_lines_streams_back_whole_in_large_reads(sim: SimulatorHandle) -> None:
-    """Output lines are MBs of base64: read up to 1 MiB a socket read (httpcore's default is
-    64 KiB), each line comes back whole, byte for byte, however the reads cut it."""
+def test_a_file_of_long_lines_streams_back_whole_in_large_reads_through_the_sdk(
+    sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output lines are MBs of base64. Read through the SDK (as when a proxy is set; the direct
+    read is tests/service/upstream/test_download.py), up to 1 MiB a socket read (httpcore's
+    default is 64 KiB), each line comes back whole, byte for byte, however the reads cut it."""
+    monkeypatch.setattr(upstream_port, "open_content", lambda *a, **k: None)
     port = upstream(sim.url)
     assert httpcore2.HTTP11Connection.READ_NUM_BYTES == READ_BYTES == 1 << 20
     long = [orjson.dumps({"custom_id": str(i), "pad": "A" * size}) for i, size in enumerate(SIZES)]
