@@ -142,6 +142,7 @@ def store_images(
         blob = pybase64.b64decode(image["b64_json"], validate=True)
         size += len(blob)
         key = image_key(job.id, item_id, ext, k if len(data) > 1 else None)
+        digest = hashlib.sha256(blob).hexdigest()
         ctx.storage.put_bytes(
             key,
             blob,
@@ -152,8 +153,9 @@ def store_images(
                 "model": job.model,
                 "size": str(body.get("size", "")),
                 "quality": str(body.get("quality", "")),
-                "sha256": hashlib.sha256(blob).hexdigest(),
+                "sha256": digest,
             },
+            sha256=digest,
         )
         stored.append(key)
     return stored, size

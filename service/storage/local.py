@@ -209,6 +209,7 @@ class LocalStorage:
         *,
         content_type: str,
         metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,  # a local file has no one to check it
     ) -> None:
         try:
             with self._staged(key, content_type, metadata) as f:

@@ -119,8 +119,12 @@ class Storage(Protocol):
         *,
         content_type: str,
         metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
     ) -> None:
-        """Store ``data`` under ``key`` (atomic; overwrites)."""
+        """Store ``data`` under ``key`` (atomic; overwrites).
+
+        ``sha256`` is the hex SHA-256 of ``data`` when the caller has computed it: an adapter
+        may send it for the server to check the body against, instead of hashing it again."""
         ...
 
     def put_file(

@@ -19,10 +19,18 @@ Endpoint, region and credentials resolve the boto3 way: ``IMAGEBATCH_S3_ENDPOINT
 else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS; ``AWS_*`` credentials, profiles,
 instance roles. S3-compatible servers that reject boto3's default CRC checksums can be served by
 setting ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (left to boto3, so that env var works).
+
+Images carry their SHA-256 (computed anyway for their metadata) as ``x-amz-checksum-sha256``,
+a signed header S3 checks the body against (``BadDigest`` if they differ). Those puts go through
+a second client that does not hash the body again to sign it (``UNSIGNED-PAYLOAD``, which
+botocore already sends over HTTPS once a checksum is present; this does the same over plain
+HTTP), and botocore computes no CRC32 for them: one pass over each image instead of three. With
+``when_required`` no checksum is sent and the signature covers the body, as before.
 """
 
 from __future__ import annotations
 
+import base64
 import builtins
 import io
 import tempfile
@@ -99,10 +107,18 @@ def transfer_config(
 DEFAULT_TRANSFER = transfer_config()
 
 
-def make_s3_client(settings: Settings) -> Any:
-    """The one boto3 S3 client of a process, configured from settings."""
+def make_s3_client(settings: Settings, *, sign_payload: bool | None = None) -> Any:
+    """The one boto3 S3 client of a process, configured from settings.
+
+    ``sign_payload=False`` makes the client for bodies that carry their own SHA-256 checksum
+    (:meth:`S3Storage.put_bytes`): S3 checks the body against that signed header, so the
+    signature need not hash the body a second time. ``None`` leaves it to botocore (hashed over
+    plain HTTP; over HTTPS not, once a checksum is present)."""
+    s3: dict[str, Any] = {"addressing_style": "path" if settings.s3_path_style else "auto"}
+    if sign_payload is not None:
+        s3["payload_signing_enabled"] = sign_payload
     config = Config(
-        s3={"addressing_style": "path" if settings.s3_path_style else "auto"},
+        s3=s3,
         retries={"mode": "standard", "total_max_attempts": 5},
         # Enough connections for a collect uploading images from many threads at once.
         max_pool_connections=32,
@@ -142,8 +158,14 @@ class S3Storage:
         *,
         presign_seconds: int = 3600,
         transfer_config: TransferConfig | None = None,
+        checked_client: Any | None = None,
     ) -> None:
         self.client = client
+        # Bodies whose SHA-256 goes along as x-amz-checksum-sha256 (put_bytes with sha256): sent
+        # through checked_client when there is one (see make_s3_client). Not when checksums are
+        # turned down (AWS_REQUEST_CHECKSUM_CALCULATION=when_required): the server may refuse them.
+        self._checksums = client.meta.config.request_checksum_calculation != "when_required"
+        self._checked_client = checked_client or client
         self.bucket = bucket
         prefix = prefix.strip("/")
         if prefix:
@@ -163,6 +185,9 @@ class S3Storage:
             bucket,
             prefix,
             presign_seconds=settings.presign_seconds,
+            checked_client=None
+            if client is not None
+            else make_s3_client(settings, sign_payload=False),
         )
 
     # --- writing -------------------------------------------------------------------------------
@@ -174,11 +199,18 @@ class S3Storage:
         *,
         content_type: str,
         metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
     ) -> None:
         full = self._full(key)
         extra = self._extra_args(content_type, metadata)
+        client = self.client
+        if sha256 and self._checksums:
+            # S3 checks the body against it (BadDigest if it differs), and botocore computes no
+            # CRC32 of its own; the checked client does not hash the body again to sign it.
+            extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256)).decode()
+            client = self._checked_client
         try:
-            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
+            client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
         except _VENDOR_ERRORS as exc:
             raise self._error(exc, "write", key) from exc
 

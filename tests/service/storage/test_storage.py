@@ -6,6 +6,7 @@ fresh bucket per test and a key prefix, so the prefix handling is exercised too.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import os
@@ -621,6 +622,47 @@ def test_s3_path_style_addressing_reaches_moto(s3_endpoint: str, tmp_path: Path)
     assert seen and all(u.startswith(f"{s3_endpoint}/{bucket}/") for u in seen), seen
     assert s.url("k.txt").startswith(f"{s3_endpoint}/{bucket}/k.txt?")
     assert s.description == f"s3://{bucket}"
+
+
+@pytest.mark.parametrize("calculation", ["when_supported", "when_required"])
+def test_s3_images_carry_their_sha256_for_s3_to_check(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calculation: str
+) -> None:
+    """An image's SHA-256 (computed anyway for its metadata) goes along as the signed
+    x-amz-checksum-sha256 header: S3 checks the body against it, and the body is not hashed
+    again for the signature, nor CRC'd. Where checksums are turned down for a server that
+    refuses them, none is sent and the signature covers the body as before."""
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", calculation)
+    bucket = new_bucket(s3_endpoint)
+    s = open_storage(s3_settings(s3_endpoint, f"s3://{bucket}", tmp_path))
+    assert isinstance(s, S3Storage)
+    sent: list[dict[str, str]] = []
+    for client in {id(c): c for c in (s.client, s._checked_client)}.values():
+        client.meta.events.register(
+            "before-send.s3.PutObject",
+            lambda request, **_: sent.append(
+                {
+                    k.lower(): v.decode() if isinstance(v, bytes) else v
+                    for k, v in request.headers.items()
+                }
+            ),
+        )
+    data = os.urandom(100_000)
+    s.put_bytes("img.png", data, content_type="image/png", sha256=sha(data))
+    assert read_all(s, "img.png") == data
+    (headers,) = sent
+    payload = headers["x-amz-content-sha256"]
+    if calculation == "when_supported":
+        assert (
+            headers["x-amz-checksum-sha256"]
+            == base64.b64encode(hashlib.sha256(data).digest()).decode()
+        )
+        assert "x-amz-checksum-crc32" not in headers
+        assert payload == "UNSIGNED-PAYLOAD"
+        assert "x-amz-checksum-sha256" in headers["authorization"]  # signed: cannot be swapped
+    else:
+        assert not any(k.startswith("x-amz-checksum-") for k in headers)
+        assert payload == sha(data)
 
 
 def test_s3_endpoint_from_aws_endpoint_url_s3(
