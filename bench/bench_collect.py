@@ -154,7 +154,14 @@ def empty_bucket(s3: Any) -> None:
 
 
 def measure_size(
-    n: int, tmp: Path, redis_url: str, sim: Any, s3_url: str, runs: int, threads: int
+    n: int,
+    tmp: Path,
+    redis_url: str,
+    sim: Any,
+    s3_url: str,
+    runs: int,
+    threads: int,
+    storages: list[str],
 ) -> dict[str, list[dict[str, Any]]]:
     import boto3
     from bench_accounting import restore, snapshot
@@ -221,17 +228,16 @@ def measure_size(
         finally:
             empty_bucket(s3)
 
-    cases = [
-        ("download", download),
-        ("collect", local_collect),
-        ("s3 upload", s3_plain),
-        ("s3 collect", s3_collect),
-    ]
+    pairs = {
+        "local": [("download", download), ("collect", local_collect)],
+        "s3": [("s3 upload", s3_plain), ("s3 collect", s3_collect)],
+    }
     for run in range(runs):
-        order = cases if run % 2 == 0 else [cases[1], cases[0], cases[3], cases[2]]
-        for name, case in order:
-            os.sync()  # each side starts with no one else's dirty pages to write back
-            out.setdefault(name, []).append(case(run))
+        for storage in storages:
+            plain, ours = pairs[storage]
+            for name, case in (plain, ours) if run % 2 == 0 else (ours, plain):
+                os.sync()  # each side starts with no one else's dirty pages to write back
+                out.setdefault(name, []).append(case(run))
     ctx.redis.close()
     return out
 
@@ -248,6 +254,8 @@ def report(n: int, out: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     rows = []
     for plain, ours, what in (("download", "collect", "local"), ("s3 upload", "s3 collect", "S3")):
+        if plain not in out:
+            continue
         # MB moved: the output file read for local, the images written for S3.
         mb = med(plain, "bytes") / 1e6
         ratio = med(plain) / med(ours)
@@ -284,6 +292,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--sizes", default="200,2000")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--storages", default="local,s3", help="local, s3 or both (default)")
     args = parser.parse_args()
     if args.child:
         measured = {"collect": child_collect, "download": child_download, "upload": child_upload}
@@ -315,9 +324,13 @@ def main() -> None:
             )
             rows: list[str] = []
             for n in (int(x) for x in args.sizes.split(",")):
-                out = measure_size(n, tmp, redis_url, sim, s3_url, args.runs, args.threads)
-                rows += report(n, out)
-                print("\n".join(rows[-2:]), flush=True)
+                storages = args.storages.split(",")
+                out = measure_size(
+                    n, tmp, redis_url, sim, s3_url, args.runs, args.threads, storages
+                )
+                new = report(n, out)
+                rows += new
+                print("\n".join(new), flush=True)
             print(f"load average {os.getloadavg()[0]:.1f} at the end")
             print(
                 f"targets: ratio (plain time / collect time) >= {TARGET_RATIO}; "

@@ -43,6 +43,7 @@ from service.jobs.model import (
     QUEUED,
     SUCCEEDED,
     Chunk,
+    ItemState,
     Job,
 )
 from service.jobs.request import PAGE
@@ -68,6 +69,11 @@ CURSOR_SAVE_SECONDS = 5.0
 CURSOR_TTL_SECONDS = 7 * 86_400
 # An image's base64 in an output line: the key, then its string value (base64 has no '"' or '\').
 _B64_VALUE = re.compile(rb'"b64_json"\s*:\s*"')
+# A line's custom_id (our item index), looked for in its first bytes, where upstream puts it.
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"(\d{1,12})"')
+_HEAD_BYTES = 1024
+# Lines handed to the pool together, their items' states read in one round trip beforehand.
+PREFETCH_LINES = 8
 
 
 @dataclass
@@ -345,6 +351,19 @@ def _collect_output(
                 result.duplicates += 1
         cursor.end(line)
 
+    # Lines wait here (each holding its slot) until a group of them goes to the pool; fewer than
+    # the pool's threads, so the slots of a waiting group never block the lines in flight.
+    pending: list[tuple[int, bytes]] = []
+    group = max(1, min(PREFETCH_LINES, threads))
+
+    def send() -> None:
+        for (line, raw), known in zip(pending, prefetch_states(ctx, job.id, pending), strict=True):
+            cursor.begin(line)
+            future = pool.submit(_store_line, ctx, job, chunk.number, raw, account, known)
+            future.add_done_callback(functools.partial(done, line))
+        pending.clear()
+        cursor.save()
+
     with (
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool,
         ctx.upstream.file_lines(file_id) as lines,
@@ -356,13 +375,15 @@ def _collect_output(
             if errors:
                 break
             if handover.requested():
-                stopped = True
+                stopped = True  # lines still pending were never begun: the cursor stays before
                 break
             slots.acquire()
-            cursor.begin(line)
-            future = pool.submit(_store_line, ctx, job, chunk.number, raw, account)
-            future.add_done_callback(functools.partial(done, line))
-            cursor.save()
+            pending.append((line, raw))
+            if len(pending) >= group:
+                send()
+        else:
+            if pending:
+                send()
     if errors:
         cursor.save(force=True)
         raise errors[0]
@@ -371,14 +392,37 @@ def _collect_output(
         raise handover.Handover(f"collect {chunk.ref} at output line {at}")
 
 
+def prefetch_states(
+    ctx: Context, job_id: str, lines: list[tuple[int, bytes]]
+) -> list[tuple[int, ItemState | None] | None]:
+    """Each line's (item index, item state) for the lines whose custom_id sits in their first
+    bytes, read in one round trip; None for a line whose custom_id is not there (its worker
+    reads the state itself, after parsing the line)."""
+    found = [_CUSTOM_ID.search(raw, 0, _HEAD_BYTES) for _, raw in lines]
+    indexes = [int(m.group(1)) for m in found if m]
+    states = iter(ctx.store.item_states(job_id, indexes))
+    return [(int(m.group(1)), next(states)) if m else None for m in found]
+
+
 def _store_line(
-    ctx: Context, job: Job, number: int, raw: bytes, account: bool = True
+    ctx: Context,
+    job: Job,
+    number: int,
+    raw: bytes,
+    account: bool = True,
+    known: tuple[int, ItemState | None] | None = None,
 ) -> tuple[bool, int]:
-    """One output line: its images stored, its usage recorded. (counted now, bytes stored)."""
+    """One output line: its images stored, its usage recorded. (counted now, bytes stored).
+
+    ``known`` is its item's (index, state) read before it came here (:func:`prefetch_states`),
+    used when the parsed custom_id says it is this line's item."""
     failpoint("collect.line")
     rec = parse_output_line(raw)
     index = int(rec["custom_id"])
-    state = ctx.store.item_states(job.id, [index])[0]
+    if known is not None and known[0] == index:
+        state = known[1]
+    else:
+        state = ctx.store.item_states(job.id, [index])[0]
     if state is None or state.status == SUCCEEDED:
         return False, 0
     response = rec.get("response") or {}

@@ -10,7 +10,7 @@ import base64
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -330,6 +330,37 @@ def test_collect_holds_a_bounded_number_of_lines_while_storage_is_slow(
         hold.set()
         worker.join(60)
     assert ctx.store.counts(job_id)["succeeded"] == 40
+
+
+def test_collect_reads_its_items_states_a_group_of_lines_at_a_time(ctx: Context) -> None:
+    """One round trip to Redis reads the states of a group of lines (as many as the pool's
+    threads, at most 8) before they go to the pool, instead of one per line."""
+    job_id = accept(ctx, 10)
+    (n,) = run_until_collectable(ctx, job_id)
+    sizes: list[int] = []
+    item_states = ctx.store.item_states
+
+    def counted(job: str, indexes: Sequence[int]) -> list[Any]:
+        sizes.append(len(indexes))
+        return item_states(job, indexes)
+
+    ctx.store.item_states = counted  # type: ignore[method-assign]
+    result = collect.collect_chunk(ctx, job_id, n, upload_threads=4)
+    assert result is not None and result.succeeded == 10
+    # Groups of 4, 4 and 2 lines, then the one page that looks for lines that never came back.
+    assert sizes == [4, 4, 2, 10]
+
+
+def test_a_line_whose_custom_id_is_not_at_its_start_is_looked_up_by_its_worker(
+    ctx: Context,
+) -> None:
+    job_id = accept(ctx, 2)
+    first = b'{"id":"r0","custom_id":"0","response":{}}'
+    late = b'{"id":"r1","response":{"pad":"' + b"x" * 2000 + b'"},"custom_id":"1"}'
+    known = collect.prefetch_states(ctx, job_id, [(0, first), (1, late)])
+    assert known[1] is None
+    assert known[0] is not None and known[0][0] == 0 and known[0][1] is not None
+    assert known[0][1].id == "sku-0"
 
 
 # --- output lines: images left where they are -----------------------------------------------
