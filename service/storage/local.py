@@ -38,16 +38,15 @@ import mimetypes
 import os
 import shutil
 import stat
-import threading
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from service.storage.durable import DIR_SYNC
 from service.storage.port import (
     MAX_REF_BYTES,
     RESERVED_TOP,
@@ -88,74 +87,6 @@ def path_from_file_url(url: str) -> Path:
     if not path.is_absolute() or not parts.path:
         raise ValueError(f"{url!r} must be an absolute path: file:///absolute/path")
     return path
-
-
-class DirectorySync:
-    """fsync of a directory, shared by the threads that renamed into it at about the same time.
-
-    Thousands of images land in one ``images/`` directory, many at once from a thread pool;
-    each rename is durable once the directory has been synced *after* it. A thread takes a
-    ticket after its rename; one fsync that starts after a ticket was taken covers that ticket,
-    so threads arriving while one fsync runs wait for the next one and share it (group commit)
-    instead of each syncing the same directory in turn.
-    """
-
-    @dataclass
-    class _State:
-        cond: threading.Condition
-        tickets: int = 0
-        synced: int = 0
-        running: bool = False
-        users: int = 0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._dirs: dict[Path, DirectorySync._State] = {}
-
-    def sync(self, directory: Path) -> None:
-        with self._lock:
-            state = self._dirs.get(directory)
-            if state is None:
-                state = self._dirs[directory] = self._State(threading.Condition())
-            state.users += 1
-        try:
-            self._sync(directory, state)
-        finally:
-            with self._lock:
-                state.users -= 1
-                if state.users == 0:
-                    del self._dirs[directory]
-
-    @staticmethod
-    def _sync(directory: Path, state: DirectorySync._State) -> None:
-        with state.cond:
-            state.tickets += 1
-            ticket = state.tickets
-            while state.synced < ticket:
-                if not state.running:
-                    state.running = True
-                    covered = state.tickets
-                    break
-                state.cond.wait()
-            else:
-                return
-        ok = False
-        try:
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            ok = True
-        finally:
-            with state.cond:
-                state.running = False
-                if ok:
-                    state.synced = max(state.synced, covered)
-                state.cond.notify_all()
-
-
-_DIR_SYNC = DirectorySync()
 
 
 def _read_xattr(path: Path) -> bytes | None:
@@ -343,7 +274,7 @@ class LocalStorage:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         # The rename is durable only once its directory is synced.
-        _DIR_SYNC.sync(final.parent)
+        DIR_SYNC.sync(final.parent)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -461,7 +392,7 @@ class LocalStorage:
                 results.append(self._error(exc, "copy", src_key))
         try:
             for directory in touched:
-                _DIR_SYNC.sync(directory)
+                DIR_SYNC.sync(directory)
         except OSError as exc:
             raise StorageError(f"cannot sync {directory}: {exc.strerror or exc}") from exc
         return results
