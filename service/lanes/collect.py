@@ -72,8 +72,6 @@ _B64_VALUE = re.compile(rb'"b64_json"\s*:\s*"')
 # A line's custom_id (our item index), looked for in its first bytes, where upstream puts it.
 _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"(\d{1,12})"')
 _HEAD_BYTES = 1024
-# Lines handed to the pool together, their items' states read in one round trip beforehand.
-PREFETCH_LINES = 8
 
 
 @dataclass
@@ -351,19 +349,7 @@ def _collect_output(
                 result.duplicates += 1
         cursor.end(line)
 
-    # Lines wait here (each holding its slot) until a group of them goes to the pool; fewer than
-    # the pool's threads, so the slots of a waiting group never block the lines in flight.
-    pending: list[tuple[int, bytes]] = []
-    group = max(1, min(PREFETCH_LINES, threads))
-
-    def send() -> None:
-        for (line, raw), known in zip(pending, prefetch_states(ctx, job.id, pending), strict=True):
-            cursor.begin(line)
-            future = pool.submit(_store_line, ctx, job, chunk.number, raw, account, known)
-            future.add_done_callback(functools.partial(done, line))
-        pending.clear()
-        cursor.save()
-
+    states = StateReads(ctx, job.id)
     with (
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collect") as pool,
         ctx.upstream.file_lines(file_id) as lines,
@@ -375,15 +361,14 @@ def _collect_output(
             if errors:
                 break
             if handover.requested():
-                stopped = True  # lines still pending were never begun: the cursor stays before
+                stopped = True
                 break
             slots.acquire()
-            pending.append((line, raw))
-            if len(pending) >= group:
-                send()
-        else:
-            if pending:
-                send()
+            cursor.begin(line)
+            states.expect(raw)
+            future = pool.submit(_store_line, ctx, job, chunk.number, raw, account, states)
+            future.add_done_callback(functools.partial(done, line))
+            cursor.save()
     if errors:
         cursor.save(force=True)
         raise errors[0]
@@ -392,16 +377,38 @@ def _collect_output(
         raise handover.Handover(f"collect {chunk.ref} at output line {at}")
 
 
-def prefetch_states(
-    ctx: Context, job_id: str, lines: list[tuple[int, bytes]]
-) -> list[tuple[int, ItemState | None] | None]:
-    """Each line's (item index, item state) for the lines whose custom_id sits in their first
-    bytes, read in one round trip; None for a line whose custom_id is not there (its worker
-    reads the state itself, after parsing the line)."""
-    found = [_CUSTOM_ID.search(raw, 0, _HEAD_BYTES) for _, raw in lines]
-    indexes = [int(m.group(1)) for m in found if m]
-    states = iter(ctx.store.item_states(job_id, indexes))
-    return [(int(m.group(1)), next(states)) if m else None for m in found]
+class StateReads:
+    """The item states of the lines handed to the pool, read together.
+
+    The reader registers each line's item index (its custom_id, found in the line's first
+    bytes) as it hands the line over; the first worker that needs a state not yet read reads
+    those of every line registered since, in one round trip. Lines that arrive slower than
+    they are stored cost one read each, as before; lines queued behind busy workers share one.
+    Holds at most the states of the lines in flight.
+    """
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self._store, self._job_id = ctx.store, job_id
+        self._lock = threading.Lock()
+        self._expected: list[int] = []
+        self._read: dict[int, ItemState | None] = {}
+
+    def expect(self, raw: bytes) -> None:
+        found = _CUSTOM_ID.search(raw, 0, _HEAD_BYTES)
+        if found:
+            with self._lock:
+                self._expected.append(int(found.group(1)))
+
+    def state(self, index: int) -> ItemState | None:
+        with self._lock:
+            if index not in self._read:
+                wanted = [i for i in self._expected if i not in self._read]
+                if index not in wanted:
+                    wanted.append(index)
+                self._expected = []
+                read = self._store.item_states(self._job_id, wanted)
+                self._read.update(zip(wanted, read, strict=True))
+            return self._read.pop(index)
 
 
 def _store_line(
@@ -410,19 +417,14 @@ def _store_line(
     number: int,
     raw: bytes,
     account: bool = True,
-    known: tuple[int, ItemState | None] | None = None,
+    states: StateReads | None = None,
 ) -> tuple[bool, int]:
-    """One output line: its images stored, its usage recorded. (counted now, bytes stored).
-
-    ``known`` is its item's (index, state) read before it came here (:func:`prefetch_states`),
-    used when the parsed custom_id says it is this line's item."""
+    """One output line: its images stored, its usage recorded. (counted now, bytes stored)."""
     failpoint("collect.line")
     rec = parse_output_line(raw)
     index = int(rec["custom_id"])
-    if known is not None and known[0] == index:
-        state = known[1]
-    else:
-        state = ctx.store.item_states(job.id, [index])[0]
+    states = states or StateReads(ctx, job.id)
+    state = states.state(index)
     if state is None or state.status == SUCCEEDED:
         return False, 0
     response = rec.get("response") or {}

@@ -1,11 +1,11 @@
-"""Reading an upstream file's content straight from the socket, one copy of each byte in Python.
+"""Reading an upstream file's content straight from its socket: two copies of each byte, not six.
 
 An output file is GBs of base64 lines. Read through the SDK, each byte of it is copied about six
 times holding the GIL (httpcore's read, h11's receive buffer, its slicing twice, httpcore's
 ``bytes()``, the line joined), which made the reader of a collect the slowest part of it and took
 the GIL from the threads storing its images. Here the same GET is sent with the standard
-library's ``http.client`` and the body read with ``readinto`` into a buffer of ours (the kernel
-writes it with the GIL released; each line is then copied out once):
+library's ``http.client``, the body read a socket read at a time (the kernel writes it with the
+GIL released) into a buffer of ours, and each line copied out of it once:
 :func:`service.storage.port.iter_readinto_lines`.
 
 Only the plain case goes this way: a direct HTTP(S) connection (no proxy in the environment), the
@@ -28,6 +28,8 @@ from openai import OpenAI
 
 # What the SDK sends for a file's content; the same Accept, so upstream answers the same.
 _ACCEPT = "application/binary"
+# At most this much a socket read.
+_READ_BYTES = 1 << 20
 
 
 class Content:
@@ -37,9 +39,14 @@ class Content:
         self._conn, self._resp = conn, resp
 
     def readinto(self, view: memoryview) -> int:
-        """Fill ``view`` from the body; 0 at its end. Raises :class:`http.client.IncompleteRead`
-        when the connection ends before the body does (``http.client`` returns 0 then too)."""
-        n = self._resp.readinto(view)
+        """Put what the socket has (one read, at most ``len(view)`` and 1 MiB) into ``view``; 0
+        at the body's end. One read, not a full buffer: on a slow link each line comes as soon as
+        it has arrived (``readinto`` would wait for the whole buffer). Raises
+        :class:`http.client.IncompleteRead` when the connection ends before the body does
+        (``http.client`` returns nothing then, as at the end)."""
+        data = self._resp.read1(min(len(view), _READ_BYTES))
+        n = len(data)
+        view[:n] = data
         if not n and view.nbytes and self._resp.length:
             raise http.client.IncompleteRead(b"", self._resp.length)
         return n

@@ -332,35 +332,42 @@ def test_collect_holds_a_bounded_number_of_lines_while_storage_is_slow(
     assert ctx.store.counts(job_id)["succeeded"] == 40
 
 
-def test_collect_reads_its_items_states_a_group_of_lines_at_a_time(ctx: Context) -> None:
-    """One round trip to Redis reads the states of a group of lines (as many as the pool's
-    threads, at most 8) before they go to the pool, instead of one per line."""
-    job_id = accept(ctx, 10)
-    (n,) = run_until_collectable(ctx, job_id)
-    sizes: list[int] = []
+def spy_state_reads(ctx: Context) -> list[list[int]]:
+    """The item indexes of every state read the store makes from now on, read by read."""
+    reads: list[list[int]] = []
     item_states = ctx.store.item_states
 
     def counted(job: str, indexes: Sequence[int]) -> list[Any]:
-        sizes.append(len(indexes))
+        reads.append(list(indexes))
         return item_states(job, indexes)
 
     ctx.store.item_states = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_the_states_of_lines_handed_over_are_read_together(ctx: Context) -> None:
+    """The first state a worker needs brings those of every line handed to the pool since; a
+    line whose custom_id is not near its start is read on its own when its worker needs it."""
+    job_id = accept(ctx, 4)
+    reads = spy_state_reads(ctx)
+    states = collect.StateReads(ctx, job_id)
+    for i in range(3):
+        states.expect(b'{"id":"r%d","custom_id":"%d","response":{}}' % (i, i))
+    assert [states.state(i).id for i in (1, 0, 2)] == ["sku-1", "sku-0", "sku-2"]  # type: ignore[union-attr]
+    states.expect(b'{"id":"r3","response":{"pad":"' + b"x" * 2000 + b'"},"custom_id":"3"}')
+    assert states.state(3).id == "sku-3"  # type: ignore[union-attr]
+    assert reads == [[0, 1, 2], [3]]
+
+
+def test_a_collect_reads_each_items_state_once(ctx: Context) -> None:
+    job_id = accept(ctx, 10)
+    (n,) = run_until_collectable(ctx, job_id)
+    reads = spy_state_reads(ctx)
     result = collect.collect_chunk(ctx, job_id, n, upload_threads=4)
     assert result is not None and result.succeeded == 10
-    # Groups of 4, 4 and 2 lines, then the one page that looks for lines that never came back.
-    assert sizes == [4, 4, 2, 10]
-
-
-def test_a_line_whose_custom_id_is_not_at_its_start_is_looked_up_by_its_worker(
-    ctx: Context,
-) -> None:
-    job_id = accept(ctx, 2)
-    first = b'{"id":"r0","custom_id":"0","response":{}}'
-    late = b'{"id":"r1","response":{"pad":"' + b"x" * 2000 + b'"},"custom_id":"1"}'
-    known = collect.prefetch_states(ctx, job_id, [(0, first), (1, late)])
-    assert known[1] is None
-    assert known[0] is not None and known[0][0] == 0 and known[0][1] is not None
-    assert known[0][1].id == "sku-0"
+    *output, missing = reads  # the last: the one page that looks for lines that never came
+    assert sorted(i for read in output for i in read) == list(range(10))
+    assert sorted(missing) == list(range(10))
 
 
 # --- output lines: images left where they are -----------------------------------------------

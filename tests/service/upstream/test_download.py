@@ -5,6 +5,7 @@ trust, the same proxies, and any answer but a plain 200 left to the SDK to retry
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,28 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorHandle]:
         yield handle
     finally:
         handle.stop()
+
+
+def test_on_a_slow_link_each_line_comes_as_soon_as_it_has_arrived(
+    tmp_path: Path, direct_reads: list[Any]
+) -> None:
+    """A file sent at 400 KB/s: its first line (100 KB) is read long before the last of its
+    1.2 MB has come, not once a whole read buffer is full (a collect refreshes its lease and
+    saves its cursor line by line)."""
+    slow = start_simulator(tmp_path / "sim", download_bytes_per_second=400_000)
+    try:
+        port = connect(slow.url)
+        lines = [orjson.dumps({"custom_id": str(i), "pad": "A" * 100_000}) for i in range(12)]
+        file_id = port.upload("slow.jsonl", io.BytesIO(b"\n".join(lines) + b"\n"), "batch")
+        arrived: list[float] = []
+        start = time.monotonic()
+        with port.file_lines(file_id) as out:
+            for _ in out:
+                arrived.append(time.monotonic() - start)
+        assert direct_reads[0] is not None and len(arrived) == 12
+        assert arrived[0] < arrived[-1] / 3, arrived  # ~0.3 s of ~3 s
+    finally:
+        slow.stop()
 
 
 def test_a_proxy_in_the_environment_is_used_not_bypassed(
