@@ -33,7 +33,6 @@ from service.storage.port import (
     Storage,
     StorageError,
     iter_chunk_lines,
-    iter_readinto_lines,
 )
 from service.storage.s3 import S3Storage
 
@@ -47,7 +46,6 @@ __all__ = [
     "StorageError",
     "image_key",
     "iter_chunk_lines",
-    "iter_readinto_lines",
     "job_prefix",
     "manifest_key",
     "open_storage",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import builtins
 import re
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -336,45 +336,6 @@ def iter_chunk_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     if pieces:
         line = b"".join(pieces)
         yield line[:-1] if line.endswith(b"\r") else line
-
-
-def iter_readinto_lines(
-    readinto: Callable[[memoryview], int], buffer_bytes: int = 4 * 1024 * 1024
-) -> Iterator[bytes]:
-    """Split a stream into lines (terminator removed), each byte copied once in Python.
-
-    ``readinto(view)`` fills ``view`` from the stream (as ``http.client``'s responses and files
-    do, the kernel writing with the GIL released) and returns how many bytes it wrote, 0 at the
-    end. Whole lines are copied out of the buffer; the part of a line at its end moves to the
-    front of a second buffer, and the two take turns. A line longer than a buffer doubles both,
-    so memory is two buffers of at least the longest line, whatever the stream's length.
-    """
-    buf, spare = bytearray(buffer_bytes), bytearray(buffer_bytes)
-    view = memoryview(buf)
-    start = end = 0  # buf[start:end] is the line read so far
-    while True:
-        if end == len(buf):
-            # A line fills the whole buffer: it moves to one twice the size (later both are).
-            size = 2 * len(buf) if start == 0 else len(buf)
-            if len(spare) < size:
-                spare = bytearray(size)
-            spare[: end - start] = view[start:end]
-            buf, spare = spare, buf
-            view = memoryview(buf)
-            start, end = 0, end - start
-        n = readinto(view[end:])
-        if not n:
-            break
-        scan, end = end, end + n
-        while (nl := buf.find(b"\n", scan, end)) >= 0:
-            stop = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-            yield bytes(view[start:stop])
-            start = scan = nl + 1
-        if start == end:
-            start = end = 0
-    if end > start:
-        stop = end - 1 if buf[end - 1] == 0x0D else end
-        yield bytes(view[start:stop])
 
 
 def read_capped(stream: BinaryIO, cap: int, *, what: str) -> bytes:

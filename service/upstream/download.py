@@ -1,12 +1,12 @@
-"""Reading an upstream file's content straight from its socket: two copies of each byte, not six.
+"""Reading an upstream file's content straight from its socket, without the SDK's copies.
 
 An output file is GBs of base64 lines. Read through the SDK, each byte of it is copied about six
 times holding the GIL (httpcore's read, h11's receive buffer, its slicing twice, httpcore's
 ``bytes()``, the line joined), which made the reader of a collect the slowest part of it and took
 the GIL from the threads storing its images. Here the same GET is sent with the standard
-library's ``http.client``, the body read a socket read at a time (the kernel writes it with the
-GIL released) into a buffer of ours, and each line copied out of it once:
-:func:`service.storage.port.iter_readinto_lines`.
+library's ``http.client`` and the body taken a socket read at a time (the kernel writes each
+into its bytes with the GIL released), split into lines by
+:func:`service.storage.port.iter_chunk_lines`.
 
 Only the plain case goes this way: a direct HTTP(S) connection (no proxy in the environment), the
 SDK's own API key, and a ``200`` with an uncompressed body (``http.client`` asks for
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import http.client
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import SplitResult, quote, urlsplit
 
 import httpx2
@@ -38,18 +38,15 @@ class Content:
     def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse):
         self._conn, self._resp = conn, resp
 
-    def readinto(self, view: memoryview) -> int:
-        """Put what the socket has (one read, at most ``len(view)`` and 1 MiB) into ``view``; 0
-        at the body's end. One read, not a full buffer: on a slow link each line comes as soon as
-        it has arrived (``readinto`` would wait for the whole buffer). Raises
-        :class:`http.client.IncompleteRead` when the connection ends before the body does
-        (``http.client`` returns nothing then, as at the end)."""
-        data = self._resp.read1(min(len(view), _READ_BYTES))
-        n = len(data)
-        view[:n] = data
-        if not n and view.nbytes and self._resp.length:
+    def chunks(self) -> Iterator[bytes]:
+        """The body as it arrives, one socket read (at most 1 MiB) a chunk: on a slow link each
+        line can be split off as soon as it has come. Raises :class:`http.client.IncompleteRead`
+        when the connection ends before the body does (``http.client`` returns nothing then, as
+        at the end)."""
+        while data := self._resp.read1(_READ_BYTES):
+            yield data
+        if self._resp.length:
             raise http.client.IncompleteRead(b"", self._resp.length)
-        return n
 
     def close(self) -> None:
         self._resp.close()

@@ -26,7 +26,7 @@ from openai import DefaultHttpxClient, InvalidWebhookSignatureError, OpenAI
 from openai.types import Batch
 
 from service.settings import Settings
-from service.storage import iter_chunk_lines, iter_readinto_lines
+from service.storage import iter_chunk_lines
 from service.upstream.download import open_content
 from service.upstream.errors import BadWebhookSignature, translated
 
@@ -113,15 +113,15 @@ class Upstream:
     def file_lines(self, file_id: str) -> Iterator[Iterator[bytes]]:
         """An upstream file's non-empty lines, streamed as bytes (never the whole file held).
 
-        Read straight from a connection of its own when it can be (:mod:`.download`: each byte
-        copied once, into its line), else through the SDK, split as it arrives.
+        Read straight from a connection of its own when it can be (:mod:`.download`), else
+        through the SDK; either way split as it arrives.
         """
         direct = open_content(
             self.client, file_id, timeout=self._read_timeout(), on_response=self._seen
         )
         if direct is not None:
             with contextlib.closing(direct), translated():
-                yield (raw for raw in iter_readinto_lines(direct.readinto) if raw.strip())
+                yield (raw for raw in iter_chunk_lines(direct.chunks()) if raw.strip())
             return
         with translated(), self.client.files.with_streaming_response.content(file_id) as resp:
             yield (raw for raw in iter_chunk_lines(resp.iter_bytes()) if raw.strip())
