@@ -416,14 +416,13 @@ def _store_line(
     job: Job,
     number: int,
     raw: bytes,
-    account: bool = True,
-    states: StateReads | None = None,
+    account: bool,
+    states: StateReads,
 ) -> tuple[bool, int]:
     """One output line: its images stored, its usage recorded. (counted now, bytes stored)."""
     failpoint("collect.line")
     rec = parse_output_line(raw)
     index = int(rec["custom_id"])
-    states = states or StateReads(ctx, job.id)
     state = states.state(index)
     if state is None or state.status == SUCCEEDED:
         return False, 0
