@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from service.storage.durable import DIR_SYNC
+from service.storage.durable import DIR_SYNC, DirectWrites
 from service.storage.port import (
     MAX_REF_BYTES,
     RESERVED_TOP,
@@ -118,6 +118,7 @@ class LocalStorage:
         self._tmp = self.root / RESERVED_TOP / "tmp"
         # Until the filesystem says it has none (os.setxattr exists on Linux only).
         self._xattrs = hasattr(os, "setxattr")
+        self._direct = DirectWrites()  # until the filesystem refuses direct I/O
         # None trusts the caller with any path; a list (even empty) allows only what is under it.
         self._ref_roots = (
             [Path(os.path.realpath(r)) for r in ref_roots] if ref_roots is not None else None
@@ -143,8 +144,8 @@ class LocalStorage:
         sha256: str | None = None,  # a local file has no one to check it
     ) -> None:
         try:
-            with self._staged(key, content_type, metadata) as f:
-                f.write(data)
+            with self._staged(key, content_type, metadata, direct=True) as f:
+                self._direct.write(f.fileno(), data)
         except OSError as exc:
             raise self._error(exc, "write", key) from exc
 
@@ -176,16 +177,27 @@ class LocalStorage:
 
     @contextmanager
     def _staged(
-        self, key: str, content_type: str, metadata: Mapping[str, str] | None
+        self,
+        key: str,
+        content_type: str,
+        metadata: Mapping[str, str] | None,
+        *,
+        direct: bool = False,
     ) -> Iterator[BinaryIO]:
-        """A temp file that becomes ``key`` (with its sidecar) if the block exits cleanly."""
+        """A temp file that becomes ``key`` (with its sidecar) if the block exits cleanly.
+
+        ``direct``: an unbuffered file for :meth:`DirectWrites.write` (whole objects in hand).
+        """
         check_key(key)
         if not content_type:
             raise ValueError("content_type is required")
         meta = check_metadata(metadata)
         try:
             tmp = self._new_tmp()
-            f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
+            if direct:
+                f: BinaryIO = open(self._direct.open(tmp), "wb", buffering=0)  # noqa: SIM115
+            else:
+                f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
         except OSError as exc:
             raise self._error(exc, "write", key) from exc
         try:
