@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import hashlib
 import os
+import shutil
+import subprocess
 import tracemalloc
 import urllib.request
 import uuid
@@ -37,6 +40,7 @@ from service.storage import (
     request_key,
     thumb_key,
 )
+from service.storage.durable import DirectWrites
 from service.storage.s3 import S3Storage, transfer_config
 from tests.support.procs import free_port
 
@@ -795,6 +799,88 @@ def test_local_storage_without_user_xattrs_writes_sidecars(
     for name in ("a", "b"):
         assert s.head(f"jobs/j/{name}.png").metadata == {"n": name}
         assert (root / ".imagebatch-internal" / "meta" / "jobs" / "j" / f"{name}.png.json").exists()
+
+
+def cached_bytes(path: Path) -> int:
+    """How much of a file is in the page cache, by util-linux's fincore."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux's fincore")
+def test_local_whole_objects_are_written_around_the_page_cache(tmp_path: Path) -> None:
+    """Images are written with direct I/O: every byte lands, at any length (padded to the
+    block, cut back), and none of it is left taking up the page cache."""
+    root = tmp_path / "store"
+    s = open_storage(Settings(storage_url=root.as_uri(), data_dir=tmp_path))
+    piece = DirectWrites.PIECE
+    sizes = [0, 1, 4095, 4096, 4097, piece - 1, piece, piece + 1, 2 * piece + 4097]
+    written = {size: os.urandom(size) for size in sizes}
+    for size, data in written.items():
+        s.put_bytes(f"jobs/j/{size}.png", data, content_type="image/png", metadata={})
+    if not s._direct.enabled:  # type: ignore[attr-defined]
+        pytest.skip(f"the filesystem under {tmp_path} refuses direct I/O")
+    big = root / "jobs" / "j" / f"{2 * piece + 4097}.png"
+    # Only the last partial block may have gone through the cache (the cut back to length).
+    assert cached_bytes(big) <= 4096, "written through the page cache"
+    for size, data in written.items():
+        assert s.head(f"jobs/j/{size}.png").size == size
+        assert read_all(s, f"jobs/j/{size}.png") == data
+    # A stream is still written through it, as before (the check above can tell).
+    with (root / "jobs" / "j" / f"{piece}.png").open("rb") as f:
+        s.put_file("jobs/j/streamed.png", f, content_type="image/png")
+    assert cached_bytes(root / "jobs" / "j" / "streamed.png") == piece
+
+
+def test_local_storage_where_direct_io_is_refused_writes_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses O_DIRECT at open (older tmpfs, some FUSE and network mounts)
+    or a device that refuses the alignment at write: the object is written through the page
+    cache, whole, and the adapter stops trying. Both refusals are faked (EINVAL, as the kernel
+    gives): no such filesystem can be mounted here."""
+    real_open, real_write = os.open, os.write
+    opens: list[int] = []
+
+    def refuse_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            opens.append(flags)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    root = tmp_path / "store"
+    data = os.urandom(3 * 4096 + 7)
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", refuse_open)
+        s = open_storage(Settings(storage_url=root.as_uri(), data_dir=tmp_path))
+        for name in ("a", "b"):
+            s.put_bytes(f"jobs/j/{name}.png", data, content_type="image/png", metadata={})
+    assert len(opens) == 1
+    assert read_all(s, "jobs/j/a.png") == read_all(s, "jobs/j/b.png") == data
+
+    writes: list[int] = []
+
+    def refuse_direct_write(fd: int, view: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            writes.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, view)
+
+    s = open_storage(Settings(storage_url=(tmp_path / "other").as_uri(), data_dir=tmp_path))
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", refuse_direct_write)
+        for name in ("a", "b"):
+            s.put_bytes(f"jobs/j/{name}.png", data, content_type="image/png", metadata={})
+    if not writes:
+        pytest.skip(f"the filesystem under {tmp_path} refuses direct I/O at open")
+    assert len(writes) == 1
+    assert read_all(s, "jobs/j/a.png") == read_all(s, "jobs/j/b.png") == data
+    assert s.head("jobs/j/b.png").size == len(data)
 
 
 def test_local_key_conflicting_with_a_directory_is_a_storage_error(tmp_path: Path) -> None:
