@@ -8,7 +8,9 @@ in one run, several runs each, in alternating order:
   (stream, parse, decode, store each image fsynced, record usage);
 * S3 (moto's server, as the tests use it): a plain boto3 upload of the same images, decoded into
   memory beforehand, ``put_object`` from as many threads as collect uses, against collect into
-  that bucket.
+  that bucket. Each side gets a moto server of its own, started before its clock: moto keeps
+  every object in its process and does not give the memory back when they are deleted, so a
+  shared server would make whichever side came later pay for the earlier ones.
 
 Every side runs in a process of its own, timed inside it, with its peak RSS sampled from
 outside. The collecting process is a running worker: it has collected a one-image chunk before
@@ -29,7 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +149,17 @@ def run_child(mode: str, options: dict[str, object]) -> dict[str, Any]:
 # --- the run ------------------------------------------------------------------------------
 
 
-def empty_bucket(s3: Any) -> None:
-    """Delete every object (moto holds them in memory)."""
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
-        if keys:
-            s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+@contextmanager
+def fresh_moto(tmp: Path) -> Iterator[str]:
+    """A moto server with an empty bucket, for one measured side; its URL."""
+    import boto3
+
+    proc, url = start_moto(tmp)
+    try:
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield url
+    finally:
+        proc.stop()
 
 
 def measure_size(
@@ -158,12 +167,10 @@ def measure_size(
     tmp: Path,
     redis_url: str,
     sim: Any,
-    s3_url: str,
     runs: int,
     threads: int,
     storages: list[str],
 ) -> dict[str, list[dict[str, Any]]]:
-    import boto3
     from bench_accounting import restore, snapshot
 
     from service.context import build_context
@@ -183,7 +190,6 @@ def measure_size(
     warm_job, warm_chunk, _ = ended_chunk(ctx, 1)
     job_id, chunk, batch = ended_chunk(ctx, n)
     state = snapshot(ctx)
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
     common = {"redis": redis_url, "sim": sim.url, "data": tmp, "threads": threads}
     collect = {
         **common,
@@ -208,25 +214,14 @@ def measure_size(
 
     def s3_collect(run: int) -> dict[str, Any]:
         restore(ctx, state)
-        try:
+        with fresh_moto(tmp / f"moto-{n}-{run}-collect") as s3_url:
             storage = f"s3://{BUCKET}/collect-{n}-{run}"
             return run_child("collect", {**collect, "storage": storage, "s3": s3_url})
-        finally:
-            empty_bucket(s3)
 
     def s3_plain(run: int) -> dict[str, Any]:
-        try:
-            return run_child(
-                "upload",
-                {
-                    **common,
-                    "s3": s3_url,
-                    "file": batch.output_file_id,
-                    "prefix": f"plain-{n}-{run}",
-                },
-            )
-        finally:
-            empty_bucket(s3)
+        with fresh_moto(tmp / f"moto-{n}-{run}-plain") as s3_url:
+            options = {**common, "s3": s3_url, "file": batch.output_file_id, "prefix": "plain"}
+            return run_child("upload", options)
 
     pairs = {
         "local": [("download", download), ("collect", local_collect)],
@@ -303,18 +298,12 @@ def main() -> None:
         print(orjson.dumps(result).decode())
         return
     sys.path.insert(0, str(ROOT))
-    import boto3
-
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         redis_proc, redis_url = start_redis(tmp / "redis")
         sim = start_instant_simulator(tmp / "sim", image_bytes=IMAGE_BYTES)
-        moto_proc, s3_url = start_moto(tmp / "moto")
-        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(
-            Bucket=BUCKET
-        )
         try:
             print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
             print(
@@ -325,9 +314,7 @@ def main() -> None:
             rows: list[str] = []
             for n in (int(x) for x in args.sizes.split(",")):
                 storages = args.storages.split(",")
-                out = measure_size(
-                    n, tmp, redis_url, sim, s3_url, args.runs, args.threads, storages
-                )
+                out = measure_size(n, tmp, redis_url, sim, args.runs, args.threads, storages)
                 new = report(n, out)
                 rows += new
                 print("\n".join(new), flush=True)
@@ -337,7 +324,6 @@ def main() -> None:
                 f"collect peak RSS <= {PEAK_MB} MB and flat across sizes"
             )
         finally:
-            moto_proc.stop()
             sim.stop()
             redis_proc.stop()
 
