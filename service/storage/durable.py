@@ -86,19 +86,23 @@ class DirectorySync:
 DIR_SYNC = DirectorySync()
 
 
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, some BSDs; 0 elsewhere: never direct
+
+
 class DirectWrites:
     """Whole objects written with direct I/O (``O_DIRECT``), around the page cache.
 
     Collect writes gigabytes of images that nobody reads back soon. Through the page cache each
     byte is copied into a fresh cache page first (on a VM whose host backs guest memory lazily,
-    a page fault on the host each; in a container, memory charged to it), then written back
-    and fsynced; that copy was a third of collect's CPU. Direct I/O hands the device the bytes
-    from a buffer of the writing thread's own, reused from image to image.
+    a page fault on the host each; in a container, memory charged to it), evicting pages other
+    processes use, then written back and fsynced; on the VM of bench/RESULTS.md that copy was a
+    third of collect's CPU. Direct I/O hands the device the bytes from a buffer of the writing
+    thread's own, reused from image to image (at most :attr:`PIECE` bytes resident a thread).
 
     Direct I/O wants the memory, the length and the file offset aligned to the device's block:
     each piece of up to :attr:`PIECE` bytes is copied into the thread's page-aligned buffer,
     zero-padded to :attr:`BLOCK` and written; the file is then cut back to the data's length.
-    Where the filesystem refuses direct I/O (tmpfs, some network and FUSE filesystems:
+    Where the filesystem refuses direct I/O (tmpfs before Linux 6.6, some FUSE filesystems:
     ``EINVAL``), the object is written through the page cache and this instance stops trying.
     The caller still fsyncs: a direct write may sit in the device's cache, and the file's size
     and extents are metadata.
@@ -108,14 +112,14 @@ class DirectWrites:
     PIECE = 4 * 1024 * 1024  # a thread's buffer: most images are written in one piece
 
     def __init__(self) -> None:
-        self.enabled = hasattr(os, "O_DIRECT")
+        self.enabled = bool(_O_DIRECT)
         self._local = threading.local()
 
     def open(self, path: Path) -> int:
         """``path`` (an existing, empty temp file) opened for writing, directly if it can be."""
         if self.enabled:
             try:
-                return os.open(path, os.O_WRONLY | os.O_DIRECT)
+                return os.open(path, os.O_WRONLY | _O_DIRECT)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -125,7 +129,7 @@ class DirectWrites:
     def write(self, fd: int, data: bytes | memoryview) -> None:
         """All of ``data`` into ``fd`` from offset 0 (``fd`` from :meth:`open`)."""
         view = memoryview(data).cast("B")
-        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        if not fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT:
             _write_all(fd, view)
             return
         try:
@@ -135,7 +139,7 @@ class DirectWrites:
                 raise
             # Alignment this device will not take: through the page cache from the start.
             self.enabled = False
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             _write_all(fd, view)
