@@ -831,10 +831,11 @@ def test_local_whole_objects_are_written_around_the_page_cache(tmp_path: Path) -
     for size, data in written.items():
         assert s.head(f"jobs/j/{size}.png").size == size
         assert read_all(s, f"jobs/j/{size}.png") == data
-    # A stream is still written through it, as before (the check above can tell).
+    # A stream is still written through it, as before: the check above can tell the two apart
+    # (half, not all: a busy machine may already have written back and dropped some of it).
     with (root / "jobs" / "j" / f"{piece}.png").open("rb") as f:
         s.put_file("jobs/j/streamed.png", f, content_type="image/png")
-    assert cached_bytes(root / "jobs" / "j" / "streamed.png") == piece
+    assert cached_bytes(root / "jobs" / "j" / "streamed.png") > piece // 2
 
 
 def test_local_storage_where_direct_io_is_refused_writes_through_the_cache(
