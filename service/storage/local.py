@@ -194,10 +194,9 @@ class LocalStorage:
         meta = check_metadata(metadata)
         try:
             tmp = self._new_tmp()
-            if direct:
-                f: BinaryIO = open(self._direct.open(tmp), "wb", buffering=0)  # noqa: SIM115
-            else:
-                f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
+            # Closed below on every path.
+            target = self._direct.open(tmp) if direct else tmp
+            f: BinaryIO = open(target, "wb", buffering=0 if direct else -1)  # noqa: SIM115
         except OSError as exc:
             raise self._error(exc, "write", key) from exc
         try:
