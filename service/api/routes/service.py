@@ -74,7 +74,9 @@ def info(request: Request) -> dict[str, Any]:
 
 
 @router.get("/healthz", summary="Liveness")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # Answered on the event loop, not in a worker thread: liveness is whether the loop turns,
+    # and a probe must not wait behind (or take a thread from) the jobs being validated.
     return {"status": "ok"}
 
 
