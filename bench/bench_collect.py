@@ -8,12 +8,16 @@ in one run, several runs each, in alternating order:
   (stream, parse, decode, store each image fsynced, record usage);
 * S3 (moto's server, as the tests use it): a plain boto3 upload of the same images, decoded into
   memory beforehand, ``put_object`` from as many threads as collect uses, against collect into
-  that bucket. Each side gets a moto server of its own, started before its clock: moto keeps
+  that bucket. Beside them, collect's put path alone: the same decoded images through our
+  storage adapter, each hashed and sent with the checksum and metadata collect sends, which
+  tells the cost of our puts from the cost of getting the images (download, decode, accounting). Each side gets a moto server of its own, started before its clock: moto keeps
   every object in its process and does not give the memory back when they are deleted, so a
   shared server would make whichever side came later pay for the earlier ones.
 
 Every side runs in a process of its own, timed inside it, with its peak RSS sampled from
-outside. The collecting process is a running worker: it has collected a one-image chunk before
+outside. Each also reports the CPU seconds spent while it was timed, by itself and by the
+servers on this machine (the simulator, Redis, moto): on two cores, what one side's other
+processes take is time moto does not get. The collecting process is a running worker: it has collected a one-image chunk before
 the timed one (its upstream client made, its Lua scripts loaded), as a worker that has run a
 task has. Ratios are rates against the plain way (1.0 = as fast), medians over the runs.
 Targets (issue 13): ratio >= 0.9 for 200 and 2,000 images into both storages; collect's peak RSS
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,6 +53,35 @@ PEAK_MB = 300
 # --- the measured sides, each in a process of its own ---------------------------------------
 
 
+class Window:
+    """CPU seconds spent while the timed part runs: by this process, and by the servers it
+    talks to (moto, the simulator), read from their pids. A side that is quicker only
+    because another process took the machine's cores shows it here."""
+
+    def __init__(self, watched: str) -> None:
+        self.procs = {
+            name: psutil.Process(int(pid))
+            for name, _, pid in (w.partition("=") for w in watched.split(",") if w)
+        }
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    def __enter__(self) -> Window:
+        self.own = time.process_time()
+        self.start = {name: self._cpu(p) for name, p in self.procs.items()}
+        self.began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.began
+        self.cpu = {"cpu": time.process_time() - self.own}
+        for name, proc in self.procs.items():
+            self.cpu[f"{name}_cpu"] = self._cpu(proc) - self.start[name]
+
+
 def child_collect(args: argparse.Namespace) -> dict[str, Any]:
     """The worker side: collect a warm-up chunk, then the timed one."""
     sys.path.insert(0, str(ROOT))
@@ -71,11 +103,10 @@ def child_collect(args: argparse.Namespace) -> dict[str, Any]:
     warm_job, warm_chunk = args.warm.split(":")
     warm = collect_chunk(ctx, warm_job, int(warm_chunk), upload_threads=args.threads)
     assert warm is not None and warm.succeeded == 1, warm
-    start = time.perf_counter()
-    result = collect_chunk(ctx, args.job, int(args.chunk), upload_threads=args.threads)
-    seconds = time.perf_counter() - start
+    with Window(args.watch) as window:
+        result = collect_chunk(ctx, args.job, int(args.chunk), upload_threads=args.threads)
     assert result is not None and result.succeeded == args.expect, result
-    return {"seconds": seconds, "bytes": result.bytes}
+    return {"seconds": window.seconds, "bytes": result.bytes, **window.cpu}
 
 
 def child_download(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,23 +115,26 @@ def child_download(args: argparse.Namespace) -> dict[str, Any]:
 
     client = OpenAI(base_url=args.sim, api_key="sk-bench")
     dest = Path(args.dest)
-    start = time.perf_counter()
-    with client.files.with_streaming_response.content(args.file) as resp:
-        resp.stream_to_file(dest)
-    fd = os.open(dest, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - start
+    with Window(args.watch) as window:
+        with client.files.with_streaming_response.content(args.file) as resp:
+            resp.stream_to_file(dest)
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     size = dest.stat().st_size
     dest.unlink()
-    return {"seconds": seconds, "bytes": size}
+    return {"seconds": window.seconds, "bytes": size, **window.cpu}
 
 
 def child_upload(args: argparse.Namespace) -> dict[str, Any]:
     """The plain S3 upload: the same images, decoded into memory first (not timed), put by a
-    pool of ``threads`` (the same as collect's) with boto3's defaults."""
+    pool of ``threads`` (the same as collect's) with boto3's defaults. With ``--via storage``,
+    collect's put path instead: each image hashed and put through our S3 adapter with the
+    checksum and metadata collect gives it."""
+    import hashlib
+
     import boto3
     import pybase64
     from openai import OpenAI
@@ -115,15 +149,33 @@ def child_upload(args: argparse.Namespace) -> dict[str, Any]:
                     blob = pybase64.b64decode(item["b64_json"], validate=True)
                     images.append((f"{args.prefix}/{rec['custom_id']}-{k}.png", blob))
     s3 = boto3.client("s3", endpoint_url=args.s3, region_name="us-east-1")
+    storage = None
+    if args.via == "storage":
+        sys.path.insert(0, str(ROOT))
+        from service.settings import Settings
+        from service.storage.s3 import S3Storage
+
+        settings = Settings(
+            storage_url=f"s3://{BUCKET}",
+            s3_endpoint_url=args.s3,
+            s3_region="us-east-1",
+            s3_path_style=True,
+        )
+        storage = S3Storage.from_settings(settings)
 
     def put(item: tuple[str, bytes]) -> None:
-        s3.put_object(Bucket=BUCKET, Key=item[0], Body=item[1], ContentType="image/png")
+        key, blob = item
+        if storage is None:
+            s3.put_object(Bucket=BUCKET, Key=key, Body=blob, ContentType="image/png")
+            return
+        digest = hashlib.sha256(blob).hexdigest()
+        meta = {"job": args.prefix, "item": key, "model": "gpt-image-2", "sha256": digest}
+        meta.update(size="1024x1024", quality="low")
+        storage.put_bytes(key, blob, content_type="image/png", metadata=meta, sha256=digest)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.threads) as pool:
+    with Window(args.watch) as window, ThreadPoolExecutor(max_workers=args.threads) as pool:
         list(pool.map(put, images))
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "bytes": sum(len(b) for _, b in images)}
+    return {"seconds": window.seconds, "bytes": sum(len(b) for _, b in images), **window.cpu}
 
 
 def run_child(mode: str, options: dict[str, object]) -> dict[str, Any]:
@@ -150,14 +202,14 @@ def run_child(mode: str, options: dict[str, object]) -> dict[str, Any]:
 
 
 @contextmanager
-def fresh_moto(tmp: Path) -> Iterator[str]:
-    """A moto server with an empty bucket, for one measured side; its URL."""
+def fresh_moto(tmp: Path) -> Iterator[tuple[str, int]]:
+    """A moto server with an empty bucket, for one measured side; its URL and pid."""
     import boto3
 
     proc, url = start_moto(tmp)
     try:
         boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield url
+        yield url, proc.pid
     finally:
         proc.stop()
 
@@ -170,7 +222,10 @@ def measure_size(
     runs: int,
     threads: int,
     storages: list[str],
+    servers: str,
 ) -> dict[str, list[dict[str, Any]]]:
+    """Each side of each storage, ``runs`` times. ``servers`` names the pids of the servers
+    both sides use (``simulator=PID,redis=PID``), whose CPU each side reports."""
     from bench_accounting import restore, snapshot
 
     from service.context import build_context
@@ -191,6 +246,7 @@ def measure_size(
     job_id, chunk, batch = ended_chunk(ctx, n)
     state = snapshot(ctx)
     common = {"redis": redis_url, "sim": sim.url, "data": tmp, "threads": threads}
+    local: dict[str, object] = {"watch": servers}
     collect = {
         **common,
         "job": job_id,
@@ -204,33 +260,56 @@ def measure_size(
         storage = tmp / f"storage-{n}-{run}"
         restore(ctx, state)
         try:
-            return run_child("collect", {**collect, "storage": storage.as_uri(), "s3": ""})
+            options = {**collect, **local, "storage": storage.as_uri(), "s3": ""}
+            return run_child("collect", options)
         finally:
             shutil.rmtree(storage, ignore_errors=True)
 
     def download(run: int) -> dict[str, Any]:
         dest = tmp / f"download-{n}-{run}.jsonl"
-        return run_child("download", {"sim": sim.url, "file": batch.output_file_id, "dest": dest})
+        options = {**local, "sim": sim.url, "file": batch.output_file_id, "dest": dest}
+        return run_child("download", options)
 
     def s3_collect(run: int) -> dict[str, Any]:
         restore(ctx, state)
-        with fresh_moto(tmp / f"moto-{n}-{run}-collect") as s3_url:
+        with fresh_moto(tmp / f"moto-{n}-{run}-collect") as (s3_url, moto):
             storage = f"s3://{BUCKET}/collect-{n}-{run}"
-            return run_child("collect", {**collect, "storage": storage, "s3": s3_url})
+            watch = f"{servers},moto={moto}"
+            return run_child(
+                "collect", {**collect, "storage": storage, "s3": s3_url, "watch": watch}
+            )
 
     def s3_plain(run: int) -> dict[str, Any]:
-        with fresh_moto(tmp / f"moto-{n}-{run}-plain") as s3_url:
-            options = {**common, "s3": s3_url, "file": batch.output_file_id, "prefix": "plain"}
+        with fresh_moto(tmp / f"moto-{n}-{run}-plain") as (s3_url, moto):
+            options = {
+                **common,
+                "s3": s3_url,
+                "file": batch.output_file_id,
+                "prefix": "plain",
+                "watch": f"{servers},moto={moto}",
+            }
             return run_child("upload", options)
 
-    pairs = {
+    def s3_puts(run: int) -> dict[str, Any]:
+        with fresh_moto(tmp / f"moto-{n}-{run}-puts") as (s3_url, moto):
+            options = {
+                **common,
+                "s3": s3_url,
+                "file": batch.output_file_id,
+                "prefix": "puts",
+                "via": "storage",
+                "watch": f"{servers},moto={moto}",
+            }
+            return run_child("upload", options)
+
+    sides = {
         "local": [("download", download), ("collect", local_collect)],
-        "s3": [("s3 upload", s3_plain), ("s3 collect", s3_collect)],
+        "s3": [("s3 upload", s3_plain), ("s3 puts", s3_puts), ("s3 collect", s3_collect)],
     }
     for run in range(runs):
         for storage in storages:
-            plain, ours = pairs[storage]
-            for name, case in (plain, ours) if run % 2 == 0 else (ours, plain):
+            order = sides[storage] if run % 2 == 0 else sides[storage][::-1]
+            for name, case in order:
                 os.sync()  # each side starts with no one else's dirty pages to write back
                 out.setdefault(name, []).append(case(run))
     ctx.redis.close()
@@ -247,6 +326,25 @@ def report(n: int, out: dict[str, list[dict[str, Any]]]) -> list[str]:
     def runs(name: str) -> str:
         return "/".join(f"{r['seconds']:.2f}" for r in out[name])
 
+    def pairs(plain: str, ours: str) -> float:
+        # Each run's side against the plain run beside it: robust to the machine drifting.
+        return statistics.median(
+            p["seconds"] / o["seconds"] for p, o in zip(out[plain], out[ours], strict=True)
+        )
+
+    def cpu(names: list[str]) -> str:
+        # CPU seconds while timed, medians: what each side cost the machine, and where.
+        return "  ".join(
+            f"{who} " + " | ".join(f"{med(name, field):.2f}" for name in names)
+            for who, field in (
+                ("process", "cpu"),
+                ("simulator", "simulator_cpu"),
+                ("redis", "redis_cpu"),
+                ("moto", "moto_cpu"),
+            )
+            if field in out[names[0]][0]
+        )
+
     rows = []
     for plain, ours, what in (("download", "collect", "local"), ("s3 upload", "s3 collect", "S3")):
         if plain not in out:
@@ -254,15 +352,23 @@ def report(n: int, out: dict[str, list[dict[str, Any]]]) -> list[str]:
         # MB moved: the output file read for local, the images written for S3.
         mb = med(plain, "bytes") / 1e6
         ratio = med(plain) / med(ours)
-        # Each run's collect against the plain run beside it: robust to the machine drifting.
-        pairs = statistics.median(
-            p["seconds"] / o["seconds"] for p, o in zip(out[plain], out[ours], strict=True)
-        )
         rows.append(
             f"{n:>6} {what:>5} {mb:>6.0f}MB  {plain:>9} {med(plain):>6.2f}s {peak(plain):>5.0f}MB"
-            f"  collect {med(ours):>6.2f}s {peak(ours):>4.0f}MB  ratio {ratio:>4.2f} (pairs {pairs:.2f})"
-            f"  runs {runs(plain)} | {runs(ours)}  process CPU {med(plain, 'cpu'):.1f} | {med(ours, 'cpu'):.1f} s"
+            f"  collect {med(ours):>6.2f}s {peak(ours):>4.0f}MB  ratio {ratio:>4.2f}"
+            f" (pairs {pairs(plain, ours):.2f})  runs {runs(plain)} | {runs(ours)}"
         )
+        names = [plain, ours]
+        if what == "S3":
+            puts = "s3 puts"
+            rows.append(
+                f"{'':>13} our put path alone {med(puts):.2f}s: ratio {med(plain) / med(puts):.2f}"
+                f" (pairs {pairs(plain, puts):.2f})  runs {runs(puts)}"
+            )
+            names = [plain, puts, ours]
+        whose = " | ".join(
+            ("plain", "put path", "collect")[: len(names)] if what == "S3" else ("plain", "collect")
+        )
+        rows.append(f"{'':>13} CPU s while timed ({whose}): {cpu(names)}")
     return rows
 
 
@@ -283,6 +389,8 @@ def main() -> None:
         "prefix",
     ):
         parser.add_argument(f"--{name}")
+    parser.add_argument("--watch", default="", help="name=pid,...: servers whose CPU to report")
+    parser.add_argument("--via", choices=["boto3", "storage"], default="boto3")
     parser.add_argument("--expect", type=int)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--sizes", default="200,2000")
@@ -291,11 +399,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         measured = {"collect": child_collect, "download": child_download, "upload": child_upload}
-        result = measured[args.child](args)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        # CPU of the whole process, setup included (the plain upload's decoding, say).
-        result["cpu"] = usage.ru_utime + usage.ru_stime
-        print(orjson.dumps(result).decode())
+        print(orjson.dumps(measured[args.child](args)).decode())
         return
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -314,7 +418,11 @@ def main() -> None:
             rows: list[str] = []
             for n in (int(x) for x in args.sizes.split(",")):
                 storages = args.storages.split(",")
-                out = measure_size(n, tmp, redis_url, sim, args.runs, args.threads, storages)
+                assert sim.proc is not None
+                servers = f"simulator={sim.proc.pid},redis={redis_proc.pid}"
+                out = measure_size(
+                    n, tmp, redis_url, sim, args.runs, args.threads, storages, servers
+                )
                 new = report(n, out)
                 rows += new
                 print("\n".join(new), flush=True)
