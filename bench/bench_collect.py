@@ -27,6 +27,7 @@ flat in the number of images (at most 300 MB).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -279,32 +280,26 @@ def measure_size(
                 "collect", {**collect, "storage": storage, "s3": s3_url, "watch": watch}
             )
 
-    def s3_plain(run: int) -> dict[str, Any]:
-        with fresh_moto(tmp / f"moto-{n}-{run}-plain") as (s3_url, moto):
+    def s3_upload(run: int, via: str) -> dict[str, Any]:
+        with fresh_moto(tmp / f"moto-{n}-{run}-{via}") as (s3_url, moto):
             options = {
                 **common,
                 "s3": s3_url,
                 "file": batch.output_file_id,
-                "prefix": "plain",
+                "prefix": via,
+                "via": via,
                 "watch": f"{servers},moto={moto}",
             }
             return run_child("upload", options)
 
-    def s3_puts(run: int) -> dict[str, Any]:
-        with fresh_moto(tmp / f"moto-{n}-{run}-puts") as (s3_url, moto):
-            options = {
-                **common,
-                "s3": s3_url,
-                "file": batch.output_file_id,
-                "prefix": "puts",
-                "via": "storage",
-                "watch": f"{servers},moto={moto}",
-            }
-            return run_child("upload", options)
-
-    sides = {
+    Side = tuple[str, Callable[[int], dict[str, Any]]]
+    sides: dict[str, list[Side]] = {
         "local": [("download", download), ("collect", local_collect)],
-        "s3": [("s3 upload", s3_plain), ("s3 puts", s3_puts), ("s3 collect", s3_collect)],
+        "s3": [
+            ("s3 upload", functools.partial(s3_upload, via="boto3")),
+            ("s3 puts", functools.partial(s3_upload, via="storage")),
+            ("s3 collect", s3_collect),
+        ],
     }
     for run in range(runs):
         for storage in storages:
