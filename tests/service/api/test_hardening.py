@@ -154,6 +154,30 @@ def test_the_catch_all_answers_a_500_problem_with_the_logged_request_id(caplog) 
     assert logged and logged[0].exc_info is not None  # the traceback is in the log
 
 
+def test_healthz_answers_while_every_worker_thread_is_taken() -> None:
+    """Liveness is the event loop: a probe never queues behind jobs being validated."""
+    app = create_app(Settings(allowed_hosts=["*"]))
+
+    async def call() -> httpx2.Response:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://t") as client:
+            # What a burst of large jobs does: every thread of the pool the handlers run in busy.
+            taken = [object() for _ in range(int(limiter.total_tokens))]
+            for holder in taken:
+                await limiter.acquire_on_behalf_of(holder)
+            try:
+                with anyio.fail_after(5):
+                    return await client.get("/healthz")
+            finally:
+                for holder in taken:
+                    limiter.release_on_behalf_of(holder)
+
+    resp = anyio.run(call)
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok"}
+
+
 # --- media types, hosts, origins (an open API) -----------------------------------------------
 
 
