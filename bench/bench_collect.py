@@ -7,18 +7,19 @@ in one run, several runs each, in alternating order:
   then fsync), against one worker process collecting it into local storage on the same disk
   (stream, parse, decode, store each image fsynced, record usage);
 * S3 (moto's server, as the tests use it): a plain boto3 upload of the same images, decoded into
-  memory beforehand, ``put_object`` from as many threads as collect uses, against collect into
-  that bucket. Beside them, collect's put path alone: the same decoded images through our
-  storage adapter, each hashed and sent with the checksum and metadata collect sends, which
-  tells the cost of our puts from the cost of getting the images (download, decode, accounting). Each side gets a moto server of its own, started before its clock: moto keeps
-  every object in its process and does not give the memory back when they are deleted, so a
-  shared server would make whichever side came later pay for the earlier ones.
+  memory beforehand, ``put_object`` from as many threads as collect uses, against collect into that
+  bucket. Beside them, collect's put path alone: the same decoded images through our storage
+  adapter, each hashed and sent with the checksum and metadata collect sends, which tells the cost
+  of our puts from the cost of getting the images (download, decode, accounting). Each side gets a
+  moto server of its own, started before its clock: moto keeps every object in its process and does
+  not give the memory back when they are deleted, so a shared server would make whichever side came
+  later pay for the earlier ones.
 
-Every side runs in a process of its own, timed inside it, with its peak RSS sampled from
-outside. Each also reports the CPU seconds spent while it was timed, by itself and by the
-servers on this machine (the simulator, Redis, moto): on two cores, what one side's other
-processes take is time moto does not get. The collecting process is a running worker: it has collected a one-image chunk before
-the timed one (its upstream client made, its Lua scripts loaded), as a worker that has run a
+Every side runs in a process of its own, timed inside it, with its peak RSS sampled from outside.
+Each also reports the CPU seconds spent while it was timed, by itself and by the servers on this
+machine (the simulator, Redis, moto): on two cores, what one side's other processes take is time
+moto does not get. The collecting process is a running worker: it has collected a one-image chunk
+before the timed one (its upstream client made, its Lua scripts loaded), as a worker that has run a
 task has. Ratios are rates against the plain way (1.0 = as fast), medians over the runs.
 Targets (issue 13): ratio >= 0.9 for 200 and 2,000 images into both storages; collect's peak RSS
 flat in the number of images (at most 300 MB).
