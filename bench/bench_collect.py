@@ -150,9 +150,10 @@ def child_upload(args: argparse.Namespace) -> dict[str, Any]:
                 for k, item in enumerate(rec["response"]["body"]["data"]):
                     blob = pybase64.b64decode(item["b64_json"], validate=True)
                     images.append((f"{args.prefix}/{rec['custom_id']}-{k}.png", blob))
-    s3 = boto3.client("s3", endpoint_url=args.s3, region_name="us-east-1")
-    storage = None
-    if args.via == "storage":
+    s3 = storage = None
+    if args.via == "boto3":
+        s3 = boto3.client("s3", endpoint_url=args.s3, region_name="us-east-1")
+    else:
         sys.path.insert(0, str(ROOT))
         from service.settings import Settings
         from service.storage.s3 import S3Storage
@@ -167,12 +168,13 @@ def child_upload(args: argparse.Namespace) -> dict[str, Any]:
 
     def put(item: tuple[str, bytes]) -> None:
         key, blob = item
-        if storage is None:
+        if s3 is not None:
             s3.put_object(Bucket=BUCKET, Key=key, Body=blob, ContentType="image/png")
             return
         digest = hashlib.sha256(blob).hexdigest()
         meta = {"job": args.prefix, "item": key, "model": "gpt-image-2", "sha256": digest}
         meta.update(size="1024x1024", quality="low")
+        assert storage is not None
         storage.put_bytes(key, blob, content_type="image/png", metadata=meta, sha256=digest)
 
     with Window(args.watch) as window, ThreadPoolExecutor(max_workers=args.threads) as pool:
@@ -353,18 +355,15 @@ def report(n: int, out: dict[str, list[dict[str, Any]]]) -> list[str]:
             f"  collect {med(ours):>6.2f}s {peak(ours):>4.0f}MB  ratio {ratio:>4.2f}"
             f" (pairs {pairs(plain, ours):.2f})  runs {runs(plain)} | {runs(ours)}"
         )
-        names = [plain, ours]
+        names, labels = [plain, ours], "plain | collect"
         if what == "S3":
             puts = "s3 puts"
             rows.append(
                 f"{'':>13} our put path alone {med(puts):.2f}s: ratio {med(plain) / med(puts):.2f}"
                 f" (pairs {pairs(plain, puts):.2f})  runs {runs(puts)}"
             )
-            names = [plain, puts, ours]
-        whose = " | ".join(
-            ("plain", "put path", "collect")[: len(names)] if what == "S3" else ("plain", "collect")
-        )
-        rows.append(f"{'':>13} CPU s while timed ({whose}): {cpu(names)}")
+            names, labels = [plain, puts, ours], "plain | put path | collect"
+        rows.append(f"{'':>13} CPU s while timed ({labels}): {cpu(names)}")
     return rows
 
 
@@ -412,10 +411,10 @@ def main() -> None:
                 "medians (s), peak RSS (max over runs)"
             )
             rows: list[str] = []
+            assert sim.proc is not None
+            servers = f"simulator={sim.proc.pid},redis={redis_proc.pid}"
             for n in (int(x) for x in args.sizes.split(",")):
                 storages = args.storages.split(",")
-                assert sim.proc is not None
-                servers = f"simulator={sim.proc.pid},redis={redis_proc.pid}"
                 out = measure_size(
                     n, tmp, redis_url, sim, args.runs, args.threads, storages, servers
                 )
